@@ -1,0 +1,267 @@
+"""One typed config for the whole platform: dataclasses, YAML presets, command-line overrides.
+
+A preset is a YAML file in ``hiar/presets/`` (or any path) that sets some fields; everything else keeps the
+defaults below. Overrides are ``section.field=value`` strings whose values are parsed as YAML
+(``rollout.window_frames=null``, ``schedule.student_timesteps=[1000,500]``). Unknown sections or fields and
+values of the wrong type are errors that list the valid choices, so a typo never silently does nothing.
+``HiarConfig.to_dict()`` is what gets logged to MLflow, and ``config_hash()`` content-addresses run outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from hiar.schedule import student_sigmas, teacher_sigmas
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class ModelConfig:
+    """Constructor arguments of the Wan DiT (the names of diffusers' ``WanTransformer3DModel``)."""
+
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    num_attention_heads: int = 12
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    freq_dim: int = 256
+    ffn_dim: int = 8960
+    num_layers: int = 30
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    rope_max_seq_len: int = 1024
+
+    def kwargs(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["patch_size"] = tuple(d["patch_size"])
+        return d
+
+
+@dataclass
+class ScheduleConfig:
+    """The student's few-step grid (see ``hiar.schedule``)."""
+
+    student_timesteps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
+    shift: float = 5.0
+    warp: bool = True  # Self-Forcing/HiAR's warp_denoising_step: eq. 1 applied to the listed times
+
+    def sigmas(self) -> torch.Tensor:
+        return student_sigmas(self.student_timesteps, self.shift, self.warp)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.student_timesteps)
+
+
+@dataclass
+class RolloutConfig:
+    frames_per_block: int = 3
+    step_rule: str = "x0_renoise"  # "euler" (eq. 3) | "x0_renoise" (few-step DMD generator rule)
+    context_noise: str = "next"  # t_c: "next" = t_{j+1} (HiAR) | "current" = t_j | "clean" = 0
+    fused: bool = True  # fuse the context write of block n with the denoising of block n + 1
+    window_frames: int | None = 21  # inference sliding window in latent frames (paper: 5 s), None = unlimited
+    sink_frames: int = 0
+    guidance_scale: float = 1.0  # the distilled student runs without CFG
+
+
+@dataclass
+class VideoConfig:
+    """Latent geometry. ``latent_*`` are what the DiT sees; ``fps`` is of decoded frames."""
+
+    latent_channels: int = 16
+    latent_height: int = 60
+    latent_width: int = 104
+    train_latent_frames: int = 21  # 5 s at 16 fps after the VAE's 4x temporal compression
+    eval_horizon_factor: int = 4  # evaluate at 4x the training horizon (paper: 20 s)
+    fps: int = 16
+
+
+@dataclass
+class TeacherConfig:
+    path: str = ""  # diffusers-format transformer directory (local or s3://)
+    real_score_path: str = ""  # DMD real score (paper: Wan2.1-T2V-14B); empty = the teacher itself
+    num_steps: int = 48  # Euler steps for ODE pairs (public code: 48)
+    shift: float = 8.0
+    guidance_scale: float = 6.0
+
+    def sigmas(self) -> torch.Tensor:
+        return teacher_sigmas(self.num_steps, self.shift)
+
+
+@dataclass
+class DataConfig:
+    num_ode_pairs: int = 16000
+    num_trajectories: int = 20000
+    trajectory_steps: int = 50  # paper: 50 ODE steps (public code: 48)
+    shard_size: int = 64
+    storage: str = ""  # local directory or s3://bucket/prefix; empty = <run_dir>/data
+
+
+@dataclass
+class DistillConfig:
+    rollout: str = "hierarchical"  # "hierarchical" (HiAR) | "block_first" (Self-Forcing baseline)
+    fkl_weight: float = 0.1  # lambda, eq. 11
+    fkl_steps: int = 1  # K: FKL only on the first K of S steps
+    fkl_attention: str = "bidirectional"  # paper default; "block_causal" is what the public code does
+    critic_ratio: int = 5  # critic updates per generator update
+    lr_generator: float = 2e-6
+    lr_critic: float = 3e-7
+    betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
+    batch_size: int = 64
+    ema_decay: float = 0.99
+    steps: int = 20000
+    grad_clip: float = 10.0
+
+
+@dataclass
+class HiarConfig:
+    preset: str = "custom"
+    seed: int = 0
+    run_dir: str = "runs"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+    def __post_init__(self):
+        validate(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def config_hash(self, *sections: str) -> str:
+        """sha256 (16 hex) of the whole config, or of the named sections only."""
+        d = self.to_dict()
+        if sections:
+            d = {s: d[s] for s in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def validate(cfg: HiarConfig) -> None:
+    def choice(name, value, options):
+        if value not in options:
+            raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")
+
+    r = cfg.rollout
+    choice("rollout.step_rule", r.step_rule, ("euler", "x0_renoise"))
+    choice("rollout.context_noise", r.context_noise, ("next", "current", "clean"))
+    choice("distill.rollout", cfg.distill.rollout, ("hierarchical", "block_first"))
+    choice("distill.fkl_attention", cfg.distill.fkl_attention, ("bidirectional", "block_causal"))
+    if r.frames_per_block < 1:
+        raise ValueError(f"rollout.frames_per_block must be >= 1, got {r.frames_per_block}")
+    if r.window_frames is not None and r.window_frames < r.frames_per_block:
+        raise ValueError(f"rollout.window_frames ({r.window_frames}) must be >= frames_per_block ({r.frames_per_block})")
+    if cfg.video.train_latent_frames % r.frames_per_block:
+        raise ValueError(
+            f"video.train_latent_frames ({cfg.video.train_latent_frames}) must be divisible by "
+            f"rollout.frames_per_block ({r.frames_per_block})"
+        )
+    if cfg.video.latent_channels != cfg.model.in_channels:
+        raise ValueError(
+            f"video.latent_channels ({cfg.video.latent_channels}) must equal model.in_channels ({cfg.model.in_channels})"
+        )
+    if not 0 <= cfg.distill.fkl_steps <= cfg.schedule.num_steps:
+        raise ValueError(f"distill.fkl_steps must be in [0, {cfg.schedule.num_steps}], got {cfg.distill.fkl_steps}")
+    cfg.schedule.sigmas()  # raises on a malformed schedule
+
+
+# ---------------------------------------------------------------------- building from dicts
+def _check_type(path: str, value, hint):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None and type(None) in args:
+            return value
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ValueError(f"{path} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{path} must be a list, got {value!r}")
+        return [_check_type(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value)] if args else list(value)
+    return value
+
+
+def _build(cls, data: dict, path: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{path or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = path or "the top level"
+        raise ValueError(f"unknown field(s) {unknown} in {where}; valid fields: {names}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        sub = f"{path}.{name}" if path else name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, sub)
+        else:
+            kwargs[name] = _check_type(sub, value, hint)
+    return cls(**kwargs)
+
+
+def _set_path(d: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+        if not isinstance(d, dict):
+            raise ValueError(f"override {dotted!r}: {k!r} is not a section")
+    d[keys[-1]] = value
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(preset: str = "tiny", overrides: typing.Iterable[str] = ()) -> HiarConfig:
+    """A preset name (``tiny``, ``wan2.1-1.3b``) or a YAML path, then ``section.field=value`` overrides."""
+    path = Path(preset)
+    if not (path.suffix in (".yaml", ".yml") and path.exists()):
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.exists():
+            raise ValueError(f"unknown preset {preset!r}; valid presets: {available_presets()} (or a path to a YAML file)")
+    data = yaml.safe_load(path.read_text()) or {}
+    data.setdefault("preset", path.stem)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        key, raw = item.split("=", 1)
+        _set_path(data, key.strip(), yaml.safe_load(raw))
+    return _build(HiarConfig, data, "")
+
+
+def add_config_args(parser) -> None:
+    """``--preset NAME`` and repeatable ``--set section.field=value`` for every entrypoint."""
+    parser.add_argument("--preset", default="tiny", help=f"one of {available_presets()} or a YAML path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set rollout.window_frames=12 (repeatable)")
+
+
+def config_from_args(args, parser=None) -> HiarConfig:
+    """Build the config; with ``parser``, a bad preset or override exits with a usage error (exit code 2)."""
+    try:
+        return load_config(args.preset, args.overrides)
+    except ValueError as err:
+        if parser is None:
+            raise
+        parser.error(str(err))
