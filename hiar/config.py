@@ -124,6 +124,36 @@ class DistillConfig:
 
 
 @dataclass
+class WorldConfig:
+    """The tiny preset's synthetic world (``hiar.world``)."""
+
+    frame_size: int = 32
+    seed: int = 0
+    text_max_length: int = 16
+
+
+@dataclass
+class PretrainConfig:
+    """Flow-matching pretraining of the tiny teacher (the ``tiny`` preset only; Wan teachers are loaded)."""
+
+    max_steps: int = 100_000
+    max_minutes: float = 30.0  # wall-clock budget; training stops at whichever limit comes first
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    ema_decay: float = 0.995
+    caption_dropout: float = 0.1  # empty prompt instead of the caption, so CFG has an unconditional branch
+    sigma_shift: float = 3.0  # shift of the logit-normal training noise levels
+    grad_clip: float = 1.0
+    checkpoint_every: int = 100
+    eval_every_minutes: float = 5.0
+    eval_prompts: int = 16
+    num_workers: int = 1
+    threads_per_worker: int = 0  # 0 = cores / workers
+
+
+@dataclass
 class HiarConfig:
     preset: str = "custom"
     seed: int = 0
@@ -135,6 +165,8 @@ class HiarConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def __post_init__(self):
         validate(self)

@@ -1,0 +1,67 @@
+"""What every Ray job entrypoint shares: environment hygiene, Ray start-up, MLflow defaults."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# No telemetry, no hub access: set before ray / mlflow / transformers are imported anywhere.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_path(path: str) -> str:
+    """URIs and absolute paths as they are; a relative path is taken from the project root when it exists
+    there (shipped assets such as the tiny teacher), else from the working directory."""
+    if "://" in path or os.path.isabs(path):
+        return path
+    candidate = PROJECT_ROOT / path
+    return str(candidate if candidate.exists() else Path(path).resolve())
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster a job was submitted to (RAY_ADDRESS), else start a small local one in-process."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def tracking_uri(run_dir: str) -> str:
+    """MLFLOW_TRACKING_URI when set (a server), else SQLite under the run directory."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+
+
+def mlflow_experiment(name: str, run_dir: str) -> str:
+    """Create/get an experiment whose artifacts live under the run directory (not the worker's cwd)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(run_dir))
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (Path(run_dir).resolve() / "mlartifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=artifacts)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """Nested config dict -> flat ``section.field`` params for MLflow."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
