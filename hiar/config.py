@@ -105,6 +105,13 @@ class DataConfig:
     trajectory_steps: int = 50  # paper: 50 ODE steps (public code: 48)
     shard_size: int = 64
     storage: str = ""  # local directory or s3://bucket/prefix; empty = <run_dir>/data
+    dtype: str = "float16"  # stored tensor precision ("float16" | "float32")
+    batch_size: int = 4  # samples per teacher call inside a shard
+    prompts_file: str = ""  # wan preset: one prompt per line (tiny: the synthetic world's training captions)
+    actors: int = 2  # teacher actors in the Ray Data pool
+    cpus_per_actor: float = 0.5  # fractional, so the pool never takes every CPU (DESIGN §8)
+    gpus_per_actor: float = 0.0
+    threads_per_actor: int = 1
 
 
 @dataclass
@@ -144,7 +151,8 @@ class PretrainConfig:
     weight_decay: float = 0.01
     ema_decay: float = 0.995
     caption_dropout: float = 0.1  # empty prompt instead of the caption, so CFG has an unconditional branch
-    sigma_shift: float = 3.0  # shift of the logit-normal training noise levels
+    sigma_sampling: str = "uniform"  # training noise levels: "uniform" | "logit_normal" (hiar.losses)
+    sigma_shift: float = 1.0  # eq. 1 shift applied to the sampled times
     grad_clip: float = 1.0
     checkpoint_every: int = 100
     eval_every_minutes: float = 5.0
@@ -192,6 +200,7 @@ def validate(cfg: HiarConfig) -> None:
     choice("rollout.context_noise", r.context_noise, ("next", "current", "clean"))
     choice("distill.rollout", cfg.distill.rollout, ("hierarchical", "block_first"))
     choice("distill.fkl_attention", cfg.distill.fkl_attention, ("bidirectional", "block_causal"))
+    choice("data.dtype", cfg.data.dtype, ("float16", "float32"))
     if r.frames_per_block < 1:
         raise ValueError(f"rollout.frames_per_block must be >= 1, got {r.frames_per_block}")
     if r.window_frames is not None and r.window_frames < r.frames_per_block:

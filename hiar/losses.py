@@ -9,11 +9,20 @@ from hiar.schedule import add_noise, shift_sigma, velocity_target
 
 
 def sample_training_sigmas(batch: int, shift: float, generator: torch.Generator | None = None,
-                           logit_std: float = 1.0) -> torch.Tensor:
-    """Logit-normal times warped by eq. 1's shift: most samples land mid-to-high noise, where layout and motion
-    are decided, and none exactly at 0 or 1."""
-    u = torch.randn(batch, generator=generator) * logit_std
-    return shift_sigma(torch.sigmoid(u), shift)
+                           distribution: str = "uniform", logit_std: float = 1.0) -> torch.Tensor:
+    """Training noise levels: times from ``distribution`` warped by eq. 1's shift.
+
+    ``"uniform"`` covers every level evenly: a sampler with a large shift (the teacher's 8) ends with one jump from
+    sigma ~0.15 to 0, so the low-noise end must be trained as well as the high-noise end where motion is decided.
+    ``"logit_normal"`` (SD3-style) concentrates on mid levels and starves both ends on short training budgets.
+    """
+    if distribution == "uniform":
+        t = torch.rand(batch, generator=generator).clamp(1e-4, 1 - 1e-4)
+    elif distribution == "logit_normal":
+        t = torch.sigmoid(torch.randn(batch, generator=generator) * logit_std)
+    else:
+        raise ValueError(f"distribution must be 'uniform' or 'logit_normal', got {distribution!r}")
+    return shift_sigma(t, shift)
 
 
 def flow_matching_loss(velocity_fn, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,

@@ -89,7 +89,7 @@ class TeacherPretraining:
         p = self.cfg.pretrain
         x0, embeds, _ = self.batch(self.step)
         gen = seeded(self.cfg.seed, 2, self.step, self.rank)
-        sigma = sample_training_sigmas(x0.shape[0], p.sigma_shift, gen)
+        sigma = sample_training_sigmas(x0.shape[0], p.sigma_shift, gen, p.sigma_sampling)
         noise = torch.randn(x0.shape, generator=gen)
 
         def velocity(x_t, s):
@@ -106,7 +106,7 @@ class TeacherPretraining:
             for e, w in zip(self.ema.parameters(), self.raw.parameters()):
                 e.lerp_(w, 1.0 - p.ema_decay)
         self.step += 1
-        return {"loss": float(loss), "grad_norm": float(grad_norm), "lr": self.lr_at(self.step - 1)}
+        return {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": self.lr_at(self.step - 1)}
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()

@@ -47,11 +47,13 @@ def mlflow_experiment(name: str, run_dir: str) -> str:
     """Create/get an experiment whose artifacts live under the run directory (not the worker's cwd)."""
     import mlflow
 
+    # Decide before set_tracking_uri: MLflow 3 exports MLFLOW_TRACKING_URI itself when it is called.
+    server = bool(os.environ.get("MLFLOW_TRACKING_URI"))
     mlflow.set_tracking_uri(tracking_uri(run_dir))
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (Path(run_dir).resolve() / "mlartifacts").as_uri()
+    artifacts = None if server else str(Path(run_dir).resolve() / "mlartifacts")
     return mlflow.create_experiment(name, artifact_location=artifacts)
 
 

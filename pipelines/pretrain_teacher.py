@@ -75,7 +75,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              fps=cfg.video.fps)
             mlflow.log_artifact(str(path), "samples")
         print(f"[pretrain] eval at {minutes:.1f} min, step {trainer.step}: caption_consistency="
-              f"{scores['caption_consistency']:.3f} motion_accuracy={scores['motion_accuracy']:.3f}", flush=True)
+              f"{scores['caption_consistency']:.3f} background_ok={scores['background_ok']:.3f} "
+              f"color_ok={scores['color_ok']:.3f} direction_ok={scores['direction_ok']:.3f} "
+              f"motion_accuracy={scores['motion_accuracy']:.3f}", flush=True)
         return point
 
     def keep_going(started: float) -> bool:

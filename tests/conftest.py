@@ -36,3 +36,22 @@ def perturbed(model: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> tor
 def tiny_model() -> CausalWanTransformer3DModel:
     torch.manual_seed(0)
     return perturbed(CausalWanTransformer3DModel(**TINY_KW))
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """One real Ray cluster for the whole test session (jobs join it through RAY_ADDRESS)."""
+    from tests.services import RayHead
+
+    head = RayHead(num_cpus=2)
+    yield head
+    head.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from tests.services import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()

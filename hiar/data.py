@@ -1,0 +1,250 @@
+"""Teacher data (ODE pairs, trajectories) as Parquet shards on a local path or S3: layout, writing, reading.
+
+Layout under a dataset URI (``/path/ds`` or ``s3://bucket/prefix``)::
+
+    shard-00000.parquet   one row per sample, rows of samples [k * shard_size, (k + 1) * shard_size)
+    shard-00001.parquet
+    manifest.json          config hash, teacher checksum, schema version, counts, created-at
+
+Why these choices:
+
+* **Shards are the unit of work and of commit.** Sample i always lands in shard ``i // shard_size`` with seed
+  ``sample_seed(global seed, kind, i)``, so a rerun recomputes exactly the missing shards. A shard exists under its
+  final name only when it is complete: locally it is written under a temporary name and renamed; on S3 it is one
+  PUT of the whole object (S3 makes an object visible atomically when its upload completes), so no rename is
+  needed. A reader lists ``shard-*.parquet`` only, so it never sees half a shard.
+* **Tensors as fixed-shape tensor columns** (Arrow's ``arrow.fixed_shape_tensor`` extension type, the same one Ray
+  Data uses), stored as float16 by default: a sample's bytes are within a few percent of its raw fp16 size, and the
+  shape and dtype are part of the schema, so a reader needs no side information.
+* **S3 through an explicit ``pyarrow.fs.S3FileSystem``** configured from the environment (pyarrow ignores
+  ``AWS_ENDPOINT_URL``, so we read it ourselves): ``AWS_ENDPOINT_URL`` (e.g. ``http://127.0.0.1:5000``),
+  ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION`` / ``AWS_DEFAULT_REGION``. Keys are never logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+KINDS = ("ode_pairs", "trajectories")
+TENSOR_COLUMN = {"ode_pairs": "latents", "trajectories": "states"}
+_DTYPES = {"float16": (np.float16, torch.float16), "float32": (np.float32, torch.float32)}
+
+
+# ---------------------------------------------------------------------------------------------------- storage
+def s3_filesystem() -> pafs.S3FileSystem:
+    """An S3 filesystem from the environment; the endpoint override is what makes a local S3 server work."""
+    kwargs = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
+    if endpoint:
+        parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+        kwargs["endpoint_override"] = parsed.netloc
+        kwargs["scheme"] = parsed.scheme or "http"
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        kwargs["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        kwargs["region"] = region
+    kwargs["connect_timeout"] = float(os.environ.get("HIAR_S3_CONNECT_TIMEOUT", "5"))
+    kwargs["request_timeout"] = float(os.environ.get("HIAR_S3_REQUEST_TIMEOUT", "30"))
+    return pafs.S3FileSystem(**kwargs)
+
+
+STORAGE_ENV = ("AWS_ENDPOINT_URL", "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+               "AWS_REGION", "AWS_DEFAULT_REGION", "HIAR_S3_CONNECT_TIMEOUT", "HIAR_S3_REQUEST_TIMEOUT")
+
+
+def storage_env() -> dict[str, str]:
+    """The storage variables set in this process, for workers that do not inherit it (Ray actors inherit the
+    cluster's environment, not the job's). Passed through Ray's runtime_env, never logged or stored."""
+    return {k: os.environ[k] for k in STORAGE_ENV if k in os.environ}
+
+
+def resolve_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path within it)`` for a local path or an ``s3://bucket/prefix`` URI."""
+    if uri.startswith("s3://"):
+        return s3_filesystem(), uri[len("s3://"):].rstrip("/")
+    if "://" in uri:
+        raise ValueError(f"unsupported storage URI {uri!r}: use a local path or s3://bucket/prefix")
+    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def check_writable(uri: str) -> None:
+    """Fail fast, before any compute, when the destination cannot be written (with the reason)."""
+    fs, path = resolve_uri(uri)
+    if isinstance(fs, pafs.S3FileSystem):
+        bucket = path.split("/", 1)[0]
+        try:
+            info = fs.get_file_info(bucket)
+        except OSError as err:
+            raise ValueError(f"cannot reach the S3 endpoint for {uri!r}: {err}") from err
+        if info.type == pafs.FileType.NotFound:
+            raise ValueError(f"S3 bucket {bucket!r} does not exist (from {uri!r})")
+    probe = f"{path}/.write-probe-{uuid.uuid4().hex}"
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):  # S3 has no directories: no marker objects
+            fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(probe) as fh:
+            fh.write(b"ok")
+        fs.delete_file(probe)
+    except OSError as err:
+        raise ValueError(f"cannot write to {uri!r}: {err}") from err
+
+
+def write_json(fs: pafs.FileSystem, path: str, data: dict) -> None:
+    with fs.open_output_stream(path) as fh:
+        fh.write(json.dumps(data, indent=2, sort_keys=True).encode())
+
+
+def read_json(fs: pafs.FileSystem, path: str) -> dict | None:
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as fh:
+        return json.loads(fh.read().decode())
+
+
+# ---------------------------------------------------------------------------------------------------- shards
+@dataclass(frozen=True)
+class ShardPlan:
+    count: int
+    shard_size: int
+
+    def __post_init__(self):
+        if self.count <= 0:
+            raise ValueError(f"the number of samples must be > 0, got {self.count}")
+        if self.shard_size <= 0:
+            raise ValueError(f"shard_size must be > 0, got {self.shard_size}")
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.count // self.shard_size)
+
+    def samples(self, shard: int) -> range:
+        return range(shard * self.shard_size, min((shard + 1) * self.shard_size, self.count))
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}.parquet"
+
+
+def committed_shards(uri: str) -> set[int]:
+    fs, path = resolve_uri(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return set()
+    found = set()
+    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
+        name = info.base_name
+        if name.startswith("shard-") and name.endswith(".parquet") and info.type == pafs.FileType.File:
+            found.add(int(name[len("shard-"):-len(".parquet")]))
+    return found
+
+
+def rows_to_table(rows: list[dict], tensor_column: str, dtype: str) -> pa.Table:
+    """Scalars as plain columns; the tensor column as a fixed-shape tensor column of ``dtype``."""
+    np_dtype = _DTYPES[dtype][0]
+    arrays = np.stack([np.asarray(r[tensor_column], dtype=np_dtype) for r in rows])
+    tensor_type = pa.fixed_shape_tensor(pa.from_numpy_dtype(np_dtype), arrays.shape[1:])
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(arrays.reshape(-1)), int(np.prod(arrays.shape[1:])))
+    columns = {k: pa.array([r[k] for r in rows]) for k in rows[0] if k != tensor_column}
+    columns[tensor_column] = pa.ExtensionArray.from_storage(tensor_type, storage)
+    return pa.table(columns)
+
+
+def write_shard(uri: str, shard: int, table: pa.Table) -> int:
+    """Commit one shard; returns its size in bytes."""
+    fs, path = resolve_uri(uri)
+    final = f"{path}/{shard_name(shard)}"
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(path, recursive=True)
+        tmp = f"{path}/.{shard_name(shard)}.tmp-{uuid.uuid4().hex}"
+        pq.write_table(table, tmp, filesystem=fs, compression="zstd")
+        os.replace(tmp, final)  # atomic on one filesystem
+    else:
+        pq.write_table(table, final, filesystem=fs, compression="zstd")  # one object, visible when complete
+    return fs.get_file_info(final).size
+
+
+# ---------------------------------------------------------------------------------------------------- manifest
+def dataset_identity(kind: str, settings: dict, teacher_checksum: str) -> str:
+    blob = json.dumps({"kind": kind, "settings": settings, "teacher": teacher_checksum, "schema": SCHEMA_VERSION},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_manifest(uri: str) -> dict | None:
+    fs, path = resolve_uri(uri)
+    return read_json(fs, f"{path}/{MANIFEST}")
+
+
+def write_manifest(uri: str, manifest: dict) -> None:
+    fs, path = resolve_uri(uri)
+    write_json(fs, f"{path}/{MANIFEST}", manifest)
+
+
+def checksum_dir(directory: str | Path) -> str:
+    """sha256 over the weight files of a model directory (which teacher produced a dataset)."""
+    h = hashlib.sha256()
+    root = Path(directory)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin"))
+    if not files:
+        raise FileNotFoundError(f"no model files under {str(root)!r}")
+    for p in files:
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+def read_rows(uri: str, columns: Sequence[str] | None = None) -> Iterator[dict]:
+    """Every committed row, tensors as torch tensors with their stored shape and dtype, in sample order."""
+    fs, path = resolve_uri(uri)
+    shards = sorted(committed_shards(uri))
+    if not shards:
+        raise FileNotFoundError(f"no committed shards under {uri!r} (expected shard-*.parquet files)")
+    for shard in shards:
+        table = pq.read_table(f"{path}/{shard_name(shard)}", filesystem=fs, columns=columns)
+        yield from table_rows(table)
+
+
+def table_rows(table: pa.Table) -> Iterator[dict]:
+    cols = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        if isinstance(col.type, pa.FixedShapeTensorType):
+            cols[name] = [torch.from_numpy(a.copy()) for a in col.to_numpy_ndarray()]
+        else:
+            cols[name] = col.to_pylist()
+    for i in range(table.num_rows):
+        yield {k: v[i] for k, v in cols.items()}
+
+
+def shard_paths(uri: str) -> tuple[pafs.FileSystem, list[str]]:
+    """Filesystem and committed shard paths, for ``ray.data.read_parquet(paths, filesystem=fs)``."""
+    fs, path = resolve_uri(uri)
+    return fs, [f"{path}/{shard_name(s)}" for s in sorted(committed_shards(uri))]
+
+
+def sample_seed(global_seed: int, kind: str, index: int) -> int:
+    """The seed of sample ``index``: independent of sharding, batching and worker."""
+    state = np.random.SeedSequence([int(global_seed), KINDS.index(kind), int(index)]).generate_state(2)
+    return int((int(state[0]) << 31 ^ int(state[1])) & 0x7FFFFFFFFFFFFFFF)
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
