@@ -86,8 +86,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank stops at the same step
         return bool(flag.item())
 
+    def save_checkpoint(loss: float) -> None:
+        # every rank reports (Ray Train needs the same number of reports per worker); rank 0 holds the state
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                torch.save(trainer.state_dict(), Path(tmp) / "state.pt")
+                (Path(tmp) / "meta.json").write_text(json.dumps(meta))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({"step": trainer.step, "loss": loss}, checkpoint=checkpoint)
+
     started = time.monotonic()
     window_t0, window_steps = time.monotonic(), 0
+    metrics = {"loss": float("nan")}
     while keep_going(started):
         metrics = trainer.train_step()
         window_steps += 1
@@ -102,16 +113,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 evaluate_and_log()
                 meta["next_eval"] = trainer.elapsed / 60.0 + cfg.pretrain.eval_every_minutes
                 started = time.monotonic()  # evaluation time is not training time
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint = None
-                if rank == 0:
-                    torch.save(trainer.state_dict(), Path(tmp) / "state.pt")
-                    (Path(tmp) / "meta.json").write_text(json.dumps(meta))
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report({"step": trainer.step, "loss": metrics["loss"]}, checkpoint=checkpoint)
+            save_checkpoint(metrics["loss"])
             print(f"[pretrain] step {trainer.step} loss {metrics['loss']:.4f} "
                   f"({trainer.elapsed / 60:.1f} min trained)", flush=True)
     trainer.elapsed += time.monotonic() - started
+    if trainer.step % cfg.pretrain.checkpoint_every:
+        save_checkpoint(metrics["loss"])  # the last steps too, so a longer budget resumes exactly here
 
     if rank == 0:
         final = evaluate_and_log()
