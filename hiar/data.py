@@ -39,6 +39,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from hiar.seeding import derive_seed
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 KINDS = ("ode_pairs", "trajectories")
@@ -242,8 +244,7 @@ def shard_paths(uri: str) -> tuple[pafs.FileSystem, list[str]]:
 
 def sample_seed(global_seed: int, kind: str, index: int) -> int:
     """The seed of sample ``index``: independent of sharding, batching and worker."""
-    state = np.random.SeedSequence([int(global_seed), KINDS.index(kind), int(index)]).generate_state(2)
-    return int((int(state[0]) << 31 ^ int(state[1])) & 0x7FFFFFFFFFFFFFFF)
+    return derive_seed(global_seed, KINDS.index(kind), index)
 
 
 def now() -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -27,6 +26,7 @@ from hiar.config import HiarConfig
 from hiar.losses import flow_matching_loss, sample_training_sigmas
 from hiar.model import CausalWanTransformer3DModel
 from hiar.rollout import initial_noise
+from hiar.seeding import seeded_generator
 from hiar.teacher import sample_teacher
 from hiar.text import TextEncoder
 from hiar.world import SyntheticWorld, heldout_prompts, train_prompts, vocabulary
@@ -42,11 +42,6 @@ def build_world_components(cfg: HiarConfig) -> tuple[SyntheticWorld, TextEncoder
     frames = cfg.video.train_latent_frames
     codec = PixelCodec.fit(world.clip(i, frames)[0] for i in range(128))
     return world, text, codec
-
-
-def seeded(*parts: int) -> torch.Generator:
-    state = np.random.SeedSequence([int(p) for p in parts]).generate_state(2)
-    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
 
 
 class TeacherPretraining:
@@ -65,6 +60,7 @@ class TeacherPretraining:
         self.step = 0
         self.elapsed = 0.0  # training seconds so far, carried across resumes
         self.prompts = train_prompts()
+        self.prompt_row = {p: i for i, p in enumerate(self.prompts)}
         self.prompt_embeds = text.encode(self.prompts)
         self.null_embed = text.null_embedding(1)
 
@@ -75,8 +71,8 @@ class TeacherPretraining:
         start = (step * self.world_size + self.rank) * p.batch_size
         clips, captions = zip(*(self.world.clip(start + i, frames) for i in range(p.batch_size)))
         x0 = self.codec.encode(torch.from_numpy(np.stack(clips)))
-        embeds = torch.stack([self.prompt_embeds[self.prompts.index(c)] for c in captions])
-        drop = torch.rand(p.batch_size, generator=seeded(self.cfg.seed, 1, step, self.rank)) < p.caption_dropout
+        embeds = torch.stack([self.prompt_embeds[self.prompt_row[c]] for c in captions])
+        drop = torch.rand(p.batch_size, generator=seeded_generator(self.cfg.seed, 1, step, self.rank)) < p.caption_dropout
         embeds[drop] = self.null_embed[0]
         return x0, embeds, list(captions)
 
@@ -88,7 +84,7 @@ class TeacherPretraining:
     def train_step(self) -> dict:
         p = self.cfg.pretrain
         x0, embeds, _ = self.batch(self.step)
-        gen = seeded(self.cfg.seed, 2, self.step, self.rank)
+        gen = seeded_generator(self.cfg.seed, 2, self.step, self.rank)
         sigma = sample_training_sigmas(x0.shape[0], p.sigma_shift, gen, p.sigma_sampling)
         noise = torch.randn(x0.shape, generator=gen)
 
@@ -139,11 +135,11 @@ def eval_prompts(num: int, split: str = "heldout") -> list[str]:
 
 @torch.no_grad()
 def evaluate_teacher(transformer, text: TextEncoder, codec, cfg: HiarConfig, num_prompts: int | None = None,
-                     split: str = "heldout", num_steps: int | None = None) -> tuple[dict, np.ndarray, list[str]]:
+                     split: str = "heldout") -> tuple[dict, np.ndarray, list[str]]:
     """Sample the teacher (bidirectional, Euler, CFG) on fixed prompts and seeds and score with the oracle."""
     prompts = eval_prompts(num_prompts or cfg.pretrain.eval_prompts, split)
     t = cfg.teacher
-    sigmas = t.sigmas() if num_steps is None else type(t)(num_steps=num_steps, shift=t.shift).sigmas()
+    sigmas = t.sigmas()
     v = cfg.video
     seeds = list(range(len(prompts)))
     noise = initial_noise(seeds, v.train_latent_frames // cfg.rollout.frames_per_block,
@@ -172,7 +168,9 @@ def save_teacher(directory: str | Path, transformer, text: TextEncoder, codec, c
         if key in card:
             lines.append(f"- {key}: {card[key]}")
     if "oracle" in card:
-        lines += ["", "Oracle scores (held-out prompts, 48 Euler steps, shift 8, CFG 6):", ""]
+        s = card.get("sampler", {})
+        lines += ["", f"Oracle scores (held-out prompts, {s.get('num_steps', '?')} Euler steps, shift "
+                      f"{s.get('shift', '?')}, CFG {s.get('guidance_scale', '?')}):", ""]
         lines += [f"- {k}: {v:.3f}" for k, v in sorted(card["oracle"].items()) if isinstance(v, float)]
     if "curve" in card:
         lines += ["", "| minutes | steps | caption consistency | motion accuracy |", "|---|---|---|---|"]
@@ -209,5 +207,5 @@ def count_params(model: torch.nn.Module) -> int:
 
 __all__ = [
     "TeacherPretraining", "build_world_components", "evaluate_teacher", "save_teacher", "load_teacher",
-    "eval_prompts", "time_budget_left", "count_params", "math",
+    "eval_prompts", "time_budget_left", "count_params",
 ]

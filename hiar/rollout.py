@@ -34,10 +34,10 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
 
 from hiar.schedule import x0_from_velocity
+from hiar.seeding import seeded_generator
 
 STEP_RULES = ("euler", "x0_renoise")
 CONTEXT_NOISE = ("next", "current", "clean")
@@ -59,8 +59,7 @@ def block_noise(
     """Gaussian noise ``[len(seeds), *shape]`` for (sample seed, block, step), independent of execution order."""
     out = []
     for seed in seeds:
-        state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, purpose, block, step]).generate_state(2)
-        gen = torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+        gen = seeded_generator(seed, purpose, block, step)
         out.append(torch.randn(*shape, generator=gen, dtype=torch.float32))
     return torch.stack(out).to(device=device, dtype=dtype)
 

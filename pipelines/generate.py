@@ -90,7 +90,8 @@ def main(argv=None) -> int:
             raise ValueError(f"teacher directory {teacher!r} does not exist (set teacher.path or --teacher)")
         prompt_source(cfg)
         check_writable(output)
-        identity = dataset_identity(args.kind, generation_settings(cfg, args.kind), checksum_dir(teacher))
+        teacher_checksum = checksum_dir(teacher)
+        identity = dataset_identity(args.kind, generation_settings(cfg, args.kind), teacher_checksum)
         existing = load_manifest(output)
         if existing and existing.get("identity") != identity:
             raise ValueError(f"{output!r} holds a {existing.get('kind')} dataset made with another config or teacher "
@@ -133,10 +134,9 @@ def main(argv=None) -> int:
     if missing:
         print(f"error: shards {missing} are missing after the run", file=sys.stderr)
         return 1
-    fs_rows = sum(len(plan.samples(s)) for s in range(plan.num_shards))
     manifest = {
         "kind": args.kind, "identity": identity, "config_hash": cfg.config_hash(), "teacher": teacher,
-        "teacher_checksum": checksum_dir(teacher), "schema_version": SCHEMA_VERSION, "count": fs_rows,
+        "teacher_checksum": teacher_checksum, "schema_version": SCHEMA_VERSION, "count": count,
         "num_shards": plan.num_shards, "shard_size": cfg.data.shard_size,
         "settings": generation_settings(cfg, args.kind), "created_at": now(),
     }
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     made = sum(results["rows"])
     size = sum(results["bytes"])
     rate = made / seconds if seconds > 0 and made else 0.0
-    print(f"[generate] done: {fs_rows} samples committed ({made} generated now in {len(results['shard'])} shards, "
+    print(f"[generate] done: {count} samples committed ({made} generated now in {len(results['shard'])} shards, "
           f"{size / 1e6:.2f} MB, {rate:.2f} samples/s, {seconds:.1f} s) -> {output}", flush=True)
 
     import mlflow
