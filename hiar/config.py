@@ -126,8 +126,27 @@ class DistillConfig:
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     batch_size: int = 64
     ema_decay: float = 0.99
-    steps: int = 20000
+    steps: int = 20000  # generator steps (critic steps = critic_ratio x this)
     grad_clip: float = 10.0
+    micro_batch_size: int = 1  # per worker per forward; batch_size = micro x workers x accumulation steps
+    min_t: float = 0.02  # DMD / critic noise levels: uniform t in [min_t, max_t], then the schedule's shift
+    max_t: float = 0.98
+    mixed_precision: str = "auto"  # "auto" = bf16 autocast on GPUs that support it, fp32 on CPU | "bf16" | "no"
+    # ODE-regression init (--stage ode_init)
+    ode_steps: int = 3000
+    lr_ode: float = 2e-6
+    ode_batch_size: int = 64
+    # Ray Train
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # fractional: a worker that reserves every CPU deadlocks Ray Data (DESIGN §8)
+    sharding: str = "ddp"  # "ddp" (gradients all-reduced) | "fsdp" (GPU clusters: generator and critic sharded)
+    storage_path: str = ""  # Ray Train checkpoints: local dir or s3://; empty = <run_dir>/train
+    checkpoint_every: int = 20  # generator steps
+    keep_checkpoints: int = 2
+    max_failures: int = 3
+    sample_every: int = 50  # generator steps between sample MP4s in MLflow (0 = only at the end)
+    sample_prompts: int = 2
 
 
 @dataclass
@@ -162,6 +181,44 @@ class PretrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Long-rollout evaluation (``pipelines/evaluate.py``): the paper's drift suite on held-out prompts."""
+
+    num_prompts: int = 8  # evenly spread over the held-out prompts (tiny) or the first N of prompts_file
+    seeds: list[int] = field(default_factory=lambda: [0])
+    rollouts: list[str] = field(default_factory=lambda: ["hierarchical", "block_first"])
+    segments: int = 5  # drift suite: equal temporal segments (paper: 5)
+    actors: int = 1
+    cpus_per_actor: float = 0.5
+    gpus_per_actor: float = 0.0
+
+
+@dataclass
+class RegistryConfig:
+    """MLflow registry and the promotion gate (``pipelines/promote.py``)."""
+
+    model_name: str = "hiar-student"
+    max_drift_increase: float = 0.0  # gate: challenger Drift Score <= champion's + this
+    max_dynamics_drop: float = 0.05  # gate: dynamic degree not worse by more than this
+    max_quality_drop: float = 0.0  # gate: oracle caption consistency (tiny) not worse by more than this
+
+
+@dataclass
+class ServeConfig:
+    """The Ray Serve app (``serving/``): limits, placement and where the model comes from."""
+
+    model_uri: str = "models:/hiar-student@champion"  # or models:/name/<version>, or a local bundle directory
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_blocks: int = 64  # longest stream a request may ask for
+    max_concurrent_streams: int = 8  # beyond this: HTTP 429
+    stage_replicas: int = 1
+    stage_num_cpus: float = 0.0  # fractional on a small box (DESIGN §8: whole CPUs deadlock on 2 cores)
+    stage_num_gpus: float = 0.0
+    max_buffered_blocks: int = 2  # back-pressure between stages
+
+
+@dataclass
 class HiarConfig:
     preset: str = "custom"
     seed: int = 0
@@ -175,6 +232,9 @@ class HiarConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self):
         validate(self)
@@ -200,7 +260,13 @@ def validate(cfg: HiarConfig) -> None:
     choice("rollout.context_noise", r.context_noise, ("next", "current", "clean"))
     choice("distill.rollout", cfg.distill.rollout, ("hierarchical", "block_first"))
     choice("distill.fkl_attention", cfg.distill.fkl_attention, ("bidirectional", "block_causal"))
+    choice("distill.mixed_precision", cfg.distill.mixed_precision, ("auto", "bf16", "no"))
+    choice("distill.sharding", cfg.distill.sharding, ("ddp", "fsdp"))
+    if not 0.0 <= cfg.distill.min_t < cfg.distill.max_t <= 1.0:
+        raise ValueError(f"need 0 <= distill.min_t < distill.max_t <= 1, got {cfg.distill.min_t}, {cfg.distill.max_t}")
     choice("data.dtype", cfg.data.dtype, ("float16", "float32"))
+    for mode in cfg.eval.rollouts:
+        choice("eval.rollouts[]", mode, ("hierarchical", "block_first"))
     if r.frames_per_block < 1:
         raise ValueError(f"rollout.frames_per_block must be >= 1, got {r.frames_per_block}")
     if r.window_frames is not None and r.window_frames < r.frames_per_block:
@@ -230,6 +296,11 @@ def _check_type(path: str, value, hint):
         origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string; a float field means a number
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool):
         if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
             raise ValueError(f"{path} must be {hint.__name__}, got {value!r} ({type(value).__name__})")

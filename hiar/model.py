@@ -266,10 +266,16 @@ class SelfAttentionPlan:
         if self.cache is None:
             return attn.project_kv(context)
         cached = self.cache.cross_kv(layer)
-        if cached is None:
-            cached = attn.project_kv(context)
-            self.cache.set_cross_kv(layer, *cached)
+        if cached is None or _fresh_cross_kv(self.cache):
+            fresh = attn.project_kv(context)
+            if cached is None:
+                self.cache.set_cross_kv(layer, *fresh)
+            return fresh
         return cached
+
+
+def _fresh_cross_kv(cache) -> bool:
+    return torch.is_grad_enabled() and cache.detach
 
 
 class CausalWanTransformer3DModel(ModelMixin, ConfigMixin):
@@ -416,7 +422,9 @@ class CausalWanTransformer3DModel(ModelMixin, ConfigMixin):
             mod = mod.view(b, 1, 6, dim)
         temb = temb.type_as(x)
 
-        need_context = kv_cache is None or kv_cache.cross_kv(0) is None
+        # With grad on and a detached cache (training), the prompt path is recomputed every call: "no gradient
+        # through the cache" is about temporal context, and the text projections must still learn.
+        need_context = kv_cache is None or kv_cache.cross_kv(0) is None or _fresh_cross_kv(kv_cache)
         context = self.condition_embedder.text_embedder(encoder_hidden_states) if need_context else None
 
         plan = SelfAttentionPlan(attention_mode, k, tpf, frame_offset, pf, kv_cache, x.device)

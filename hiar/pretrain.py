@@ -12,7 +12,6 @@ weights is what gets evaluated and shipped.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from hiar import oracle
+from hiar.bundle import save_bundle, load_bundle
 from hiar.codec import PixelCodec
 from hiar.config import HiarConfig
 from hiar.losses import flow_matching_loss, sample_training_sigmas
@@ -30,9 +30,6 @@ from hiar.seeding import seeded_generator
 from hiar.teacher import sample_teacher
 from hiar.text import TextEncoder
 from hiar.world import SyntheticWorld, heldout_prompts, train_prompts, vocabulary
-
-CARD_FILE = "card.json"
-
 
 def build_world_components(cfg: HiarConfig) -> tuple[SyntheticWorld, TextEncoder, PixelCodec]:
     """The tiny preset's world, its frozen text encoder and a pixel codec fitted on training clips."""
@@ -121,7 +118,7 @@ class TeacherPretraining:
         self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
 
     def save_teacher(self, directory: str | Path, card: dict) -> Path:
-        return save_teacher(directory, self.ema, self.text, self.codec, card)
+        return save_teacher(directory, self.ema, self.text, self.codec, card, self.cfg)
 
 
 def eval_prompts(num: int, split: str = "heldout") -> list[str]:
@@ -153,46 +150,21 @@ def evaluate_teacher(transformer, text: TextEncoder, codec, cfg: HiarConfig, num
     return scores, frames, prompts
 
 
-def save_teacher(directory: str | Path, transformer, text: TextEncoder, codec, card: dict) -> Path:
-    """The teacher as a diffusers-style directory: ``transformer/``, ``tokenizer/``, ``text_encoder/``,
-    ``codec/`` and ``card.json`` + ``MODEL_CARD.md`` (config, seed, training time, oracle scores)."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    transformer.save_pretrained(out / "transformer")
-    text.save_pretrained(out)
-    codec.save_pretrained(out / "codec")
-    (out / CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True))
-    lines = ["# tiny teacher", "", "A bidirectional Wan-architecture DiT trained by flow matching on the synthetic "
-             "world (`pipelines/pretrain_teacher.py`).", ""]
-    for key in ("preset", "seed", "steps", "train_minutes", "params"):
-        if key in card:
-            lines.append(f"- {key}: {card[key]}")
-    if "oracle" in card:
-        s = card.get("sampler", {})
-        lines += ["", f"Oracle scores (held-out prompts, {s.get('num_steps', '?')} Euler steps, shift "
-                      f"{s.get('shift', '?')}, CFG {s.get('guidance_scale', '?')}):", ""]
-        lines += [f"- {k}: {v:.3f}" for k, v in sorted(card["oracle"].items()) if isinstance(v, float)]
-    if "curve" in card:
-        lines += ["", "| minutes | steps | caption consistency | motion accuracy |", "|---|---|---|---|"]
-        lines += [f"| {c['minutes']:.1f} | {c['step']} | {c['caption_consistency']:.3f} | {c['motion_accuracy']:.3f} |"
-                  for c in card["curve"]]
-    (out / "MODEL_CARD.md").write_text("\n".join(lines) + "\n")
-    return out
+def save_teacher(directory: str | Path, transformer, text: TextEncoder, codec, card: dict,
+                 config: HiarConfig | None = None) -> Path:
+    """The teacher as a model bundle (``hiar.bundle``) with its card (config, seed, training time, oracle)."""
+    return save_bundle(directory, transformer, text, codec, card, config, title="tiny teacher",
+                       summary="A bidirectional Wan-architecture DiT trained by flow matching on the synthetic "
+                               "world (`pipelines/pretrain_teacher.py`).")
 
 
 def load_teacher(directory: str | Path):
     """(transformer, text encoder, codec, card) from a directory written by ``save_teacher``."""
-    root = Path(directory)
-    if not (root / "transformer").is_dir():
-        raise FileNotFoundError(
-            f"no teacher at {str(root)!r}: expected transformer/, tokenizer/, text_encoder/ and codec/ subfolders "
-            "(run pipelines/pretrain_teacher.py to train one)"
-        )
-    transformer = CausalWanTransformer3DModel.from_pretrained(root / "transformer").eval()
-    text = TextEncoder.from_pretrained(root)
-    codec = PixelCodec.from_pretrained(root / "codec")
-    card = json.loads((root / CARD_FILE).read_text()) if (root / CARD_FILE).exists() else {}
-    return transformer, text, codec, card
+    try:
+        b = load_bundle(directory)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} (run pipelines/pretrain_teacher.py to train a tiny teacher)") from None
+    return b.transformer, b.text, b.codec, b.card
 
 
 def time_budget_left(trainer: TeacherPretraining, started: float) -> bool:

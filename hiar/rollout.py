@@ -126,6 +126,7 @@ class StepStage:
         self.cache = velocity.new_cache()
         self.next_block = 0
         self.pending: tuple[torch.Tensor, float] | None = None  # context of block next_block - 1
+        self.last_x0: torch.Tensor | None = None
         self.calls = 0
 
     def _call(self, x: torch.Tensor, sigma_per_frame: list[float], frame_offset: int) -> torch.Tensor:
@@ -148,10 +149,13 @@ class StepStage:
                 self._write_pending()
             v = self._call(x, [self.sigma] * k, block * k)
         x_next, x0 = advance(x, v, self.sigma, self.sigma_next, self.step_rule, self.seeds, block, self.step)
+        self.last_x0 = x0  # the clean estimate: training's exit step takes its gradient from here
+        # Detached: the next block reads this context through attention, and training allows no gradient
+        # through context (the paper's "no gradient through the KV cache"), fused call or not.
         self.pending = {
-            "next": (x_next, self.sigma_next),
-            "current": (x, self.sigma),
-            "clean": (x0, 0.0),
+            "next": (x_next.detach(), self.sigma_next),
+            "current": (x.detach(), self.sigma),
+            "clean": (x0.detach(), 0.0),
         }[self.context_noise]
         self.next_block += 1
         return x_next

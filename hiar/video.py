@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import av
@@ -26,24 +27,46 @@ def tile(videos: np.ndarray, columns: int = 4, upscale: int = 1) -> np.ndarray:
     return grid
 
 
+def _prepare(frames: np.ndarray) -> np.ndarray:
+    arr = frames if frames.dtype == np.uint8 else to_uint8(frames)
+    _, h, w, _ = arr.shape
+    return np.pad(arr, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+
+
+def _mux_h264(container, arr: np.ndarray, fps: int) -> None:
+    stream = container.add_stream("libx264", rate=fps)
+    stream.width, stream.height = arr.shape[2], arr.shape[1]
+    stream.pix_fmt = "yuv420p"
+    stream.options = {"crf": "18"}
+    for frame in arr:
+        for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+
+
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int = 8) -> Path:
     """Write [T, H, W, 3] frames (float in [0, 1] or uint8) as H.264 (yuv420p needs even sizes: padded)."""
-    arr = frames if frames.dtype == np.uint8 else to_uint8(frames)
-    t, h, w, _ = arr.shape
-    arr = np.pad(arr, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    arr = _prepare(frames)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = arr.shape[2], arr.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "18"}
-        for frame in arr:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        _mux_h264(container, arr, fps)
     return path
+
+
+def encode_mp4(frames: np.ndarray, fps: int = 8) -> bytes:
+    """Like :func:`write_mp4`, into memory: a self-contained MP4 file as bytes (deterministic for equal input)."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        _mux_h264(container, _prepare(frames), fps)
+    return buf.getvalue()
+
+
+def decode_mp4(data: bytes) -> np.ndarray:
+    """Decode every frame of an in-memory MP4 as uint8 [T, H, W, 3]."""
+    with av.open(io.BytesIO(data)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
 def read_mp4(path: str | Path) -> np.ndarray:

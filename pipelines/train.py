@@ -1,0 +1,373 @@
+"""Ray Train job: ODE-regression init of the causal student, then HiAR distillation (DMD + forward KL).
+
+    python pipelines/train.py --preset tiny --stage ode_init
+    python pipelines/train.py --preset tiny --stage distill [--set distill.rollout=block_first]
+    python pipelines/train.py --preset tiny --stage all
+
+The maths is ``hiar.distill``; this file wires it into a ``TorchTrainer`` per stage:
+
+* data: the ``ode_pairs`` / ``trajectories`` Parquet datasets (local or ``s3://``, ``data.storage``) through
+  Ray Data, one shard of the dataset per worker (``ray.train.get_dataset_shard``);
+* ``ScalingConfig(num_workers, use_gpu)`` from ``distill.*``; gradients averaged over workers (gloo on CPU);
+* ``RunConfig(storage_path, name)``: the name is a hash of everything that determines the weights, so rerunning
+  the same command (or ``full.py`` after a crash) resumes from the latest checkpoint, and ``FailureConfig``
+  restarts a killed worker group from it;
+* MLflow from rank 0: one parent run per job, a nested run per stage, the whole config as params, losses and
+  grad norms, steps/s, sample MP4s of both rollout modes on fixed held-out prompts, and the final generator
+  (EMA for distillation) as a logged model bundle.  The stage's run id is found again by its identity tag, so
+  a resumed stage keeps writing to the same run.
+
+Errors about the data (missing, wrong shapes), the teacher or the init checkpoint come before any training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.common import flatten, init_ray, mlflow_experiment, resolve_path, tracking_uri  # noqa: E402
+
+EXPERIMENT = "hiar-train"
+STAGES = ("ode_init", "distill")
+DATASET_OF = {"ode_init": "ode_pairs", "distill": "trajectories"}
+IDENTITY_TAG = "hiar.train_identity"
+
+
+# ---------------------------------------------------------------------------------------------- worker side
+def _batches(dataset_name: str, column: str, micro_batch: int):
+    """Endless (prompts, states [b, S + 1, C, F, H, W]) micro-batches from this worker's dataset shard."""
+    import numpy as np
+    import pyarrow as pa
+    import ray.train
+    import torch
+
+    shard = ray.train.get_dataset_shard(dataset_name)
+    while True:
+        seen = 0
+        for table in shard.iter_batches(batch_size=micro_batch, batch_format="pyarrow", drop_last=True):
+            col = table.column(column).combine_chunks()
+            if isinstance(col.type, pa.FixedShapeTensorType):
+                arr = col.to_numpy_ndarray()
+            else:  # Ray's own tensor extension type
+                arr = np.stack(col.to_numpy(zero_copy_only=False))
+            states = torch.from_numpy(np.ascontiguousarray(arr)).float().permute(0, 1, 3, 2, 4, 5).contiguous()
+            seen += 1
+            yield [str(p) for p in table.column("prompt").to_pylist()], states
+        if seen == 0:
+            raise RuntimeError(f"worker got no {dataset_name} rows (fewer rows than workers x micro_batch_size?)")
+
+
+def _sample_and_log(model, text, codec, cfg, step: int, tag: str) -> dict:
+    """Sample both rollout modes on fixed held-out prompts and seeds; log MP4s and (tiny) oracle scores."""
+    import mlflow
+    import numpy as np
+
+    from hiar.generation import generate_latents
+    from hiar.pretrain import eval_prompts
+    from hiar.video import tile, write_mp4
+
+    n_blocks = cfg.video.train_latent_frames // cfg.rollout.frames_per_block
+    prompts = eval_prompts(cfg.distill.sample_prompts) if cfg.preset == "tiny" else []
+    if not prompts:
+        return {}
+    seeds = list(range(len(prompts)))
+    metrics = {}
+    was_training = model.training
+    model.eval()
+    for mode in ("hierarchical", "block_first"):
+        latents = generate_latents(model, text, cfg, prompts, seeds, n_blocks, mode)
+        frames = codec.decode(latents).cpu().numpy()
+        from hiar import oracle
+
+        scores = oracle.score_batch(zip(frames, prompts))
+        for k in ("caption_consistency", "motion_accuracy", "color_ok", "direction_ok", "background_ok"):
+            metrics[f"samples/{mode}/{k}"] = float(scores[k])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_mp4(tile(np.asarray(frames), columns=len(prompts), upscale=4),
+                             Path(tmp) / f"{tag}_{mode}_step{step:06d}.mp4", fps=cfg.video.fps)
+            mlflow.log_artifact(str(path), f"samples/{mode}")
+    model.train(was_training)
+    mlflow.log_metrics(metrics, step=step)
+    return metrics
+
+
+def train_loop_per_worker(c: dict) -> None:
+    import mlflow
+    import ray.train
+    import torch
+
+    from hiar.bundle import load_bundle, save_bundle
+    from hiar.config import load_config
+    from hiar.distill import Distiller, ODEInit
+
+    cfg = load_config(c["preset"], c["overrides"])
+    stage = c["stage"]
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(1, world_size)))
+    device = torch.device("cuda" if cfg.distill.use_gpu and torch.cuda.is_available() else "cpu")
+    d = cfg.distill
+
+    teacher = load_bundle(c["teacher"], device=str(device))
+    text, codec = teacher.text, teacher.codec
+    if stage == "ode_init":
+        # the causal student starts from the teacher's weights (same architecture, block-causal attention)
+        trainer = ODEInit(cfg, teacher.transformer, text, rank, world_size)
+        model_of = lambda: trainer.student  # noqa: E731
+        total, micro = d.ode_steps, d.micro_batch_size
+    else:
+        generator = load_bundle(c["init"], device=str(device)).transformer
+        trainer = Distiller(cfg, generator, teacher.transformer, text, rank=rank, world_size=world_size)
+        model_of = lambda: trainer.ema  # noqa: E731
+        total, micro = d.steps, d.micro_batch_size
+    step_of = (lambda: trainer.step) if stage == "ode_init" else (lambda: trainer.generator_steps)
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as dr:
+            trainer.load_state_dict(torch.load(Path(dr) / "state.pt", weights_only=False, map_location=device))
+        print(f"[train:{stage}] rank {rank}: resumed from checkpoint at step {step_of()}", flush=True)
+
+    if rank == 0:
+        mlflow.set_tracking_uri(c["tracking_uri"])
+        mlflow.start_run(run_id=c["run_id"])
+
+    def report(metrics: dict) -> None:
+        # every rank reports the same number of times; rank 0 holds the state
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                torch.save(trainer.state_dict(), Path(tmp) / "state.pt")
+                (Path(tmp) / "meta.json").write_text(json.dumps({"step": step_of(), "run_id": c["run_id"]}))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({"step": step_of(), **metrics}, checkpoint=checkpoint)
+
+    batches = _batches(DATASET_OF[stage], "latents" if stage == "ode_init" else "states", micro)
+    t0, steps0 = time.monotonic(), step_of()
+    metrics: dict = {}
+    while step_of() < total:
+        micro_batches = [next(batches) for _ in range(trainer.accum)]
+        if stage == "ode_init":
+            metrics = trainer.train_step(micro_batches)
+            stepped = True
+        else:
+            log = trainer.iteration_step(micro_batches)
+            metrics = {**metrics, **log.metrics}
+            stepped = log.generator_updated
+        if not stepped:
+            continue
+        step = step_of()
+        if rank == 0 and (step % 5 == 0 or step == total):
+            rate = (step - steps0) / max(1e-9, time.monotonic() - t0)
+            mlflow.log_metrics({**{k: float(v) for k, v in metrics.items()}, "steps_per_s": rate}, step=step)
+            print(f"[train:{stage}] step {step}/{total} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                                                  if isinstance(v, float)), flush=True)
+        if rank == 0 and d.sample_every and step % d.sample_every == 0 and step < total:
+            _sample_and_log(model_of(), text, codec, cfg, step, stage)
+        if step % d.checkpoint_every == 0 or step == total:
+            report({k: float(v) for k, v in metrics.items()})
+
+    if rank == 0:
+        final = _sample_and_log(model_of(), text, codec, cfg, step_of(), stage)
+        card = {"preset": cfg.preset, "seed": cfg.seed, "steps": step_of(), "stage": stage,
+                "rollout": d.rollout, "source_run": c["run_id"], "identity": c["identity"], "samples": final,
+                "teacher": c["teacher"], "init": c.get("init", "")}
+        out = save_bundle(c["output"], model_of(), text, codec, card, cfg, title=f"HiAR student ({stage})",
+                          summary=f"Causal Wan-architecture generator after `{stage}` "
+                                  f"({d.rollout} self-rollout)." if stage == "distill" else
+                                  "Causal student after ODE-regression init.")
+        from pipelines.registry import log_bundle
+
+        log_bundle(out)
+        mlflow.log_dict(card, "card.json")
+        mlflow.end_run()
+        print(f"[train:{stage}] saved {out} after {step_of()} steps; samples: "
+              + " ".join(f"{k}={v:.3f}" for k, v in final.items()), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- driver side
+def stage_identity(cfg, stage: str, inputs: dict) -> str:
+    """Hash of what determines a stage's weights (config sections + input checksums), not its logging."""
+    import hashlib
+
+    dd = cfg.to_dict()
+    distill = {k: v for k, v in dd["distill"].items()
+               if k not in ("sample_every", "sample_prompts", "checkpoint_every", "keep_checkpoints",
+                            "max_failures", "storage_path")}
+    if stage == "ode_init":
+        distill = {k: distill[k] for k in ("ode_steps", "lr_ode", "ode_batch_size", "micro_batch_size", "betas",
+                                           "grad_clip", "num_workers")}
+    keep = {"stage": stage, "seed": dd["seed"], "model": dd["model"], "schedule": dd["schedule"],
+            "rollout": dd["rollout"], "video": dd["video"], "teacher": dd["teacher"], "distill": distill,
+            "inputs": inputs}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def check_dataset(cfg, kind: str, uri: str) -> dict:
+    """The dataset's manifest, after checking it exists and its tensors fit the model (before any compute)."""
+    from hiar.data import committed_shards, load_manifest
+
+    manifest = load_manifest(uri)
+    if manifest is None or not committed_shards(uri):
+        raise ValueError(f"no {kind} dataset at {uri!r} (no manifest.json / shards); create it with "
+                         f"`python pipelines/generate.py --kind {kind}` or set data.storage")
+    v = cfg.video
+    want = [v.train_latent_frames, v.latent_channels, v.latent_height, v.latent_width]
+    have = manifest.get("settings", {}).get("latent_shape")
+    if have != want:
+        raise ValueError(f"{kind} at {uri!r} has latents of shape [F, C, H, W] = {have}, but the model config "
+                         f"expects {want} (video.train_latent_frames / latent_channels / latent_height / latent_width)")
+    n_sigmas = len(cfg.schedule.sigmas())
+    if len(manifest["settings"].get("student_sigmas", [])) != n_sigmas:
+        raise ValueError(f"{kind} at {uri!r} was made for {len(manifest['settings']['student_sigmas'])} schedule "
+                         f"points, the config has {n_sigmas}")
+    return manifest
+
+
+def find_or_create_run(experiment_id: str, identity: str, name: str, parent_run_id: str | None, params: dict):
+    """The MLflow run of this stage identity (resumed when it exists and is unfinished), else a new nested one."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{IDENTITY_TAG}` = '{identity}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if found and found[0].info.status != "FINISHED":
+        return found[0].info.run_id, True
+    tags = {IDENTITY_TAG: identity, "mlflow.runName": name}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, tags=tags, run_name=name)
+    items = list(params.items())
+    for i in range(0, len(items), 100):
+        from mlflow.entities import Param
+
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in items[i:i + 100]])
+    return run.info.run_id, False
+
+
+def plan_stage(cfg, stage: str, storage: str, teacher: str, init: str | None, output: str | None = None) -> dict:
+    """Inputs checked, identity and output directory of a stage (no compute): errors come before training."""
+    from hiar.bundle import load_bundle
+
+    kind = DATASET_OF[stage]
+    uri = f"{storage.rstrip('/')}/{kind}"
+    manifest = check_dataset(cfg, kind, uri)
+    load_bundle(teacher)  # raises a clear error naming what is missing
+    inputs = {"data": manifest["identity"], "teacher": manifest.get("teacher_checksum")}
+    if stage == "distill":
+        card_path = Path(init or "") / "card.json"
+        if not init or not card_path.exists():
+            raise ValueError(f"no ODE-init student at {init!r}; run `--stage ode_init` first or pass --init")
+        inputs["init"] = json.loads(card_path.read_text()).get("identity")
+    identity = stage_identity(cfg, stage, inputs)
+    out = Path(output) if output else Path(resolve_path(cfg.run_dir)) / "students" / f"{stage}-{identity}"
+    card = out / "card.json"
+    done = card.exists() and json.loads(card.read_text()).get("identity") == identity
+    return {"kind": kind, "uri": uri, "manifest": manifest, "identity": identity, "output": out, "done": done}
+
+
+def run_stage(cfg, args, stage: str, storage: str, teacher: str, init: str | None, experiment_id: str,
+              parent_run_id: str | None) -> Path:
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from hiar.data import TENSOR_COLUMN, shard_paths, storage_env
+
+    plan = plan_stage(cfg, stage, storage, teacher, init, args.output if stage == args.stages[-1] else None)
+    kind, uri, manifest, identity, output = (plan[k] for k in ("kind", "uri", "manifest", "identity", "output"))
+    run_dir = Path(resolve_path(cfg.run_dir))
+    name = f"{stage}-{identity}"
+    if plan["done"]:
+        print(f"[train] {stage}: {output} already holds this stage's result (identity {identity}); skipping",
+              flush=True)
+        return output
+
+    run_id, resumed = find_or_create_run(experiment_id, identity, name, parent_run_id, flatten(cfg.to_dict()))
+    print(f"[train] {stage}: {kind} from {uri} ({manifest['count']} samples), teacher {teacher}, "
+          f"MLflow run {run_id}{' (resumed)' if resumed else ''}, output {output}", flush=True)
+
+    fs, paths = shard_paths(uri)
+    column = TENSOR_COLUMN[kind]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["prompt", column])
+    d = cfg.distill
+    storage_path = d.storage_path or str(run_dir / "train")
+    if "://" not in storage_path:
+        storage_path = str(Path(storage_path).resolve())
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"preset": args.preset, "overrides": args.overrides, "stage": stage, "teacher": teacher,
+                           "init": init, "output": str(output), "tracking_uri": tracking_uri(str(run_dir)),
+                           "run_id": run_id, "identity": identity},
+        scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
+                                               resources_per_worker={"CPU": d.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=d.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
+            worker_runtime_env={"env_vars": storage_env()} if storage_env() else None,
+        ),
+        datasets={kind: ds},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"{stage} failed: {result.error}")
+    if not (output / "card.json").exists():
+        raise RuntimeError(f"{stage} finished but wrote no model to {output}")
+    return output
+
+
+def main(argv=None) -> int:
+    from hiar.config import add_config_args, config_from_args
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--stage", default="all", choices=[*STAGES, "all"])
+    parser.add_argument("--init", default=None, help="ODE-init student bundle for --stage distill "
+                                                     "(default: this config's ode_init output)")
+    parser.add_argument("--output", default=None, help="where the last stage's model bundle goes")
+    parser.add_argument("--parent-run-id", default=None, help="MLflow parent run (full.py passes its own)")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args, parser)
+    args.stages = list(STAGES) if args.stage == "all" else [args.stage]
+
+    import mlflow
+
+    run_dir = resolve_path(cfg.run_dir)
+    storage = cfg.data.storage or str(Path(run_dir) / "data")
+    teacher = resolve_path(cfg.teacher.path)
+    try:
+        init_ray()
+        experiment_id = mlflow_experiment(EXPERIMENT, run_dir)
+        parent = args.parent_run_id
+        own_parent = None
+        if parent is None:
+            own_parent = mlflow.start_run(experiment_id=experiment_id, run_name=f"train-{args.stage}")
+            parent = own_parent.info.run_id
+        init = args.init
+        if args.stage == "distill" and init is None:
+            init = str(plan_stage(cfg, "ode_init", storage, teacher, None)["output"])
+        out = None
+        for stage in args.stages:
+            out = run_stage(cfg, args, stage, storage, teacher, init, experiment_id, parent)
+            init = str(out)
+        if own_parent is not None:
+            mlflow.end_run()
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        if mlflow.active_run():
+            mlflow.end_run(status="FAILED")
+        return 2
+    print(f"[train] done: {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
