@@ -75,6 +75,21 @@ def render_card(card: dict, title: str, summary: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _known_fields(cls, data: dict) -> dict:
+    """Drop fields this version's config does not know: a bundle written by a newer version still loads
+    (its model, schedule and geometry fields are what matter here)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            value = data[f.name]
+            out[f.name] = _known_fields(hints[f.name], value) if dataclasses.is_dataclass(hints[f.name]) else value
+    return out
+
+
 def load_bundle(directory: str | Path, device: str = "cpu") -> ModelBundle:
     """Load a bundle written by :func:`save_bundle` (transformer in eval mode, on ``device``)."""
     root = Path(directory)
@@ -90,7 +105,7 @@ def load_bundle(directory: str | Path, device: str = "cpu") -> ModelBundle:
     card = json.loads((root / CARD_FILE).read_text()) if (root / CARD_FILE).exists() else {}
     config = None
     if (root / CONFIG_FILE).exists():
-        config = _build(HiarConfig, yaml.safe_load((root / CONFIG_FILE).read_text()), "")
+        config = _build(HiarConfig, _known_fields(HiarConfig, yaml.safe_load((root / CONFIG_FILE).read_text())), "")
     return ModelBundle(transformer, text, codec, card, config, root)
 
 

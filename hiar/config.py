@@ -216,6 +216,13 @@ class ServeConfig:
     stage_num_cpus: float = 0.0  # fractional on a small box (DESIGN §8: whole CPUs deadlock on 2 cores)
     stage_num_gpus: float = 0.0
     max_buffered_blocks: int = 2  # back-pressure between stages
+    decoder_replicas: int = 1
+    decoder_num_gpus: float = 0.0
+    stage_torch_threads: int = 1  # intra-op threads per replica (CPU): one stage per core, not all on one
+    max_prompt_chars: int = 2000  # checked before tokenising; the token limit is the text encoder's max_length
+    max_request_bytes: int = 16384  # larger bodies: HTTP 413
+    health_check_period_s: float = 2.0  # how soon Serve notices (and replaces) a dead replica
+    stall_timeout_s: float = 120.0  # a stage waiting this long for its consumer gives the stream up
 
 
 @dataclass

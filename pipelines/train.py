@@ -129,6 +129,7 @@ def train_loop_per_worker(c: dict) -> None:
         total, micro = d.steps, d.micro_batch_size
     step_of = (lambda: trainer.step) if stage == "ode_init" else (lambda: trainer.generator_steps)
 
+    print(f"[train:{stage}] rank {rank}/{world_size} pid {os.getpid()} on {device}", flush=True)
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as dr:
@@ -173,6 +174,8 @@ def train_loop_per_worker(c: dict) -> None:
             _sample_and_log(model_of(), text, codec, cfg, step, stage)
         if step % d.checkpoint_every == 0 or step == total:
             report({k: float(v) for k, v in metrics.items()})
+            if rank == 0:
+                print(f"[train:{stage}] checkpoint at step {step}", flush=True)
 
     if rank == 0:
         final = _sample_and_log(model_of(), text, codec, cfg, step_of(), stage)
@@ -200,10 +203,10 @@ def stage_identity(cfg, stage: str, inputs: dict) -> str:
     dd = cfg.to_dict()
     distill = {k: v for k, v in dd["distill"].items()
                if k not in ("sample_every", "sample_prompts", "checkpoint_every", "keep_checkpoints",
-                            "max_failures", "storage_path")}
+                            "max_failures", "storage_path", "num_workers", "cpus_per_worker", "use_gpu")}
     if stage == "ode_init":
         distill = {k: distill[k] for k in ("ode_steps", "lr_ode", "ode_batch_size", "micro_batch_size", "betas",
-                                           "grad_clip", "num_workers")}
+                                           "grad_clip")}
     keep = {"stage": stage, "seed": dd["seed"], "model": dd["model"], "schedule": dd["schedule"],
             "rollout": dd["rollout"], "video": dd["video"], "teacher": dd["teacher"], "distill": distill,
             "inputs": inputs}

@@ -1,0 +1,178 @@
+"""pipelines/train.py on the real local Ray cluster: ODE init + distillation end to end, resume, worker kill,
+and the errors that must come before the first step."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hiar.bundle import load_bundle
+from hiar.config import load_config
+from hiar.model import CausalWanTransformer3DModel
+from hiar.pretrain import build_world_components, save_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_FAST = ["teacher.num_steps=4", "data.trajectory_steps=5", "data.shard_size=2", "data.batch_size=2",
+             "data.threads_per_actor=1"]
+TRAIN_FAST = ["distill.num_workers=2", "distill.micro_batch_size=1", "distill.batch_size=2",
+              "distill.ode_batch_size=2", "distill.ode_steps=4", "distill.steps=4", "distill.critic_ratio=2",
+              "distill.checkpoint_every=2", "distill.sample_every=2", "distill.sample_prompts=1",
+              "distill.lr_ode=1.0e-4", "distill.lr_generator=1.0e-5", "distill.lr_critic=1.0e-5"]
+
+
+def _sets(items):
+    out = []
+    for o in items:
+        out += ["--set", o]
+    return out
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory, ray_head):
+    """A random tiny teacher and small ode_pairs / trajectories datasets made by the real generate job."""
+    root = tmp_path_factory.mktemp("train")
+    cfg = load_config("tiny")
+    _, text, codec = build_world_components(cfg)
+    torch.manual_seed(0)
+    model = CausalWanTransformer3DModel(**cfg.model.kwargs()).eval()
+    teacher = save_teacher(root / "teacher", model, text, codec, {"preset": "tiny"}, cfg)
+    base = [f"teacher.path={teacher}", f"data.storage={root / 'data'}", f"run_dir={root / 'runs'}"]
+    for kind in ("ode_pairs", "trajectories"):
+        r = subprocess.run([sys.executable, str(ROOT / "pipelines" / "generate.py"), "--preset", "tiny",
+                            "--kind", kind, "--count", "4", "--actors", "1", *_sets(DATA_FAST + base)],
+                           env={**os.environ, "RAY_ADDRESS": ray_head.address}, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    return root, base
+
+
+def run_train(ray_head, args, env=None, **kw):
+    cmd = [sys.executable, str(ROOT / "pipelines" / "train.py"), "--preset", "tiny", *args]
+    return subprocess.run(cmd, env={**os.environ, "RAY_ADDRESS": ray_head.address, **(env or {})},
+                          capture_output=True, text=True, timeout=900, **kw)
+
+
+def _client(root):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def test_two_workers_end_to_end_logs_checkpoints_and_resumes_as_a_skip(ray_head, world_dir):
+    root, base = world_dir
+    r = run_train(ray_head, ["--stage", "all", *_sets(DATA_FAST + base + TRAIN_FAST)])
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    students = sorted((root / "runs" / "students").iterdir())
+    assert [p.name.split("-")[0] for p in students] == ["distill", "ode_init"]
+    distilled = load_bundle(students[0])
+    assert distilled.card["steps"] == 4 and distilled.card["stage"] == "distill"
+    assert distilled.config.distill.num_workers == 2
+
+    client = _client(root)
+    exp = client.get_experiment_by_name("hiar-train")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r_ for r_ in runs if "mlflow.parentRunId" not in r_.data.tags]
+    children = [r_ for r_ in runs if "mlflow.parentRunId" in r_.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    dist = next(c for c in children if c.data.tags["mlflow.runName"].startswith("distill"))
+    assert dist.data.params["distill.rollout"] == "hierarchical"
+    for key in ("dmd_loss", "fkl_loss", "critic_loss", "generator_grad_norm", "steps_per_s"):
+        assert key in dist.data.metrics, key
+    artifacts = {a.path for a in client.list_artifacts(dist.info.run_id)}
+    assert {"samples", "card.json"} <= artifacts
+    modes = {a.path for a in client.list_artifacts(dist.info.run_id, "samples")}
+    assert modes == {"samples/hierarchical", "samples/block_first"}
+    ckpts = list((root / "runs" / "train").glob("distill-*/checkpoint_*"))
+    assert ckpts, "no Ray Train checkpoints written"
+
+    # the same command again: both stages are recognised as done, nothing retrains
+    t0 = time.monotonic()
+    r2 = run_train(ray_head, ["--stage", "all", *_sets(DATA_FAST + base + TRAIN_FAST)])
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert r2.stdout.count("skipping") == 2
+    assert time.monotonic() - t0 < 120
+
+
+def test_block_first_is_a_config_switch_on_the_same_path(ray_head, world_dir):
+    root, base = world_dir
+    r = run_train(ray_head, ["--stage", "distill", *_sets(DATA_FAST + base + TRAIN_FAST),
+                             "--set", "distill.rollout=block_first", "--set", "distill.num_workers=1",
+                             "--set", "distill.steps=2"])
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    cards = [json.loads(p.read_text()) for p in (root / "runs" / "students").glob("distill-*/card.json")]
+    assert any(c["rollout"] == "block_first" for c in cards)
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint_in_the_same_run(ray_head, world_dir):
+    """SIGKILL rank 1 right after the first checkpoint: Ray Train restarts the group from it, the step counter
+    continues, MLflow keeps one run, and the final model loads."""
+    import re
+
+    import mlflow
+
+    root, base = world_dir
+    runs = root / "runs-ft"
+    if not list((root / "runs" / "students").glob("ode_init-*")):  # normally left by the end-to-end test
+        r = run_train(ray_head, ["--stage", "ode_init", *_sets(DATA_FAST + base + TRAIN_FAST)])
+        assert r.returncode == 0, r.stderr[-3000:]
+    init = next((root / "runs" / "students").glob("ode_init-*"))
+    cmd = [sys.executable, str(ROOT / "pipelines" / "train.py"), "--preset", "tiny", "--stage", "distill",
+           "--init", str(init), *_sets(DATA_FAST + base + TRAIN_FAST), "--set", f"run_dir={runs}",
+           "--set", "distill.steps=12", "--set", "distill.sample_every=0"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ray_head.address}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines, pids, killed = [], {}, []
+    for line in proc.stdout:
+        lines.append(line)
+        m = re.search(r"rank (\d+)/\d+ pid (\d+)", line)
+        if m:
+            pids[int(m.group(1))] = int(m.group(2))
+        if not killed and "checkpoint at step" in line and 1 in pids:
+            os.kill(pids[1], signal.SIGKILL)
+            killed.append(pids[1])
+    proc.wait(timeout=900)
+    out = "".join(lines)
+    assert killed, out[-3000:]
+    assert proc.returncode == 0, out[-3000:]
+    resumed_at = [int(x) for x in re.findall(r"resumed from checkpoint at step (\d+)", out)]
+    assert resumed_at and min(resumed_at) >= 2, [ln for ln in lines if "pid" in ln or "step" in ln or "rror" in ln][-40:]  # continued from a checkpoint, not from step 0
+
+    mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("hiar-train")
+    distill_runs = [x for x in client.search_runs([exp.experiment_id])
+                    if x.data.tags.get("mlflow.runName", "").startswith("distill")]
+    assert len(distill_runs) == 1  # no duplicate run after the restart
+    history = client.get_metric_history(distill_runs[0].info.run_id, "critic_loss")
+    assert max(m.step for m in history) == 12
+    bundle = load_bundle(next((runs / "students").glob("distill-*")))
+    assert bundle.card["steps"] == 12
+
+
+@pytest.mark.parametrize("override, message", [
+    (["video.latent_height=8", "video.latent_width=8"], "expects"),
+    (["teacher.path=/nonexistent/teacher"], "/nonexistent/teacher"),
+])
+def test_bad_input_fails_before_the_first_step(ray_head, world_dir, override, message):
+    root, base = world_dir
+    r = run_train(ray_head, ["--stage", "ode_init", *_sets(DATA_FAST + base + TRAIN_FAST + override)])
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_s3_path_with_no_data_is_a_clear_error(ray_head, world_dir, s3_server):
+    root, base = world_dir
+    r = run_train(ray_head, ["--stage", "ode_init", *_sets(DATA_FAST + base + TRAIN_FAST),
+                             "--set", f"data.storage=s3://{s3_server.bucket}/nothing-here"], env=s3_server.env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "no ode_pairs dataset" in r.stderr
