@@ -127,7 +127,7 @@ def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint_in_the_same_run(ra
     init = next((root / "runs" / "students").glob("ode_init-*"))
     cmd = [sys.executable, str(ROOT / "pipelines" / "train.py"), "--preset", "tiny", "--stage", "distill",
            "--init", str(init), *_sets(DATA_FAST + base + TRAIN_FAST), "--set", f"run_dir={runs}",
-           "--set", "distill.steps=12", "--set", "distill.sample_every=0"]
+           "--set", "distill.steps=16", "--set", "distill.sample_every=0"]
     proc = subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ray_head.address}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines, pids, killed = [], {}, []
@@ -153,9 +153,9 @@ def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint_in_the_same_run(ra
                     if x.data.tags.get("mlflow.runName", "").startswith("distill")]
     assert len(distill_runs) == 1  # no duplicate run after the restart
     history = client.get_metric_history(distill_runs[0].info.run_id, "critic_loss")
-    assert max(m.step for m in history) == 12
+    assert max(m.step for m in history) == 16
     bundle = load_bundle(next((runs / "students").glob("distill-*")))
-    assert bundle.card["steps"] == 12
+    assert bundle.card["steps"] == 16
 
 
 @pytest.mark.parametrize("override, message", [
