@@ -5,8 +5,23 @@ BIN := $(VENV)/bin
 export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
+# a local head listens on 127.0.0.1 only; `ray start` would turn token auth on if ~/.ray/auth_token exists
+export RAY_AUTH_MODE := disabled
 
-.PHONY: setup run test test-slow bench clean
+# The local Ray head `make run` starts when none answers at DASHBOARD_PORT (own temp dir, stopped by `make stop`).
+RAY_TMP ?= /tmp/hiar-ray-head
+RAY_PORT ?= 6390
+DASHBOARD_PORT ?= 8265
+RAY_CPUS ?= $(shell nproc)
+DASHBOARD := http://127.0.0.1:$(DASHBOARD_PORT)
+# Where the pipeline writes (datasets, checkpoints, model bundles, MLflow SQLite store).
+RUN_DIR ?= $(CURDIR)/runs/tiny
+PRESET ?= tiny
+ARGS ?=
+# The working_dir upload leaves out what the cluster does not need (runs, the venv, git objects).
+RUNTIME_ENV := {"excludes": [".venv", ".git", "runs", "mlruns", ".pytest_cache", "**/__pycache__", "*.egg-info"]}
+
+.PHONY: setup run ray-up stop submit test test-slow bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,8 +34,43 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 setup: $(VENV)/.installed
 
-run: setup
-	$(BIN)/python -m hiar.demo --preset tiny --blocks 8
+# The whole tiny pipeline as a Ray job, ending with the Serve app up (it stays up; `make stop` ends it).
+run: setup ray-up submit
+	@echo "Serve app: http://127.0.0.1:8000  (POST /v1/videos, docs at /docs); Ray dashboard: $(DASHBOARD)"
+	@echo "MLflow UI: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(RUN_DIR)/mlflow.db"
+	@echo "Stop the Ray head and the Serve app: make stop"
+
+submit:
+	$(BIN)/ray job submit --address $(DASHBOARD) --working-dir . --runtime-env-json '$(RUNTIME_ENV)' \
+		-- python pipelines/full.py --preset $(PRESET) --deploy --run-dir $(RUN_DIR) $(ARGS)
+
+# Start a head on 127.0.0.1 unless a cluster already answers at DASHBOARD_PORT. `--block` under setsid: its PID
+# is the process group `make stop` ends (never `ray stop`, which stops every Ray cluster on the machine).
+ray-up: setup
+	@if $(BIN)/python -c "import urllib.request as u; u.urlopen('$(DASHBOARD)/api/version', timeout=2)" 2>/dev/null; then \
+		echo "using the Ray cluster at $(DASHBOARD)"; \
+	else \
+		mkdir -p $(RAY_TMP); \
+		echo "starting a local Ray head (dashboard $(DASHBOARD), temp dir $(RAY_TMP), log $(RAY_TMP)/head.log)"; \
+		PATH="$(CURDIR)/$(BIN):$$PATH" setsid nohup $(BIN)/ray start --head --block --node-ip-address=127.0.0.1 \
+			--port=$(RAY_PORT) --num-cpus=$(RAY_CPUS) --dashboard-host=127.0.0.1 --dashboard-port=$(DASHBOARD_PORT) \
+			--temp-dir=$(RAY_TMP) --disable-usage-stats > $(RAY_TMP)/head.log 2>&1 < /dev/null & \
+		echo $$! > $(RAY_TMP)/head.pid; \
+		$(BIN)/python -c "import time, urllib.request as u; t = time.time(); exec('while True:\n try:\n  u.urlopen(\"$(DASHBOARD)/api/version\", timeout=2); break\n except Exception:\n  assert time.time() - t < 120, \"the Ray head did not start; see $(RAY_TMP)/head.log\"; time.sleep(1)')"; \
+		echo "Ray head up (pid $$(cat $(RAY_TMP)/head.pid))"; \
+	fi
+
+# SIGTERM to the head's process group (Ray drains for up to ~30 s), SIGKILL after 60 s.
+stop:
+	@if [ -f $(RAY_TMP)/head.pid ]; then \
+		pid=$$(cat $(RAY_TMP)/head.pid); \
+		if kill -TERM -$$pid 2>/dev/null; then \
+			echo "stopping the Ray head $$pid (and the Serve app on it)"; \
+			for i in $$(seq 60); do kill -0 $$pid 2>/dev/null || break; sleep 1; done; \
+			kill -KILL -$$pid 2>/dev/null || true; echo "stopped"; \
+		else echo "the Ray head $$pid was not running"; fi; \
+		rm -f $(RAY_TMP)/head.pid; \
+	else echo "no Ray head started by make (nothing to stop)"; fi
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -155,6 +155,7 @@ class WorldConfig:
 
     frame_size: int = 32
     seed: int = 0
+    start_jitter: int | None = None  # None: shapes start anywhere; k: within k px of the centre (hiar.world)
     text_max_length: int = 16
 
 
@@ -189,8 +190,12 @@ class EvalConfig:
     rollouts: list[str] = field(default_factory=lambda: ["hierarchical", "block_first"])
     segments: int = 5  # drift suite: equal temporal segments (paper: 5)
     actors: int = 1
-    cpus_per_actor: float = 0.5
+    cpus_per_actor: float = 0.5  # fractional: an actor taking a whole CPU starves Ray Data on a small box (DESIGN §8)
     gpus_per_actor: float = 0.0
+    threads_per_actor: int = 1  # torch intra-op threads per actor
+    batch_size: int = 2  # (prompt, seed) items per actor call, generated as one batch
+    sample_videos: int = 4  # the first N items' videos are tiled into one MP4 per rollout mode
+    scorer_weights: str = ""  # learned drift scorers' weights dir (empty = $HIAR_SCORER_WEIGHTS; none = pixel metrics)
 
 
 @dataclass
@@ -201,6 +206,7 @@ class RegistryConfig:
     max_drift_increase: float = 0.0  # gate: challenger Drift Score <= champion's + this
     max_dynamics_drop: float = 0.05  # gate: dynamic degree not worse by more than this
     max_quality_drop: float = 0.0  # gate: oracle caption consistency (tiny) not worse by more than this
+    gate_rollout: str = "hierarchical"  # the rollout mode whose evaluation metrics the gate compares
 
 
 @dataclass

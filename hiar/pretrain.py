@@ -33,7 +33,7 @@ from hiar.world import SyntheticWorld, heldout_prompts, train_prompts, vocabular
 
 def build_world_components(cfg: HiarConfig) -> tuple[SyntheticWorld, TextEncoder, PixelCodec]:
     """The tiny preset's world, its frozen text encoder and a pixel codec fitted on training clips."""
-    world = SyntheticWorld(cfg.world.frame_size, cfg.world.seed)
+    world = SyntheticWorld(cfg.world.frame_size, cfg.world.seed, cfg.world.start_jitter)
     text = TextEncoder.tiny(vocabulary(), d_model=cfg.model.text_dim, max_length=cfg.world.text_max_length,
                             seed=cfg.world.seed)
     frames = cfg.video.train_latent_frames

@@ -408,7 +408,7 @@ class SyntheticWorld:
             :meth:`sample_scene`, never the prompt sets or the held-out split).
     """
 
-    def __init__(self, frame_size: FrameSize = 32, seed: int = 0) -> None:
+    def __init__(self, frame_size: FrameSize = 32, seed: int = 0, start_jitter: int | None = None) -> None:
         if isinstance(frame_size, (tuple, list)):
             if len(frame_size) != 2:
                 raise ValueError(f"frame_size must be an int or (H, W), got {frame_size!r}")
@@ -421,9 +421,13 @@ class SyntheticWorld:
         if int(seed) < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed}")
         self.height, self.width, self.shape_size, self.seed = h, w, size, int(seed)
+        if start_jitter is not None and int(start_jitter) < 0:
+            raise ValueError(f"start_jitter must be >= 0 or None, got {start_jitter}")
+        self.start_jitter = None if start_jitter is None else int(start_jitter)
 
     def __repr__(self) -> str:
-        return f"SyntheticWorld(frame_size=({self.height}, {self.width}), seed={self.seed})"
+        return (f"SyntheticWorld(frame_size=({self.height}, {self.width}), seed={self.seed}, "
+                f"start_jitter={self.start_jitter})")
 
     # -- prompt sets (same for every world; methods for convenience) --------
     @staticmethod
@@ -444,7 +448,18 @@ class SyntheticWorld:
 
     # -- scenes -------------------------------------------------------------
     def _position(self, rng: np.random.Generator) -> Tuple[int, int]:
-        return int(rng.integers(0, self.width)), int(rng.integers(0, self.height))
+        """Anywhere in the frame, or within ``start_jitter`` px of the centre.
+
+        Why a centred start exists: with the start anywhere, a small denoiser must first break the symmetry of
+        "where is the one shape" at high noise; a ~1M-parameter teacher on 2 CPU cores drew colour-correct but
+        scattered blobs after 30 minutes.  A near-centre start removes that ambiguity, so what is left to learn
+        is the prompt -> (colour, background, motion) mapping, and the shape still wraps around in long clips.
+        """
+        if self.start_jitter is None:
+            return int(rng.integers(0, self.width)), int(rng.integers(0, self.height))
+        j, size = self.start_jitter, self.shape_size
+        cx, cy = (self.width - size) // 2, (self.height - size) // 2
+        return cx + int(rng.integers(-j, j + 1)), cy + int(rng.integers(-j, j + 1))
 
     def sample_scene(self, index: int, split: str = "train") -> Scene:
         """Deterministic scene number ``index`` of ``split`` ("train" | "heldout").

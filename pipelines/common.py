@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# The user's choice, read before MLflow runs: MLflow 3's set_tracking_uri exports MLFLOW_TRACKING_URI itself, so
+# reading the variable later cannot tell "the user pointed us at a server" from "we set SQLite earlier".
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI", "")
 
 
 def resolve_path(path: str) -> str:
@@ -37,8 +40,8 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 def tracking_uri(run_dir: str) -> str:
     """MLFLOW_TRACKING_URI when set (a server), else SQLite under the run directory."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    if USER_TRACKING_URI:
+        return USER_TRACKING_URI
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
@@ -47,9 +50,9 @@ def mlflow_experiment(name: str, run_dir: str) -> str:
     """Create/get an experiment whose artifacts live under the run directory (not the worker's cwd)."""
     import mlflow
 
-    # Decide before set_tracking_uri: MLflow 3 exports MLFLOW_TRACKING_URI itself when it is called.
-    server = bool(os.environ.get("MLFLOW_TRACKING_URI"))
-    mlflow.set_tracking_uri(tracking_uri(run_dir))
+    uri = tracking_uri(run_dir)
+    server = not uri.startswith("sqlite:")
+    mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id

@@ -1,0 +1,242 @@
+"""pipelines/evaluate.py: the actor's work without Ray, the whole job on the real local Ray cluster with a registry
+URI, reuse of a finished evaluation, and the input errors that must come before any compute."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hiar.bundle import save_bundle
+from hiar.config import load_config
+from hiar.model import CausalWanTransformer3DModel
+from hiar.pretrain import build_world_components
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["eval.num_prompts=2", "video.eval_horizon_factor=2", "eval.sample_videos=2"]
+MODES = ("hierarchical", "block_first")
+
+
+def _sets(items):
+    out = []
+    for o in items:
+        out += ["--set", o]
+    return out
+
+
+def make_bundles(root: Path, seeds=(0,)) -> list[Path]:
+    """Random tiny generators (the tiny world's text encoder and codec), one bundle per seed."""
+    cfg = load_config("tiny")
+    _, text, codec = build_world_components(cfg)
+    out = []
+    for s in seeds:
+        torch.manual_seed(s)
+        model = CausalWanTransformer3DModel(**cfg.model.kwargs()).eval()
+        out.append(save_bundle(root / f"bundle-{s}", model, text, codec, card={"seed": s}, config=cfg))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return make_bundles(tmp_path_factory.mktemp("eval-bundles"))[0]
+
+
+def _client(uri):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _env(ray_head):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # run_dir decides (SQLite)
+    env["RAY_ADDRESS"] = ray_head.address
+    return env
+
+
+def test_actor_and_summary_without_ray(bundle, tmp_path):
+    """The actor's per-item work and the driver's aggregation, called directly: every mode gets drift slopes,
+    the Drift Score, dynamics and oracle scores; sample frames come back as uint8 for the flagged items only."""
+    from hiar.pretrain import eval_prompts
+    from pipelines.evaluate import EvalActor, summarize
+
+    cfg = load_config("tiny")
+    actor = EvalActor(str(bundle), cfg.to_dict(), list(MODES), num_blocks=4, segments=5, use_oracle=True,
+                      weights_dir=None)
+    out = actor({"index": [0, 1], "prompt": [eval_prompts(1)[0]] * 2,
+                 "seed": [0, 1], "sample": [True, False]})
+    assert out["frames"][1] == b"" and len(out["frames"][0]) > 0
+    metrics, reports, samples = summarize([{k: v[i] for k, v in out.items()} for i in (1, 0)], list(MODES))
+    for mode in MODES:
+        for key in ("drift/score", "drift/saturation_slope", "drift/sharpness_slope", "drift/pixel_similarity_slope",
+                    "drift/saturation_seg4", "dynamics/dynamic_degree", "oracle/caption_consistency",
+                    "oracle/motion_accuracy"):
+            assert f"{mode}/{key}" in metrics, (mode, key)
+        assert reports[mode].num_videos == 2
+        # learned scorers have no weights here: reported as skipped, never as a number
+        assert "musiq" in reports[mode].skipped and f"{mode}/drift/musiq_slope" not in metrics
+        assert samples[mode].shape == (1, 12, 16, 16, 3) and samples[mode].dtype.name == "uint8"
+    assert metrics["eval/num_videos"] == 2
+
+
+def test_plan_defaults_to_four_times_the_training_horizon_on_held_out_prompts(bundle, tmp_path):
+    """The plan (no Ray, no MLflow for a local bundle): the tiny preset evaluates 4 x 12 = 48 latent frames on the
+    held-out prompts x eval.seeds in both modes, with the oracle; a prompts file (the Wan preset) gives its first
+    N lines and no oracle.  Identity is about the settings: equal for any model, different for other settings."""
+    from hiar.pretrain import eval_prompts
+    from pipelines.evaluate import plan_evaluation
+
+    cfg = load_config("tiny", [f"run_dir={tmp_path}"])
+    plan = plan_evaluation(cfg, str(bundle))
+    assert plan.latent_frames == 48 == cfg.video.eval_horizon_factor * cfg.video.train_latent_frames
+    assert plan.num_blocks == 16 and plan.modes == list(MODES) and plan.use_oracle
+    assert plan.prompts == eval_prompts(cfg.eval.num_prompts, "heldout") and plan.seeds == cfg.eval.seeds
+    assert len(plan.items()) == len(plan.prompts) * len(plan.seeds)
+    assert plan_evaluation(load_config("tiny", [f"run_dir={tmp_path}", "eval.seeds=[0,1]"]),
+                           str(bundle)).identity() != plan.identity()
+    ablation = plan_evaluation(cfg, str(bundle), ["rollout.context_noise=current", "eval.actors=2"])
+    assert ablation.gen_config["rollout"]["context_noise"] == "current"
+    assert ablation.generation_hash() != plan.generation_hash()
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat surfing\n\na dog skiing\na fox running\n")
+    wan_like = plan_evaluation(load_config("tiny", [f"run_dir={tmp_path}", f"data.prompts_file={prompts}",
+                                                    "eval.num_prompts=2"]), str(bundle))
+    assert wan_like.prompts == ["a cat surfing", "a dog skiing"] and not wan_like.use_oracle
+
+
+def test_registry_uri_end_to_end_on_the_cluster_then_reuse(ray_head, bundle, tmp_path, monkeypatch):
+    """--model models:/hiar-student@champion: resolved driver-side to version 1, evaluated by the Ray Data actor pool
+    in both modes; the run holds per-mode drift/dynamics/oracle metrics, the segment plot and sample MP4s; the JSON
+    names run, URI and version.  The same weights as a local directory with --reuse find that run again."""
+    import mlflow
+
+    runs = tmp_path / "runs"
+    uri = f"sqlite:///{runs / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    runs.mkdir()
+    mlflow.set_tracking_uri(uri)
+    from pipelines.evaluate import experiment_id
+    from pipelines.registry import log_bundle
+
+    experiment_id("hiar-setup")
+    with mlflow.start_run(experiment_id=experiment_id("hiar-setup")):
+        info = log_bundle(bundle, registered_model_name="hiar-student")
+    client = _client(uri)
+    client.set_registered_model_alias("hiar-student", "champion", info.registered_model_version)
+
+    out = tmp_path / "eval.json"
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, str(ROOT / "pipelines" / "evaluate.py"), "--preset", "tiny",
+                        "--model", "models:/hiar-student@champion", "--output-json", str(out),
+                        *_sets(SMALL + [f"run_dir={runs}"])],
+                       env=_env(ray_head), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    print(f"evaluate: {time.monotonic() - t0:.1f} s")
+    result = json.loads(out.read_text())
+    assert result["model_uri"] == "models:/hiar-student@champion" and result["version"] == "1"
+    assert "drift/score" in r.stdout and "hierarchical" in r.stdout  # the summary table
+    run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "hiar-eval"
+    assert run.data.params["model_version"] == "1" and run.data.params["eval.num_prompts"] == "2"
+    assert run.data.params["latent_frames"] == "24" and run.data.params["num_blocks"] == "8"
+    m = run.data.metrics
+    for mode in MODES:
+        for key in ("drift/score", "drift/saturation_slope", "drift/sharpness_slope", "drift/pixel_similarity_slope",
+                    "dynamics/dynamic_degree", "oracle/caption_consistency", "oracle/motion_accuracy"):
+            assert f"{mode}/{key}" in m, (mode, key)
+            assert m[f"{mode}/{key}"] == pytest.approx(result["metrics"][f"{mode}/{key}"])
+    assert m["eval/num_videos"] == 2
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    arts |= {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert arts == {"plots/drift_segments.png", "samples/hierarchical.mp4", "samples/block_first.mp4"}
+    local = Path(client.download_artifacts(run.info.run_id, "samples/hierarchical.mp4", str(tmp_path / "dl")))
+    from hiar.video import read_mp4
+
+    assert read_mp4(local).shape[0] == 24  # 2 prompts tiled side by side, 24 frames
+    png = Path(client.download_artifacts(run.info.run_id, "plots/drift_segments.png", str(tmp_path / "dl")))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the same weights from their local directory, same settings: --reuse returns that run without computing
+    from pipelines import evaluate
+
+    out2 = tmp_path / "eval2.json"
+    t0 = time.monotonic()
+    assert evaluate.main(["--preset", "tiny", "--model", str(bundle), "--reuse", "--output-json", str(out2),
+                          *_sets(SMALL + [f"run_dir={runs}"])]) == 0
+    again = json.loads(out2.read_text())
+    assert again["run_id"] == result["run_id"] and again["reused"] is True and again["version"] is None
+    assert time.monotonic() - t0 < 30
+
+
+def _error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert lines, err
+    return lines[-1]
+
+
+def test_bad_model_is_an_error_before_any_compute(bundle, tmp_path, monkeypatch, capsys):
+    from pipelines import evaluate
+
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{runs / 'mlflow.db'}")
+    runs.mkdir()
+    base = ["--preset", "tiny", *_sets(SMALL + [f"run_dir={runs}"])]
+    t0 = time.monotonic()
+    cases = {
+        str(tmp_path / "no-such-dir"): "no such directory",
+        str(tmp_path): "is not a model bundle",
+        "models:/hiar-student@champion": "cannot resolve model 'models:/hiar-student@champion'",
+        "models:/no-such-model/3": "cannot resolve model",
+    }
+    for model, message in cases.items():
+        assert evaluate.main([*base, "--model", model]) == 2, model
+        err = _error_line(capsys.readouterr().err)
+        assert message in err, (model, err)
+    # an alias that does not exist on a model that does
+    import mlflow
+
+    from pipelines.registry import log_bundle
+
+    mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
+    with mlflow.start_run(experiment_id=evaluate.experiment_id("hiar-setup")):
+        log_bundle(bundle, registered_model_name="hiar-student")
+    assert evaluate.main([*base, "--model", "models:/hiar-student@champion"]) == 2
+    err = _error_line(capsys.readouterr().err)
+    assert "alias" in err and "champion" in err, err
+    # settings: a horizon too short for 5 segments
+    assert evaluate.main(["--preset", "tiny", "--model", str(bundle), "--set", "video.eval_horizon_factor=1",
+                          "--set", "video.train_latent_frames=6", "--set", f"run_dir={runs}"]) == 2
+    assert "segments" in _error_line(capsys.readouterr().err)
+    assert time.monotonic() - t0 < 60
+    exp = mlflow.get_experiment_by_name("hiar-eval")
+    assert exp is None or not mlflow.MlflowClient().search_runs([exp.experiment_id])  # nothing was evaluated
+
+
+@pytest.mark.slow
+def test_local_bundle_nested_two_actors_and_a_rollout_ablation(ray_head, bundle, tmp_path):
+    """A local bundle directory, two seeds, two actors, nested under a parent run, with t_c = t_j
+    (rollout.context_noise=current) applied on top of the bundle's own config."""
+    runs = tmp_path / "runs"
+    uri = f"sqlite:///{runs / 'mlflow.db'}"
+    runs.mkdir()
+    client = _client(uri)
+    parent = client.create_run(client.create_experiment("hiar-full-test")).info.run_id
+    out = tmp_path / "eval.json"
+    r = subprocess.run([sys.executable, str(ROOT / "pipelines" / "evaluate.py"), "--preset", "tiny",
+                        "--model", str(bundle), "--output-json", str(out), "--parent-run-id", parent,
+                        "--run-name", "ablation-tc-current",
+                        *_sets(SMALL + [f"run_dir={runs}", "eval.seeds=[0,1]", "eval.actors=2", "eval.batch_size=1",
+                                        "rollout.context_noise=current"])],
+                       env=_env(ray_head), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    result = json.loads(out.read_text())
+    assert result["version"] is None and result["model_uri"] == str(bundle)
+    run = client.get_run(result["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["mlflow.runName"] == "ablation-tc-current"
+    assert run.data.params["generation.rollout.context_noise"] == "current"
+    assert run.data.metrics["eval/num_videos"] == 4
