@@ -13,6 +13,9 @@ RAY_TMP ?= /tmp/hiar-ray-head
 RAY_PORT ?= 6390
 DASHBOARD_PORT ?= 8265
 RAY_CPUS ?= $(shell nproc)
+# Ray's fixed default ports (job agent 52365, client server 10001) may be taken by another Ray on a shared box:
+# free ones are picked instead (the rest are random already).
+FREE_PORT = $(shell $(PY) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 DASHBOARD := http://127.0.0.1:$(DASHBOARD_PORT)
 # Where the pipeline writes (datasets, checkpoints, model bundles, MLflow SQLite store).
 RUN_DIR ?= $(CURDIR)/runs/tiny
@@ -45,18 +48,25 @@ submit:
 		-- python pipelines/full.py --preset $(PRESET) --deploy --run-dir $(RUN_DIR) $(ARGS)
 
 # Start a head on 127.0.0.1 unless a cluster already answers at DASHBOARD_PORT. `--block` under setsid: its PID
-# is the process group `make stop` ends (never `ray stop`, which stops every Ray cluster on the machine).
+# is the process group `make stop` ends (never `ray stop`, which stops every Ray cluster on the machine). Ready
+# when `ray start` has started every process ("block forever"): the dashboard answers earlier than the job agent.
 ray-up: setup
 	@if $(BIN)/python -c "import urllib.request as u; u.urlopen('$(DASHBOARD)/api/version', timeout=2)" 2>/dev/null; then \
 		echo "using the Ray cluster at $(DASHBOARD)"; \
 	else \
-		mkdir -p $(RAY_TMP); \
+		mkdir -p $(RAY_TMP); rm -f $(RAY_TMP)/head.log; \
 		echo "starting a local Ray head (dashboard $(DASHBOARD), temp dir $(RAY_TMP), log $(RAY_TMP)/head.log)"; \
 		PATH="$(CURDIR)/$(BIN):$$PATH" setsid nohup $(BIN)/ray start --head --block --node-ip-address=127.0.0.1 \
 			--port=$(RAY_PORT) --num-cpus=$(RAY_CPUS) --dashboard-host=127.0.0.1 --dashboard-port=$(DASHBOARD_PORT) \
+			--dashboard-agent-listen-port=$(FREE_PORT) --ray-client-server-port=$(FREE_PORT) \
 			--temp-dir=$(RAY_TMP) --disable-usage-stats > $(RAY_TMP)/head.log 2>&1 < /dev/null & \
 		echo $$! > $(RAY_TMP)/head.pid; \
-		$(BIN)/python -c "import time, urllib.request as u; t = time.time(); exec('while True:\n try:\n  u.urlopen(\"$(DASHBOARD)/api/version\", timeout=2); break\n except Exception:\n  assert time.time() - t < 120, \"the Ray head did not start; see $(RAY_TMP)/head.log\"; time.sleep(1)')"; \
+		for i in $$(seq 120); do \
+			grep -q "block forever" $(RAY_TMP)/head.log 2>/dev/null && break; \
+			kill -0 $$(cat $(RAY_TMP)/head.pid) 2>/dev/null || { cat $(RAY_TMP)/head.log; echo "the Ray head did not start"; exit 1; }; \
+			sleep 1; \
+		done; \
+		sleep 3; \
 		echo "Ray head up (pid $$(cat $(RAY_TMP)/head.pid))"; \
 	fi
 

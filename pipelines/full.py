@@ -63,7 +63,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common import PROJECT_ROOT, mlflow_experiment, resolve_path, tracking_uri  # noqa: E402
+from pipelines.common import PROJECT_ROOT, USER_TRACKING_URI, mlflow_experiment, resolve_path, tracking_uri  # noqa: E402
 
 STAGES = ("teacher", "ode_pairs", "trajectories", "ode_init", "distill", "evaluate", "register", "promote", "deploy")
 EXPERIMENT = "hiar-pipeline"
@@ -196,7 +196,7 @@ class Pipeline:
         self.args, self.stages, self.run_dir = args, stages, run_dir
         self.preset = args.preset
         self.user_overrides = list(args.overrides)
-        self.user_tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        self.user_tracking_uri = USER_TRACKING_URI or None
         self.derived: dict[str, str] = {"run_dir": str(run_dir)}
         self.cfg = cfg
         self.teacher = resolve_path(cfg.teacher.path) if cfg.teacher.path else ""
@@ -658,6 +658,17 @@ class Pipeline:
             print(f"[full] deploy: {uri} (= {want}) as Serve app {APP_NAME!r} at {url}", flush=True)
             serve.run(build_app({"preset": self.preset, "overrides": self.overrides, "model_uri": uri}),
                       name=APP_NAME, route_prefix="/")
+            try:  # Serve keeps the HTTP options it was first started with on this cluster
+                from ray.serve.context import _get_global_client
+
+                http = _get_global_client().http_config
+                if (http.host, int(http.port)) != (s.host, int(s.port)):
+                    raise StageFailed(f"Serve on this cluster already listens on {http.host}:{http.port}, not "
+                                      f"{s.host}:{s.port}: set serve.host/serve.port to match, or `serve shutdown`")
+            except StageFailed:
+                raise
+            except Exception:  # noqa: BLE001 - internal API; the probe below still checks the URL
+                pass
             o.status = "ran"
         probe = self.probe(url, o.status == "ran")
         o.metrics = {"champion": champ, **probe}

@@ -35,6 +35,11 @@ def random_teacher(tmp_path_factory) -> Path:
     return save_teacher(tmp_path_factory.mktemp("teacher"), model, text, codec, {"preset": "tiny"})
 
 
+def cfg_hw() -> tuple[int, int]:
+    v = load_config("tiny").video
+    return v.latent_height, v.latent_width
+
+
 def run_generate(args, env=None, **kw):
     cmd = [sys.executable, str(ROOT / "pipelines" / "generate.py"), "--preset", "tiny"]
     for o in FAST:
@@ -54,7 +59,7 @@ def check_roundtrip(uri: str, teacher: Path, kind: str, count: int, column: str)
     rows = list(read_rows(uri))
     assert sorted(r["sample_id"] for r in rows) == list(range(count))
     for r in rows:
-        assert r[column].dtype == torch.float16 and r[column].shape == (5, 12, 3, 32, 32)
+        assert r[column].dtype == torch.float16 and r[column].shape == (5, 12, 3, *cfg_hw())
     for index in (0, count - 1):
         row = next(r for r in rows if r["sample_id"] == index)
         expected = direct_states(teacher, kind, index)
@@ -143,7 +148,7 @@ def test_trajectory_states_sit_on_the_student_schedule(random_teacher):
     states = sampler.states([sampler.prompt(2)], [sampler.seed(2)])[0]
     from hiar.rollout import initial_noise
 
-    noise = initial_noise([sampler.seed(2)], 4, (3, 3, 32, 32))
+    noise = initial_noise([sampler.seed(2)], 4, (3, 3, *cfg_hw()))
     embeds, null = text.encode([sampler.prompt(2)]), text.null_embedding(1)
     _, full = sample_teacher(transformer, noise, embeds, sampler.grid, negative_embeds=null,
                              guidance_scale=cfg.teacher.guidance_scale, keep=range(sampler.grid.numel()))

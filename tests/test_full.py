@@ -250,9 +250,12 @@ def test_deleting_the_evaluation_reruns_only_it_and_the_stages_after_it(pipeline
 
 @pytest.mark.slow
 def test_sigkill_mid_distillation_then_resubmit_resumes_from_the_last_checkpoint(pipeline_run, ray_head):
-    """The driver (full.py) is SIGKILLed right after distillation's first checkpoint: its train.py child dies with
-    it; the resubmitted command skips the finished stages, resumes distillation from the checkpoint in the same
-    MLflow run (one continuous loss curve) and continues the same parent run."""
+    """The driver (full.py) is SIGKILLed mid-distillation, right after a checkpoint: its train.py child dies with
+    it; the resubmitted command skips the finished stages, resumes distillation from the last checkpoint Ray Train
+    had committed in the same MLflow run (one continuous loss curve) and continues the same parent run.
+
+    "Last committed": a worker prints "checkpoint at step N" once its report() returns, and the controller
+    records the checkpoint a moment later, so a kill in between resumes from N - checkpoint_every."""
     from mlflow import MlflowClient
 
     root, port = pipeline_run["root"], pipeline_run["port"]
@@ -269,7 +272,7 @@ def test_sigkill_mid_distillation_then_resubmit_resumes_from_the_last_checkpoint
         if m:
             parent = m.group(1)
         m = re.search(r"\[train:distill\] checkpoint at step (\d+)", line)
-        if m and killed_at is None:
+        if m and int(m.group(1)) >= 6:  # mid-run, with earlier checkpoints and logged losses behind it
             killed_at = int(m.group(1))
             os.kill(proc.pid, signal.SIGKILL)
             break
@@ -280,13 +283,16 @@ def test_sigkill_mid_distillation_then_resubmit_resumes_from_the_last_checkpoint
     assert proc.returncode == -signal.SIGKILL
 
     summary_path = root / "resume-summary.json"
+    resubmitted_ms = int(time.time() * 1000)
     r = run_full([*args, "--summary-json", str(summary_path)], ray_address=ray_head.address)
     out = r.stdout
     assert r.returncode == 0, (out[-6000:], r.stderr[-3000:])
     got = statuses(json.loads(summary_path.read_text()))
     assert got == {"ode_pairs": "skipped", "trajectories": "skipped", "ode_init": "skipped", "distill": "ran"}, got
-    resumed = [int(x) for x in re.findall(r"resumed from checkpoint at step (\d+)", out)]
-    assert resumed and min(resumed) >= 2, out[-4000:]  # from a checkpoint, not from step 0
+    resumed = set(int(x) for x in re.findall(r"resumed from checkpoint at step (\d+)", out))
+    assert len(resumed) == 1, [ln for ln in out.splitlines() if "step" in ln][-40:]
+    resumed_at = resumed.pop()
+    assert killed_at - 2 <= resumed_at <= killed_at  # the last committed checkpoint, not step 0
     assert f"continuing the unfinished pipeline run {parent}" in out
 
     client = MlflowClient(tracking_uri=f"sqlite:///{pipeline_run['run_dir'] / 'mlflow.db'}")
@@ -295,7 +301,83 @@ def test_sigkill_mid_distillation_then_resubmit_resumes_from_the_last_checkpoint
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`hiar.train_identity` = '{identity}'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # one run across the kill
     assert runs[0].data.tags["mlflow.parentRunId"] == parent
-    steps = sorted({m.step for m in client.get_metric_history(runs[0].info.run_id, "critic_loss")})
-    assert steps[0] <= killed_at and steps[-1] == 12
+    history = client.get_metric_history(runs[0].info.run_id, "critic_loss")
+    before = [m.step for m in history if m.timestamp < resubmitted_ms]
+    after = [m.step for m in history if m.timestamp >= resubmitted_ms]
+    assert before and max(before) <= killed_at  # the curve's first part, logged before the kill ...
+    assert after and min(after) > resumed_at and max(after) == 12  # ... continued from the checkpoint, not from 0
     assert json.loads((Path(json.loads(summary_path.read_text())["stages"][-1]["detail"]["output"]) /
                        "card.json").read_text())["steps"] == 12
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """`mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts), stopped with its whole process group."""
+    import urllib.request
+
+    port, state = free_port(), tmp_path / "mlflow-server"
+    state.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_S3", "AWS_"))}
+    env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1", "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
+                             "--artifacts-destination", str(state / "artifacts")],
+                            env=env, cwd=state, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, "mlflow server exited"
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow server did not come up"
+                time.sleep(0.5)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.mark.slow
+def test_data_on_s3_and_runs_on_an_mlflow_server(ray_head, s3_server, mlflow_server, tmp_path):
+    """The cluster configuration on one box: datasets on S3 (moto), tracking on an MLflow server; a rerun skips."""
+    from mlflow import MlflowClient
+
+    s3_server.client().create_bucket(Bucket="hiar-full")
+    teacher = make_teacher(tmp_path / "teacher")
+    args = ["--run-dir", str(tmp_path / "runs"), "--stages", "ode_pairs,trajectories",
+            *sets([f"teacher.path={teacher}", "data.storage=s3://hiar-full/data", *SMALL]),
+            "--summary-json", str(tmp_path / "summary.json")]
+    env = {**s3_server.env, "MLFLOW_TRACKING_URI": mlflow_server}
+    r = run_full(args, ray_address=ray_head.address, env=env)
+    assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-2000:])
+    first = json.loads((tmp_path / "summary.json").read_text())
+    assert statuses(first) == {"ode_pairs": "ran", "trajectories": "ran"}
+    keys = {o["Key"] for o in s3_server.client().list_objects_v2(Bucket="hiar-full")["Contents"]}
+    assert {"data/ode_pairs/manifest.json", "data/trajectories/manifest.json"} <= keys
+    assert {"data/ode_pairs/shard-00000.parquet", "data/trajectories/shard-00001.parquet"} <= keys
+    assert not (tmp_path / "runs" / "mlflow.db").exists()  # tracking went to the server
+    assert f"MLflow UI: {mlflow_server}" in r.stdout
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    parent = client.get_run(first["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {c.data.tags["hiar.stage"]: c.data.tags["hiar.stage_status"] for c in children} == \
+        {"ode_pairs": "ran", "trajectories": "ran"}
+
+    r = run_full(args, ray_address=ray_head.address, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert statuses(json.loads((tmp_path / "summary.json").read_text())) == {"ode_pairs": "skipped",
+                                                                             "trajectories": "skipped"}
