@@ -12,9 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# The user's choice, read before MLflow runs: MLflow 3's set_tracking_uri exports MLFLOW_TRACKING_URI itself, so
-# reading the variable later cannot tell "the user pointed us at a server" from "we set SQLite earlier".
-USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI", "")
+# MLflow 3's set_tracking_uri exports MLFLOW_TRACKING_URI itself, so the variable alone cannot tell "the user
+# pointed us at a server" from "we chose SQLite earlier in this process": remember what we chose.
+_DEFAULT_WE_SET = ""
 
 
 def resolve_path(path: str) -> str:
@@ -40,8 +40,9 @@ def init_ray(num_cpus: int | None = None) -> None:
 
 def tracking_uri(run_dir: str) -> str:
     """MLFLOW_TRACKING_URI when set (a server), else SQLite under the run directory."""
-    if USER_TRACKING_URI:
-        return USER_TRACKING_URI
+    env = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if env and env != _DEFAULT_WE_SET:
+        return env
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
@@ -50,9 +51,12 @@ def mlflow_experiment(name: str, run_dir: str) -> str:
     """Create/get an experiment whose artifacts live under the run directory (not the worker's cwd)."""
     import mlflow
 
+    global _DEFAULT_WE_SET
     uri = tracking_uri(run_dir)
     server = not uri.startswith("sqlite:")
     mlflow.set_tracking_uri(uri)
+    if not server:
+        _DEFAULT_WE_SET = uri
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id

@@ -63,14 +63,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common import PROJECT_ROOT, USER_TRACKING_URI, mlflow_experiment, resolve_path, tracking_uri  # noqa: E402
+from pipelines.common import (PROJECT_ROOT, USER_TRACKING_URI, mlflow_experiment, resolve_path,  # noqa: E402
+                              tracking_uri)
 
 STAGES = ("teacher", "ode_pairs", "trajectories", "ode_init", "distill", "evaluate", "register", "promote", "deploy")
 EXPERIMENT = "hiar-pipeline"
 PIPELINE_TAG = "hiar.pipeline_identity"
 STAGE_TAG = "hiar.stage"
 STATUS_TAG = "hiar.stage_status"
-STAGE_RUN_TAG = "hiar.stage_run_id"
 APP_NAME = "hiar"
 
 
@@ -324,9 +324,9 @@ class Pipeline:
         cmd = [sys.executable, "-u", str(PROJECT_ROOT / "pipelines" / script), *args]
         print(f"[full] {stage}: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
         lines: deque[str] = deque(maxlen=2000)
-        self.child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env={**self.child_env(), **(env or {})}, cwd=str(PROJECT_ROOT), preexec_fn=_die_with_parent,
-                                      bufsize=1)
+        self.child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                      env={**self.child_env(), **(env or {})}, cwd=str(PROJECT_ROOT),
+                                      preexec_fn=_die_with_parent)
         try:
             for line in self.child.stdout:
                 sys.stdout.write(line)
@@ -731,8 +731,6 @@ class Pipeline:
         storage_ready = False
         for stage in STAGES:
             if stage not in self.stages:
-                if stage == "teacher" and not _is_bundle(self.teacher) and self.cfg.preset == "tiny":
-                    pass  # downstream stages report the missing teacher themselves
                 continue
             if stage != "teacher" and not storage_ready:
                 self.derived["teacher.path"] = self.teacher
@@ -840,7 +838,12 @@ def main(argv=None) -> int:
         parser.error(str(err))
 
     pipeline = Pipeline(args, cfg, stages, run_dir)
-    pipeline.derived["run_dir"] = str(run_dir)
+    # every job gets the same absolute local paths, whatever its working directory
+    for key, value in (("data.storage", cfg.data.storage), ("distill.storage_path", cfg.distill.storage_path)):
+        if value and "://" not in value:
+            pipeline.derived[key] = str(Path(value).resolve())
+    if cfg.data.storage and "://" not in cfg.data.storage:
+        pipeline.storage = pipeline.derived["data.storage"]
 
     def on_term(signum, frame):  # `ray job stop`: end the child and the MLflow runs cleanly
         raise KeyboardInterrupt

@@ -3,7 +3,6 @@ the small tiny pipeline of tests/test_full.py (shared with it when both run in o
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 

@@ -172,7 +172,8 @@ def test_bad_input_fails_before_the_first_step(ray_head, world_dir, override, me
 
 def test_s3_path_with_no_data_is_a_clear_error(ray_head, world_dir, s3_server):
     root, base = world_dir
+    s3_server.client().create_bucket(Bucket="hiar-train-empty")
     r = run_train(ray_head, ["--stage", "ode_init", *_sets(DATA_FAST + base + TRAIN_FAST),
-                             "--set", f"data.storage=s3://{s3_server.bucket}/nothing-here"], env=s3_server.env)
+                             "--set", "data.storage=s3://hiar-train-empty/nothing-here"], env=s3_server.env)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "no ode_pairs dataset" in r.stderr
