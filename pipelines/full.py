@@ -63,8 +63,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common import (PROJECT_ROOT, USER_TRACKING_URI, mlflow_experiment, resolve_path,  # noqa: E402
-                              tracking_uri)
+from pipelines.common import PROJECT_ROOT, mlflow_experiment, resolve_path, tracking_uri  # noqa: E402
+
+# The user's tracking server, read before MLflow runs here (set_tracking_uri exports MLFLOW_TRACKING_URI itself).
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
 
 STAGES = ("teacher", "ode_pairs", "trajectories", "ode_init", "distill", "evaluate", "register", "promote", "deploy")
 EXPERIMENT = "hiar-pipeline"
@@ -196,7 +198,7 @@ class Pipeline:
         self.args, self.stages, self.run_dir = args, stages, run_dir
         self.preset = args.preset
         self.user_overrides = list(args.overrides)
-        self.user_tracking_uri = USER_TRACKING_URI or None
+        self.user_tracking_uri = USER_TRACKING_URI
         self.derived: dict[str, str] = {"run_dir": str(run_dir)}
         self.cfg = cfg
         self.teacher = resolve_path(cfg.teacher.path) if cfg.teacher.path else ""
@@ -833,6 +835,11 @@ def main(argv=None) -> int:
             destinations.append(cfg.data.storage)
         if cfg.distill.storage_path:
             destinations.append(cfg.distill.storage_path)
+        teacher = resolve_path(cfg.teacher.path) if cfg.teacher.path else ""
+        if cfg.preset != "tiny" and set(stages) - {"deploy"} and not Path(teacher or "/nonexistent").exists():
+            raise InputError(f"teacher.path {cfg.teacher.path!r} does not exist: the {cfg.preset} preset loads its "
+                             f"teacher from there (a local diffusers-format directory; only the tiny preset trains "
+                             f"its own)")
         check_destinations(destinations)
     except InputError as err:
         parser.error(str(err))

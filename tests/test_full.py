@@ -98,6 +98,7 @@ def registry_snapshot(run_dir: Path) -> dict:
     (["--set", "distill.storage_path=/proc/nope/ckpt"], ["cannot write to '/proc/nope/ckpt'"]),
     (["--run-dir", "s3://bucket/runs"], ["run_dir must be a local directory"]),
     (["--set", "distill.nope=1"], ["unknown field(s) ['nope'] in distill", "valid fields"]),
+    (["--preset", "wan2.1-1.3b", "--set", "teacher.path=/nonexistent/wan"], ["teacher.path '/nonexistent/wan'"]),
 ])
 def test_bad_input_is_an_error_naming_the_choices_before_anything_is_written(tmp_path, args, expected):
     run_dir = tmp_path / "runs"
