@@ -42,8 +42,9 @@ inside a ``ray job submit --working-dir`` copy (which disappears with the cluste
 to ``data.storage`` (local or ``s3://``), by default ``<run_dir>/data/<dataset identities>``, so a config change
 writes new datasets next to the old ones instead of clashing with them.
 
-Bad input -- an unknown preset, stage or config field, a destination that cannot be written -- is an error that
-names the valid choices, exit code 2, before anything is written.
+Bad input -- an unknown preset, stage or config field, a destination that cannot be written, a missing teacher
+for a preset that does not train its own -- is an error that names the valid choices, exit code 2, before anything
+is written.
 """
 
 from __future__ import annotations

@@ -149,8 +149,8 @@ def main(argv=None) -> int:
 
     import mlflow
 
-    mlflow_experiment(EXPERIMENT, resolve_path(cfg.run_dir))
-    with mlflow.start_run(run_name=f"generate-{args.kind}"):
+    experiment_id = mlflow_experiment(EXPERIMENT, resolve_path(cfg.run_dir))
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"generate-{args.kind}"):
         mlflow.log_params({"kind": args.kind, "count": count, "output": output, "identity": identity,
                            "actors": actors, "shard_size": cfg.data.shard_size})
         mlflow.log_metrics({"samples_generated": made, "bytes_written": size, "samples_per_s": rate,
