@@ -111,9 +111,24 @@ def test_block_first_is_a_config_switch_on_the_same_path(ray_head, world_dir):
     assert any(c["rollout"] == "block_first" for c in cards)
 
 
+def _wait_for_committed_checkpoint(runs: Path, timeout: float = 120.0) -> bool:
+    """A worker's report() returns once its checkpoint is uploaded; the Ray Train controller registers it a moment
+    later (and only then would a restart resume from it). The controller's snapshot file is that registration."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for snap in (runs / "train").glob("distill-*/checkpoint_manager_snapshot.json"):
+            try:
+                if json.loads(snap.read_text()).get("checkpoint_results"):
+                    return True
+            except (OSError, ValueError):  # written while we read it
+                pass
+        time.sleep(0.2)
+    return False
+
+
 @pytest.mark.slow
 def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint_in_the_same_run(ray_head, world_dir):
-    """SIGKILL rank 1 right after the first checkpoint: Ray Train restarts the group from it, the step counter
+    """SIGKILL rank 1 right after the first committed checkpoint: Ray Train restarts the group from it, the step counter
     continues, MLflow keeps one run, and the final model loads."""
     import re
 
@@ -136,7 +151,7 @@ def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint_in_the_same_run(ra
         m = re.search(r"rank (\d+)/\d+ pid (\d+)", line)
         if m:
             pids[int(m.group(1))] = int(m.group(2))
-        if not killed and "checkpoint at step" in line and 1 in pids:
+        if not killed and "checkpoint at step" in line and 1 in pids and _wait_for_committed_checkpoint(runs):
             os.kill(pids[1], signal.SIGKILL)
             killed.append(pids[1])
     proc.wait(timeout=900)
