@@ -66,7 +66,7 @@ def random_tiny_bundle(directory: Path, preset: str) -> Path:
 def block_first_stream(bundle, prompt: str, seed: int, num_blocks: int):
     """Self-Forcing's order, one block at a time: yields (block, clean latents, mp4 bytes, model calls so far)."""
     from hiar.generation import block_shape, student_velocity
-    from hiar.rollout import _INITIAL, advance, block_noise
+    from hiar.rollout import advance, initial_block_noise
     from hiar.video import encode_mp4, to_uint8
 
     cfg = bundle.config
@@ -77,7 +77,7 @@ def block_first_stream(bundle, prompt: str, seed: int, num_blocks: int):
     sigmas, k, shape = cfg.schedule.sigmas(), r.frames_per_block, block_shape(cfg)
     cache, calls = velocity.new_cache(), 0
     for n in range(num_blocks):
-        x = block_noise([seed], n, 0, shape, purpose=_INITIAL)
+        x = initial_block_noise([seed], n, shape)
         for j in range(sigmas.numel() - 1):
             s, s_next = float(sigmas[j]), float(sigmas[j + 1])
             v = velocity(x, s, cache=cache, frame_offset=n * k)

@@ -224,14 +224,22 @@ def read_rows(uri: str, columns: Sequence[str] | None = None) -> Iterator[dict]:
         yield from table_rows(table)
 
 
+def tensor_column(table: pa.Table, name: str) -> np.ndarray:
+    """A tensor column as one ``[rows, *shape]`` array, whether Arrow's fixed-shape tensor type (our Parquet
+    files) or Ray Data's own tensor extension type (what ``iter_batches(batch_format="pyarrow")`` may hand out)."""
+    col = table.column(name).combine_chunks()
+    if isinstance(col.type, pa.FixedShapeTensorType):
+        return col.to_numpy_ndarray()
+    return np.stack(col.to_numpy(zero_copy_only=False))
+
+
 def table_rows(table: pa.Table) -> Iterator[dict]:
     cols = {}
     for name in table.column_names:
-        col = table.column(name).combine_chunks()
-        if isinstance(col.type, pa.FixedShapeTensorType):
-            cols[name] = [torch.from_numpy(a.copy()) for a in col.to_numpy_ndarray()]
+        if isinstance(table.schema.field(name).type, pa.FixedShapeTensorType):
+            cols[name] = [torch.from_numpy(a.copy()) for a in tensor_column(table, name)]
         else:
-            cols[name] = col.to_pylist()
+            cols[name] = table.column(name).to_pylist()
     for i in range(table.num_rows):
         yield {k: v[i] for k, v in cols.items()}
 

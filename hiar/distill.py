@@ -328,13 +328,5 @@ class Distiller:
         self.iteration = int(state["iteration"])
 
 
-def rows_to_batch(rows: dict, column: str) -> tuple[list[str], torch.Tensor]:
-    """A Ray Data / Parquet batch (``prompt``, ``column`` ``[b, S + 1, F, C, H, W]``) -> prompts and
-    ``[b, S + 1, C, F, H, W]`` float32 (the model's channel-first layout)."""
-    states = torch.as_tensor(rows[column]).float().permute(0, 1, 3, 2, 4, 5).contiguous()
-    prompts = [str(p) for p in rows["prompt"]]
-    return prompts, states
-
-
 __all__ = ["self_rollout", "ode_regression_loss", "fkl_regulariser", "clean_estimate", "score_sigmas",
-           "average_gradients", "ODEInit", "Distiller", "rows_to_batch", "accumulation_steps", "ROLLOUT_MODES"]
+           "average_gradients", "ODEInit", "Distiller", "accumulation_steps", "ROLLOUT_MODES"]

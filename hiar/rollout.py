@@ -64,11 +64,18 @@ def block_noise(
     return torch.stack(out).to(device=device, dtype=dtype)
 
 
+def initial_block_noise(
+    seeds: Sequence[int], block: int, block_shape: Sequence[int], *, dtype=torch.float32, device="cpu"
+) -> torch.Tensor:
+    """Starting noise ``[B, C, k, H, W]`` of one block: what a streaming server draws block by block."""
+    return block_noise(seeds, block, 0, block_shape, purpose=_INITIAL, dtype=dtype, device=device)
+
+
 def initial_noise(
     seeds: Sequence[int], num_blocks: int, block_shape: Sequence[int], *, dtype=torch.float32, device="cpu"
 ) -> torch.Tensor:
     """Starting noise ``[B, C, N * k, H, W]``, one independent draw per (sample, block)."""
-    blocks = [block_noise(seeds, n, 0, block_shape, purpose=_INITIAL, dtype=dtype, device=device) for n in range(num_blocks)]
+    blocks = [initial_block_noise(seeds, n, block_shape, dtype=dtype, device=device) for n in range(num_blocks)]
     return torch.cat(blocks, dim=2)
 
 

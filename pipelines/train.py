@@ -44,19 +44,16 @@ IDENTITY_TAG = "hiar.train_identity"
 def _batches(dataset_name: str, column: str, micro_batch: int):
     """Endless (prompts, states [b, S + 1, C, F, H, W]) micro-batches from this worker's dataset shard."""
     import numpy as np
-    import pyarrow as pa
     import ray.train
     import torch
+
+    from hiar.data import tensor_column
 
     shard = ray.train.get_dataset_shard(dataset_name)
     while True:
         seen = 0
         for table in shard.iter_batches(batch_size=micro_batch, batch_format="pyarrow", drop_last=True):
-            col = table.column(column).combine_chunks()
-            if isinstance(col.type, pa.FixedShapeTensorType):
-                arr = col.to_numpy_ndarray()
-            else:  # Ray's own tensor extension type
-                arr = np.stack(col.to_numpy(zero_copy_only=False))
+            arr = tensor_column(table, column)  # [b, S + 1, F, C, H, W] -> the model's [b, S + 1, C, F, H, W]
             states = torch.from_numpy(np.ascontiguousarray(arr)).float().permute(0, 1, 3, 2, 4, 5).contiguous()
             seen += 1
             yield [str(p) for p in table.column("prompt").to_pylist()], states

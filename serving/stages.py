@@ -200,9 +200,9 @@ class StepDeployment:
             return out, start, time.time()
 
     def _noise(self, seed: int, block: int) -> np.ndarray:
-        from hiar.rollout import _INITIAL, block_noise  # the offline rollout's starting noise, per (seed, block)
+        from hiar.rollout import initial_block_noise  # the offline rollout's starting noise, per (seed, block)
 
-        return block_noise([seed], block, 0, self.block_shape, purpose=_INITIAL).numpy()
+        return initial_block_noise([seed], block, self.block_shape).numpy()
 
     # -- the stream
     async def __call__(self, req: dict):

@@ -1,4 +1,5 @@
-"""Real local services for tests: a Ray head of our own and an S3 server (moto in server mode) on 127.0.0.1."""
+"""Real local services for tests, each on 127.0.0.1 with its own ports and temp dirs: a Ray head of our own, an S3
+server (moto in server mode), an MLflow tracking server; and the random tiny model bundle several suites start from."""
 
 from __future__ import annotations
 
@@ -17,6 +18,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM a server started with ``start_new_session=True`` and everything it spawned; SIGKILL if it lingers."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+
+
+def random_bundle(directory: Path, seed: int = 0, card: dict | None = None) -> Path:
+    """A randomly initialised tiny model (the tiny world's text encoder and codec) in the bundle layout, for the
+    suites that must not depend on a trained teacher or student."""
+    import torch
+
+    from hiar.bundle import save_bundle
+    from hiar.config import load_config
+    from hiar.model import CausalWanTransformer3DModel
+    from hiar.pretrain import build_world_components
+
+    cfg = load_config("tiny")
+    _, text, codec = build_world_components(cfg)
+    torch.manual_seed(seed)
+    model = CausalWanTransformer3DModel(**cfg.model.kwargs()).eval()
+    return save_bundle(directory, model, text, codec, card={"seed": seed, "preset": "tiny", **(card or {})},
+                       config=cfg)
 
 
 class RayHead:
@@ -54,14 +86,7 @@ class RayHead:
         raise RuntimeError("the Ray head did not start in time")
 
     def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        stop_process_group(self.proc)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
@@ -86,3 +111,42 @@ class S3Server:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+class MlflowServer:
+    """``mlflow server`` (SQLite backend, proxied artifacts) in its own session; its log stays in ``state``."""
+
+    def __init__(self, state: Path, timeout: float = 180.0):
+        import urllib.request
+
+        self.state = Path(state)
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.url = f"http://127.0.0.1:{free_port()}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_S3", "AWS_"))}
+        env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true",
+                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
+        self.log = open(self.state / "server.log", "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{self.state / 'mlflow.db'}",
+             "--artifacts-destination", str(self.state / "artifacts")],
+            env=env, cwd=self.state, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError("mlflow server exited: " + (self.state / "server.log").read_text()[-3000:])
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=1)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("mlflow server did not come up in time")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            stop_process_group(self.proc)
+        self.log.close()

@@ -9,12 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from hiar.bundle import save_bundle
 from hiar.config import load_config
-from hiar.model import CausalWanTransformer3DModel
-from hiar.pretrain import build_world_components
+from tests.services import random_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["eval.num_prompts=2", "video.eval_horizon_factor=2", "eval.sample_videos=2"]
@@ -28,21 +25,9 @@ def _sets(items):
     return out
 
 
-def make_bundles(root: Path, seeds=(0,)) -> list[Path]:
-    """Random tiny generators (the tiny world's text encoder and codec), one bundle per seed."""
-    cfg = load_config("tiny")
-    _, text, codec = build_world_components(cfg)
-    out = []
-    for s in seeds:
-        torch.manual_seed(s)
-        model = CausalWanTransformer3DModel(**cfg.model.kwargs()).eval()
-        out.append(save_bundle(root / f"bundle-{s}", model, text, codec, card={"seed": s}, config=cfg))
-    return out
-
-
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    return make_bundles(tmp_path_factory.mktemp("eval-bundles"))[0]
+    return random_bundle(tmp_path_factory.mktemp("eval-bundles") / "bundle-0")
 
 
 def _client(uri):

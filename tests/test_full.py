@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import free_port
+from tests.services import MlflowServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = ROOT / "pipelines" / "full.py"
@@ -313,40 +313,12 @@ def test_sigkill_mid_distillation_then_resubmit_resumes_from_the_last_checkpoint
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """`mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts), stopped with its whole process group."""
-    import urllib.request
-
-    port, state = free_port(), tmp_path / "mlflow-server"
-    state.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_S3", "AWS_"))}
-    env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1", "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
-                             "--artifacts-destination", str(state / "artifacts")],
-                            env=env, cwd=state, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    """`mlflow server` on 127.0.0.1 (tests/services.py), stopped with its whole process group."""
+    server = MlflowServer(tmp_path / "mlflow-server")
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, "mlflow server exited"
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow server did not come up"
-                time.sleep(0.5)
-        yield url
+        yield server.url
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        server.stop()
 
 
 @pytest.mark.slow

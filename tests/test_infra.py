@@ -271,11 +271,22 @@ def test_rayjob_runs_the_platform_entrypoint_with_valid_overrides():
 
 
 def test_rayjob_entrypoint_file_exists():
-    path = ROOT / _entrypoint_argv()[1]
-    if not path.exists():
-        pytest.skip(f"{path.relative_to(ROOT)} is not written yet (another engineer's file); "
-                    "the RayJob entrypoint points at it")
-    assert path.is_file()
+    assert (ROOT / _entrypoint_argv()[1]).is_file()
+
+
+def test_rayjob_run_dir_is_a_volume_shared_by_the_head_and_every_worker():
+    """Rank 0 of a training job (on a worker) writes the bundle the driver (on the head) reads next, and the
+    run directory must outlive the cluster for a re-applied RayJob to skip finished stages."""
+    argv = _entrypoint_argv()
+    run_dir = argv[argv.index("--run-dir") + 1]
+    for name, group in _groups(_one(RAYJOB)):
+        spec = group["template"]["spec"]
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in spec.get("volumes", [])
+                  if "persistentVolumeClaim" in v}
+        mounts = [m for m in spec["containers"][0].get("volumeMounts", [])
+                  if m["name"] in claims and run_dir.startswith(m["mountPath"].rstrip("/") + "/")
+                  and not m.get("readOnly")]
+        assert mounts, f"{name}: no writable volume holds {run_dir}"
 
 
 # --------------------------------------------------------------------------------------------- RayService

@@ -3,22 +3,17 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
-from hiar.bundle import save_bundle
 from hiar.config import load_config
 from hiar.data import checksum_dir
 from hiar.gate import append_line, decide, gate_metric_keys, push_history, rollback_target
-from hiar.model import CausalWanTransformer3DModel
-from hiar.pretrain import build_world_components
+from tests.services import MlflowServer, random_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["eval.num_prompts=2", "video.eval_horizon_factor=2", "eval.sample_videos=1"]
@@ -100,20 +95,10 @@ def test_history_and_description_helpers():
 
 
 # ---------------------------------------------------------------------------------------------- registry
-def make_bundles(root: Path, seeds=(0, 1)) -> list[Path]:
-    cfg = load_config("tiny")
-    _, text, codec = build_world_components(cfg)
-    out = []
-    for s in seeds:
-        torch.manual_seed(s)
-        model = CausalWanTransformer3DModel(**cfg.model.kwargs()).eval()
-        out.append(save_bundle(root / f"bundle-{s}", model, text, codec, card={"seed": s}, config=cfg))
-    return out
-
-
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
-    return make_bundles(tmp_path_factory.mktemp("promote-bundles"))
+    root = tmp_path_factory.mktemp("promote-bundles")
+    return [random_bundle(root / f"bundle-{s}", seed=s) for s in (0, 1)]
 
 
 def _version(client, version):
@@ -285,49 +270,14 @@ def test_gate_decides_on_real_evaluations_rollback_and_serving_resolution(ray_he
 
 
 # ---------------------------------------------------------------------------------------------- a real server
-def _free_port() -> int:
-    from tests.services import free_port
-
-    return free_port()
-
-
 @pytest.fixture
 def mlflow_server(tmp_path):
-    """`mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts in tmp), stopped with its whole tree."""
-    port = _free_port()
-    state = tmp_path / "server"
-    state.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_S3", "AWS_"))}
-    env.update(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
-    log = open(state / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}", "--artifacts-destination", str(state / "artifacts")],
-        env=env, cwd=state, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    """`mlflow server` on 127.0.0.1 (tests/services.py), stopped with its whole process group."""
+    server = MlflowServer(tmp_path / "mlflow-server")
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (state / "server.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow server did not come up"
-                time.sleep(0.5)
-        yield url
+        yield server.url
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=10)
-        log.close()
+        server.stop()
 
 
 def test_register_promote_and_resolve_through_an_mlflow_server(mlflow_server, bundles, tmp_path, monkeypatch,

@@ -58,6 +58,15 @@ def run_train(ray_head, args, env=None, **kw):
                           capture_output=True, text=True, timeout=900, **kw)
 
 
+def ode_init_student(ray_head, world_dir) -> Path:
+    """The ODE-init student of this module's world (normally left by the end-to-end test; made here if not)."""
+    root, base = world_dir
+    if not list((root / "runs" / "students").glob("ode_init-*")):
+        r = run_train(ray_head, ["--stage", "ode_init", *_sets(DATA_FAST + base + TRAIN_FAST)])
+        assert r.returncode == 0, r.stderr[-3000:]
+    return next((root / "runs" / "students").glob("ode_init-*"))
+
+
 def _client(root):
     import mlflow
 
@@ -103,7 +112,8 @@ def test_two_workers_end_to_end_logs_checkpoints_and_resumes_as_a_skip(ray_head,
 
 def test_block_first_is_a_config_switch_on_the_same_path(ray_head, world_dir):
     root, base = world_dir
-    r = run_train(ray_head, ["--stage", "distill", *_sets(DATA_FAST + base + TRAIN_FAST),
+    init = ode_init_student(ray_head, world_dir)
+    r = run_train(ray_head, ["--stage", "distill", "--init", str(init), *_sets(DATA_FAST + base + TRAIN_FAST),
                              "--set", "distill.rollout=block_first", "--set", "distill.num_workers=1",
                              "--set", "distill.steps=2"])
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
@@ -136,10 +146,7 @@ def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint_in_the_same_run(ra
 
     root, base = world_dir
     runs = root / "runs-ft"
-    if not list((root / "runs" / "students").glob("ode_init-*")):  # normally left by the end-to-end test
-        r = run_train(ray_head, ["--stage", "ode_init", *_sets(DATA_FAST + base + TRAIN_FAST)])
-        assert r.returncode == 0, r.stderr[-3000:]
-    init = next((root / "runs" / "students").glob("ode_init-*"))
+    init = ode_init_student(ray_head, world_dir)
     cmd = [sys.executable, str(ROOT / "pipelines" / "train.py"), "--preset", "tiny", "--stage", "distill",
            "--init", str(init), *_sets(DATA_FAST + base + TRAIN_FAST), "--set", f"run_dir={runs}",
            "--set", "distill.steps=16", "--set", "distill.sample_every=0"]
