@@ -90,8 +90,10 @@ class FlowControl:
             self.closed.popitem(last=False)
 
     async def stats(self) -> dict:
-        return {"streams": len({k[0] for k in self.taken} | {k[0] for k in self.waiters}),
-                "waiters": sum(len(v) for v in self.waiters.values()), "window": self.window}
+        open_ = {k[0] for k in self.taken} | {k[0] for k in self.waiters}
+        return {"streams": len(open_), "waiters": sum(len(v) for v in self.waiters.values()), "window": self.window,
+                "open": sorted(open_), "taken": {f"{k[0][:8]}/{k[1]}": v for k, v in self.taken.items()},
+                "closed_recently": [x[:8] for x in list(self.closed)[-8:]]}
 
 
 class StreamClosed(Exception):

@@ -15,10 +15,9 @@ import torch
 from hiar.config import load_config
 from hiar.data import committed_shards, load_manifest, read_rows
 from hiar.datagen import TeacherSampler, load_teacher_components, merged_grid, prompt_source
-from hiar.model import CausalWanTransformer3DModel
-from hiar.pretrain import build_world_components, save_teacher
 from hiar.schedule import teacher_sigmas
 from hiar.teacher import sample_teacher
+from tests.services import random_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["teacher.num_steps=6", "data.trajectory_steps=7", "data.shard_size=3", "data.batch_size=2",
@@ -28,11 +27,7 @@ FAST = ["teacher.num_steps=6", "data.trajectory_steps=7", "data.shard_size=3", "
 @pytest.fixture(scope="module")
 def random_teacher(tmp_path_factory) -> Path:
     """A randomly initialised tiny teacher in the shipped layout (the data path must not depend on training)."""
-    cfg = load_config("tiny")
-    _, text, codec = build_world_components(cfg)
-    torch.manual_seed(0)
-    model = CausalWanTransformer3DModel(**cfg.model.kwargs()).eval()
-    return save_teacher(tmp_path_factory.mktemp("teacher"), model, text, codec, {"preset": "tiny"})
+    return random_bundle(tmp_path_factory.mktemp("teacher"))
 
 
 def cfg_hw() -> tuple[int, int]:

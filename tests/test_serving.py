@@ -38,16 +38,9 @@ OVERRIDES = ["serve.stage_replicas=2", f"serve.max_blocks={MAX_BLOCKS}", "serve.
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory) -> Path:
     """A randomly initialised tiny student in the bundle layout (serving must not depend on training)."""
-    from hiar.bundle import save_bundle
-    from hiar.config import load_config
-    from hiar.model import CausalWanTransformer3DModel
-    from hiar.pretrain import build_world_components
+    from tests.services import random_bundle
 
-    cfg = load_config("tiny")
-    _, text, codec = build_world_components(cfg)
-    torch.manual_seed(0)
-    model = CausalWanTransformer3DModel(**cfg.model.kwargs()).eval()
-    return save_bundle(tmp_path_factory.mktemp("student"), model, text, codec, card={"preset": "tiny"}, config=cfg)
+    return random_bundle(tmp_path_factory.mktemp("student"))
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from hiar.bundle import load_bundle
-from hiar.config import load_config
-from hiar.model import CausalWanTransformer3DModel
-from hiar.pretrain import build_world_components, save_teacher
+from tests.services import random_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_FAST = ["teacher.num_steps=4", "data.trajectory_steps=5", "data.shard_size=2", "data.batch_size=2",
@@ -37,11 +34,7 @@ def _sets(items):
 def world_dir(tmp_path_factory, ray_head):
     """A random tiny teacher and small ode_pairs / trajectories datasets made by the real generate job."""
     root = tmp_path_factory.mktemp("train")
-    cfg = load_config("tiny")
-    _, text, codec = build_world_components(cfg)
-    torch.manual_seed(0)
-    model = CausalWanTransformer3DModel(**cfg.model.kwargs()).eval()
-    teacher = save_teacher(root / "teacher", model, text, codec, {"preset": "tiny"}, cfg)
+    teacher = random_bundle(root / "teacher")
     base = [f"teacher.path={teacher}", f"data.storage={root / 'data'}", f"run_dir={root / 'runs'}"]
     for kind in ("ode_pairs", "trajectories"):
         r = subprocess.run([sys.executable, str(ROOT / "pipelines" / "generate.py"), "--preset", "tiny",
