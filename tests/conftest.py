@@ -55,3 +55,15 @@ def s3_server():
     server = S3Server()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """`mlflow server` on 127.0.0.1 (tests/services.py), stopped with its whole process group."""
+    from tests.services import MlflowServer
+
+    server = MlflowServer(tmp_path / "mlflow-server")
+    try:
+        yield server.url
+    finally:
+        server.stop()

@@ -20,6 +20,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def set_args(overrides) -> list[str]:
+    """``["a.b=1", "c.d=2"]`` -> ``["--set", "a.b=1", "--set", "c.d=2"]``: config overrides for a job's argv."""
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
 def stop_process_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
     """SIGTERM a server started with ``start_new_session=True`` and everything it spawned; SIGKILL if it lingers."""
     try:

@@ -17,7 +17,7 @@ from hiar.data import committed_shards, load_manifest, read_rows
 from hiar.datagen import TeacherSampler, load_teacher_components, merged_grid, prompt_source
 from hiar.schedule import teacher_sigmas
 from hiar.teacher import sample_teacher
-from tests.services import random_bundle
+from tests.services import random_bundle, set_args
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["teacher.num_steps=6", "data.trajectory_steps=7", "data.shard_size=3", "data.batch_size=2",
@@ -36,9 +36,7 @@ def cfg_hw() -> tuple[int, int]:
 
 
 def run_generate(args, env=None, **kw):
-    cmd = [sys.executable, str(ROOT / "pipelines" / "generate.py"), "--preset", "tiny"]
-    for o in FAST:
-        cmd += ["--set", o]
+    cmd = [sys.executable, str(ROOT / "pipelines" / "generate.py"), "--preset", "tiny", *set_args(FAST)]
     return subprocess.run(cmd + args, env={**os.environ, **(env or {})}, capture_output=True, text=True,
                           timeout=600, **kw)
 
@@ -102,9 +100,7 @@ def test_s3_roundtrip_trajectories(ray_head, s3_server, random_teacher):
 def test_killed_driver_resumes_without_recomputing(ray_head, random_teacher, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "pipelines" / "generate.py"), "--preset", "tiny", "--kind", "ode_pairs",
-           "--count", "12", "--output", str(out), "--teacher", str(random_teacher), "--actors", "1"]
-    for o in FAST:
-        cmd += ["--set", o]
+           "--count", "12", "--output", str(out), "--teacher", str(random_teacher), "--actors", "1", *set_args(FAST)]
     proc = subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ray_head.address}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300

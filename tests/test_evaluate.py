@@ -11,18 +11,12 @@ from pathlib import Path
 import pytest
 
 from hiar.config import load_config
-from tests.services import random_bundle
+from tests.services import random_bundle, set_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["eval.num_prompts=2", "video.eval_horizon_factor=2", "eval.sample_videos=2"]
 MODES = ("hierarchical", "block_first")
 
-
-def _sets(items):
-    out = []
-    for o in items:
-        out += ["--set", o]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +111,7 @@ def test_registry_uri_end_to_end_on_the_cluster_then_reuse(ray_head, bundle, tmp
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, str(ROOT / "pipelines" / "evaluate.py"), "--preset", "tiny",
                         "--model", "models:/hiar-student@champion", "--output-json", str(out),
-                        *_sets(SMALL + [f"run_dir={runs}"])],
+                        *set_args(SMALL + [f"run_dir={runs}"])],
                        env=_env(ray_head), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     print(f"evaluate: {time.monotonic() - t0:.1f} s")
@@ -152,7 +146,7 @@ def test_registry_uri_end_to_end_on_the_cluster_then_reuse(ray_head, bundle, tmp
     out2 = tmp_path / "eval2.json"
     t0 = time.monotonic()
     assert evaluate.main(["--preset", "tiny", "--model", str(bundle), "--reuse", "--output-json", str(out2),
-                          *_sets(SMALL + [f"run_dir={runs}"])]) == 0
+                          *set_args(SMALL + [f"run_dir={runs}"])]) == 0
     again = json.loads(out2.read_text())
     assert again["run_id"] == result["run_id"] and again["reused"] is True and again["version"] is None
     assert time.monotonic() - t0 < 30
@@ -170,7 +164,7 @@ def test_bad_model_is_an_error_before_any_compute(bundle, tmp_path, monkeypatch,
     runs = tmp_path / "runs"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{runs / 'mlflow.db'}")
     runs.mkdir()
-    base = ["--preset", "tiny", *_sets(SMALL + [f"run_dir={runs}"])]
+    base = ["--preset", "tiny", *set_args(SMALL + [f"run_dir={runs}"])]
     t0 = time.monotonic()
     cases = {
         str(tmp_path / "no-such-dir"): "no such directory",
@@ -215,7 +209,7 @@ def test_local_bundle_nested_two_actors_and_a_rollout_ablation(ray_head, bundle,
     r = subprocess.run([sys.executable, str(ROOT / "pipelines" / "evaluate.py"), "--preset", "tiny",
                         "--model", str(bundle), "--output-json", str(out), "--parent-run-id", parent,
                         "--run-name", "ablation-tc-current",
-                        *_sets(SMALL + [f"run_dir={runs}", "eval.seeds=[0,1]", "eval.actors=2", "eval.batch_size=1",
+                        *set_args(SMALL + [f"run_dir={runs}", "eval.seeds=[0,1]", "eval.actors=2", "eval.batch_size=1",
                                         "rollout.context_noise=current"])],
                        env=_env(ray_head), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])

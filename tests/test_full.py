@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import MlflowServer, free_port
+from tests.services import free_port, set_args
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = ROOT / "pipelines" / "full.py"
@@ -32,12 +32,6 @@ SMALL = ["data.num_ode_pairs=4", "data.num_trajectories=4", "teacher.num_steps=4
          "distill.sample_every=0", "distill.sample_prompts=1",
          "eval.num_prompts=1", "eval.sample_videos=1", "eval.batch_size=1"]
 
-
-def sets(items) -> list[str]:
-    out = []
-    for o in items:
-        out += ["--set", o]
-    return out
 
 
 def full_cmd(*args) -> list[str]:
@@ -135,7 +129,7 @@ def test_stage_selection_is_in_pipeline_order_and_deploy_is_opt_in():
 
 # ---------------------------------------------------------------------------------------------- slow: end to end
 def pipeline_args(root: Path, port: int, extra=()) -> list[str]:
-    return ["--run-dir", str(root / "runs"), *sets([f"teacher.path={root / 'teacher'}", *SMALL,
+    return ["--run-dir", str(root / "runs"), *set_args([f"teacher.path={root / 'teacher'}", *SMALL,
                                                      f"serve.port={port}", *extra])]
 
 
@@ -311,16 +305,6 @@ def test_sigkill_mid_distillation_then_resubmit_resumes_from_the_last_checkpoint
                        "card.json").read_text())["steps"] == 12
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """`mlflow server` on 127.0.0.1 (tests/services.py), stopped with its whole process group."""
-    server = MlflowServer(tmp_path / "mlflow-server")
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
 @pytest.mark.slow
 def test_data_on_s3_and_runs_on_an_mlflow_server(ray_head, s3_server, mlflow_server, tmp_path):
     """The cluster configuration on one box: datasets on S3 (moto), tracking on an MLflow server; a rerun skips."""
@@ -329,7 +313,7 @@ def test_data_on_s3_and_runs_on_an_mlflow_server(ray_head, s3_server, mlflow_ser
     s3_server.client().create_bucket(Bucket="hiar-full")
     teacher = make_teacher(tmp_path / "teacher")
     args = ["--run-dir", str(tmp_path / "runs"), "--stages", "ode_pairs,trajectories",
-            *sets([f"teacher.path={teacher}", "data.storage=s3://hiar-full/data", *SMALL]),
+            *set_args([f"teacher.path={teacher}", "data.storage=s3://hiar-full/data", *SMALL]),
             "--summary-json", str(tmp_path / "summary.json")]
     env = {**s3_server.env, "MLFLOW_TRACKING_URI": mlflow_server}
     r = run_full(args, ray_address=ray_head.address, env=env)

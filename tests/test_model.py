@@ -1,7 +1,6 @@
 """CausalWanTransformer3DModel against diffusers' WanTransformer3DModel and against its own cache-free forward."""
 
 import json
-import warnings
 
 import pytest
 import torch

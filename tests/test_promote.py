@@ -13,7 +13,7 @@ import pytest
 from hiar.config import load_config
 from hiar.data import checksum_dir
 from hiar.gate import append_line, decide, gate_metric_keys, push_history, rollback_target
-from tests.services import MlflowServer, random_bundle
+from tests.services import random_bundle, set_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["eval.num_prompts=2", "video.eval_horizon_factor=2", "eval.sample_videos=1"]
@@ -21,12 +21,6 @@ REJECT = ["registry.max_drift_increase=-1e9"]  # no challenger can pass: forces 
 PASS = ["registry.max_drift_increase=1e9", "registry.max_dynamics_drop=1e9", "registry.max_quality_drop=1e9"]
 NAME = "hiar-student"
 
-
-def _sets(items):
-    out = []
-    for o in items:
-        out += ["--set", o]
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- the gate, pure
@@ -193,7 +187,7 @@ def test_gate_decides_on_real_evaluations_rollback_and_serving_resolution(ray_he
     runs = tmp_path / "runs"
     uri = f"sqlite:///{runs / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    base = ["--preset", "tiny", *_sets(SMALL + [f"run_dir={runs}"])]
+    base = ["--preset", "tiny", *set_args(SMALL + [f"run_dir={runs}"])]
     a, b = bundles
     assert promote.main(["register", "--model-dir", str(a), *base]) == 0
     assert promote.main(["promote", *base]) == 0
@@ -208,7 +202,7 @@ def test_gate_decides_on_real_evaluations_rollback_and_serving_resolution(ray_he
     out = tmp_path / "promote.json"
     parent = client.create_run(client.create_experiment("hiar-full-test")).info.run_id
     r = subprocess.run([sys.executable, str(ROOT / "pipelines" / "promote.py"), "promote", "--output-json", str(out),
-                        "--parent-run-id", parent, *base, *_sets(REJECT)],
+                        "--parent-run-id", parent, *base, *set_args(REJECT)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert "NOT PROMOTED" in r.stdout and "gate failed: drift" in r.stdout
@@ -236,12 +230,12 @@ def test_gate_decides_on_real_evaluations_rollback_and_serving_resolution(ray_he
 
     # a rerun of the same decision changes nothing
     description = client.get_registered_model(NAME).description
-    assert promote.main(["promote", *base, *_sets(REJECT)]) == 0
+    assert promote.main(["promote", *base, *set_args(REJECT)]) == 0
     assert client.get_registered_model(NAME).description == description
 
     # thresholds that pass: the finished evaluations are reused (no Ray needed in this process), champion moves
     t0 = time.monotonic()
-    assert promote.main(["promote", "--output-json", str(out), *base, *_sets(PASS)]) == 0
+    assert promote.main(["promote", "--output-json", str(out), *base, *set_args(PASS)]) == 0
     assert time.monotonic() - t0 < 60
     decision = json.loads(out.read_text())
     assert decision["decision"] == "promoted" and decision["details"]["eval_runs"] == evals
@@ -261,7 +255,7 @@ def test_gate_decides_on_real_evaluations_rollback_and_serving_resolution(ray_he
     pinned = pin_model(f"models:/{NAME}@champion")
     assert pinned["pinned"] == f"models:/{NAME}/1" and checksum_dir(pinned["path"]) == checksum_dir(a)
     # a rolled-back version is not promoted again silently
-    assert promote.main(["promote", *base, *_sets(PASS)]) == 0 and _champion(client) == "1"
+    assert promote.main(["promote", *base, *set_args(PASS)]) == 0 and _champion(client) == "1"
 
     capsys.readouterr()
     assert promote.main(["status", *base]) == 0
@@ -270,16 +264,6 @@ def test_gate_decides_on_real_evaluations_rollback_and_serving_resolution(ray_he
 
 
 # ---------------------------------------------------------------------------------------------- a real server
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """`mlflow server` on 127.0.0.1 (tests/services.py), stopped with its whole process group."""
-    server = MlflowServer(tmp_path / "mlflow-server")
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
 def test_register_promote_and_resolve_through_an_mlflow_server(mlflow_server, bundles, tmp_path, monkeypatch,
                                                                capsys):
     """The CLI with MLFLOW_TRACKING_URI=http://127.0.0.1:PORT in its environment: register, promote (first model);

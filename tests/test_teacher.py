@@ -13,8 +13,7 @@ import torch
 
 from hiar.config import load_config
 from hiar.losses import flow_matching_loss, sample_training_sigmas
-from hiar.pretrain import (TeacherPretraining, build_world_components, evaluate_teacher, eval_prompts, load_teacher,
-                           save_teacher)
+from hiar.pretrain import (TeacherPretraining, build_world_components, evaluate_teacher, eval_prompts, load_teacher)
 from hiar.schedule import teacher_sigmas
 from hiar.teacher import sample_teacher
 from hiar.world import heldout_prompts, train_prompts

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hiar.bundle import load_bundle
-from tests.services import random_bundle
+from tests.services import random_bundle, set_args
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_FAST = ["teacher.num_steps=4", "data.trajectory_steps=5", "data.shard_size=2", "data.batch_size=2",
@@ -23,12 +23,6 @@ TRAIN_FAST = ["distill.num_workers=2", "distill.micro_batch_size=1", "distill.ba
               "distill.lr_ode=1.0e-4", "distill.lr_generator=1.0e-5", "distill.lr_critic=1.0e-5"]
 
 
-def _sets(items):
-    out = []
-    for o in items:
-        out += ["--set", o]
-    return out
-
 
 @pytest.fixture(scope="module")
 def world_dir(tmp_path_factory, ray_head):
@@ -38,7 +32,7 @@ def world_dir(tmp_path_factory, ray_head):
     base = [f"teacher.path={teacher}", f"data.storage={root / 'data'}", f"run_dir={root / 'runs'}"]
     for kind in ("ode_pairs", "trajectories"):
         r = subprocess.run([sys.executable, str(ROOT / "pipelines" / "generate.py"), "--preset", "tiny",
-                            "--kind", kind, "--count", "4", "--actors", "1", *_sets(DATA_FAST + base)],
+                            "--kind", kind, "--count", "4", "--actors", "1", *set_args(DATA_FAST + base)],
                            env={**os.environ, "RAY_ADDRESS": ray_head.address}, capture_output=True, text=True,
                            timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -55,7 +49,7 @@ def ode_init_student(ray_head, world_dir) -> Path:
     """The ODE-init student of this module's world (normally left by the end-to-end test; made here if not)."""
     root, base = world_dir
     if not list((root / "runs" / "students").glob("ode_init-*")):
-        r = run_train(ray_head, ["--stage", "ode_init", *_sets(DATA_FAST + base + TRAIN_FAST)])
+        r = run_train(ray_head, ["--stage", "ode_init", *set_args(DATA_FAST + base + TRAIN_FAST)])
         assert r.returncode == 0, r.stderr[-3000:]
     return next((root / "runs" / "students").glob("ode_init-*"))
 
@@ -69,7 +63,7 @@ def _client(root):
 
 def test_two_workers_end_to_end_logs_checkpoints_and_resumes_as_a_skip(ray_head, world_dir):
     root, base = world_dir
-    r = run_train(ray_head, ["--stage", "all", *_sets(DATA_FAST + base + TRAIN_FAST)])
+    r = run_train(ray_head, ["--stage", "all", *set_args(DATA_FAST + base + TRAIN_FAST)])
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     students = sorted((root / "runs" / "students").iterdir())
     assert [p.name.split("-")[0] for p in students] == ["distill", "ode_init"]
@@ -97,7 +91,7 @@ def test_two_workers_end_to_end_logs_checkpoints_and_resumes_as_a_skip(ray_head,
 
     # the same command again: both stages are recognised as done, nothing retrains
     t0 = time.monotonic()
-    r2 = run_train(ray_head, ["--stage", "all", *_sets(DATA_FAST + base + TRAIN_FAST)])
+    r2 = run_train(ray_head, ["--stage", "all", *set_args(DATA_FAST + base + TRAIN_FAST)])
     assert r2.returncode == 0, r2.stderr[-2000:]
     assert r2.stdout.count("skipping") == 2
     assert time.monotonic() - t0 < 120
@@ -106,7 +100,7 @@ def test_two_workers_end_to_end_logs_checkpoints_and_resumes_as_a_skip(ray_head,
 def test_block_first_is_a_config_switch_on_the_same_path(ray_head, world_dir):
     root, base = world_dir
     init = ode_init_student(ray_head, world_dir)
-    r = run_train(ray_head, ["--stage", "distill", "--init", str(init), *_sets(DATA_FAST + base + TRAIN_FAST),
+    r = run_train(ray_head, ["--stage", "distill", "--init", str(init), *set_args(DATA_FAST + base + TRAIN_FAST),
                              "--set", "distill.rollout=block_first", "--set", "distill.num_workers=1",
                              "--set", "distill.steps=2"])
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
@@ -141,7 +135,7 @@ def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint_in_the_same_run(ra
     runs = root / "runs-ft"
     init = ode_init_student(ray_head, world_dir)
     cmd = [sys.executable, str(ROOT / "pipelines" / "train.py"), "--preset", "tiny", "--stage", "distill",
-           "--init", str(init), *_sets(DATA_FAST + base + TRAIN_FAST), "--set", f"run_dir={runs}",
+           "--init", str(init), *set_args(DATA_FAST + base + TRAIN_FAST), "--set", f"run_dir={runs}",
            "--set", "distill.steps=16", "--set", "distill.sample_every=0"]
     proc = subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ray_head.address}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -179,7 +173,7 @@ def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint_in_the_same_run(ra
 ])
 def test_bad_input_fails_before_the_first_step(ray_head, world_dir, override, message):
     root, base = world_dir
-    r = run_train(ray_head, ["--stage", "ode_init", *_sets(DATA_FAST + base + TRAIN_FAST + override)])
+    r = run_train(ray_head, ["--stage", "ode_init", *set_args(DATA_FAST + base + TRAIN_FAST + override)])
     assert r.returncode == 2
     assert message in r.stderr
     assert "Traceback" not in r.stderr
@@ -188,7 +182,7 @@ def test_bad_input_fails_before_the_first_step(ray_head, world_dir, override, me
 def test_s3_path_with_no_data_is_a_clear_error(ray_head, world_dir, s3_server):
     root, base = world_dir
     s3_server.client().create_bucket(Bucket="hiar-train-empty")
-    r = run_train(ray_head, ["--stage", "ode_init", *_sets(DATA_FAST + base + TRAIN_FAST),
+    r = run_train(ray_head, ["--stage", "ode_init", *set_args(DATA_FAST + base + TRAIN_FAST),
                              "--set", "data.storage=s3://hiar-train-empty/nothing-here"], env=s3_server.env)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "no ode_pairs dataset" in r.stderr
