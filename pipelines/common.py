@@ -38,6 +38,15 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
+def train_worker_env() -> dict:
+    """``RunConfig(worker_runtime_env=...)`` for Ray Train jobs: the storage variables (workers do not inherit the
+    job's environment) and Train's print patch off. Ray core wraps a worker's stdout, and the patch then tees every
+    ``print`` to both that stream and Train's logger, so each worker line reached the driver twice."""
+    from hiar.data import storage_env
+
+    return {"env_vars": {**storage_env(), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}
+
+
 def tracking_uri(run_dir: str) -> str:
     """MLFLOW_TRACKING_URI when set (a server), else SQLite under the run directory."""
     env = os.environ.get("MLFLOW_TRACKING_URI", "")

@@ -22,7 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common import flatten, init_ray, mlflow_experiment, resolve_path, tracking_uri  # noqa: E402
+from pipelines.common import (  # noqa: E402
+    flatten, init_ray, mlflow_experiment, resolve_path, tracking_uri, train_worker_env,
+)
 
 EXPERIMENT = "hiar-teacher"
 
@@ -189,6 +191,7 @@ def main(argv=None) -> int:
             storage_path=str(Path(run_dir, "ray").resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=2),
+            worker_runtime_env=train_worker_env(),
         ),
     )
     result = trainer.fit()

@@ -32,7 +32,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common import flatten, init_ray, mlflow_experiment, resolve_path, tracking_uri  # noqa: E402
+from pipelines.common import (  # noqa: E402
+    flatten, init_ray, mlflow_experiment, resolve_path, tracking_uri, train_worker_env,
+)
 
 EXPERIMENT = "hiar-train"
 STAGES = ("ode_init", "distill")
@@ -279,7 +281,7 @@ def run_stage(cfg, args, stage: str, storage: str, teacher: str, init: str | Non
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from hiar.data import TENSOR_COLUMN, shard_paths, storage_env
+    from hiar.data import TENSOR_COLUMN, shard_paths
 
     plan = plan_stage(cfg, stage, storage, teacher, init, args.output if stage == args.stages[-1] else None)
     kind, uri, manifest, identity, output = (plan[k] for k in ("kind", "uri", "manifest", "identity", "output"))
@@ -312,7 +314,7 @@ def run_stage(cfg, args, stage: str, storage: str, teacher: str, init: str | Non
             name=name, storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=d.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=d.max_failures),
-            worker_runtime_env={"env_vars": storage_env()} if storage_env() else None,
+            worker_runtime_env=train_worker_env(),
         ),
         datasets={kind: ds},
     )
