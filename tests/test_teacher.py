@@ -105,6 +105,8 @@ def test_pretrain_job_on_the_local_ray_cluster_checkpoints_and_saves(ray_head, t
     assert proc.returncode == 0, proc.stderr[-3000:]
     # once: Ray Train's print patch would tee each worker line to the driver twice (pipelines.common.train_worker_env)
     assert (proc.stdout + proc.stderr).count("resumed at step 4") == 1
+    # the test head has no dashboard, so the State API is down: the cleaner's polling stays quiet (init_ray's hook)
+    assert "Failed to query Ray Train Controller" not in proc.stdout + proc.stderr
     assert json.loads((out / "card.json").read_text())["steps"] == 6
 
 
