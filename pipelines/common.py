@@ -49,13 +49,12 @@ def _quiet_train_placement_group_cleaner():
     workers need not be able to import ``pipelines``.
     """
 
-    def hook() -> None:
+    def quiet_train_placement_group_cleaner() -> None:
         import logging
 
         logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
-    hook.__name__ = "quiet_train_placement_group_cleaner"
-    return hook
+    return quiet_train_placement_group_cleaner
 
 
 def train_worker_env() -> dict:
