@@ -54,7 +54,7 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 
 from hiar.config import HiarConfig, ServeConfig, load_config
-from serving.flow import FlowControl, report_taken
+from serving.flow import CANCELLED, FlowControl, close_stream, report_taken
 from serving.schema import Limits, RequestError, VideoRequest, pack_array, parse_request, record_line
 from serving.stages import DecoderDeployment, StepDeployment, bundle_config, load_codec, load_text, resolve_model_dir
 
@@ -137,7 +137,7 @@ class Ingress:
     def _release(self, stream_id: str) -> None:
         self.active.pop(stream_id, None)
         try:
-            self.flow.close.remote(stream_id)
+            close_stream(self.flow, stream_id)
         except Exception:  # noqa: BLE001 - at shutdown
             pass
 
@@ -239,7 +239,7 @@ class Ingress:
                 "type": "end", "stream_id": stream_id, "num_blocks": num_blocks, "num_frames": frames,
                 "elapsed_s": elapsed, "time_to_first_chunk_s": first, "chunks_per_s": num_blocks / elapsed,
                 "frames_per_s": frames / elapsed, "model_calls": calls})
-        except (asyncio.CancelledError, GeneratorExit):
+        except CANCELLED:
             outcome = "cancelled"  # the client went away: cancel the graph below, free every stage's cache
             raise
         except Exception as err:  # noqa: BLE001 - a clean error record instead of a torn connection
@@ -267,6 +267,9 @@ class Ingress:
                 report_taken(self.flow, sreq["stream_id"], len(self.stage_names), item["block"] + 1)
                 first = first if first is not None else time.time() - arrived
             done = True
+        except CANCELLED:
+            self.counts["cancelled"] += 1  # the client went away before the video was whole
+            raise
         except Exception as err:  # noqa: BLE001
             self.counts["failed"] += 1
             return JSONResponse({"error": "stream_failed", "detail": _describe_failure(err)}, status_code=503)

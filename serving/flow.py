@@ -14,17 +14,25 @@ One actor per ingress replica (created by it, so it lives and dies with it) serv
 ``close``\\ s a stream when it ends for any reason (finished, failed, client gone), which wakes every waiting
 producer of that stream with ``closed`` so the stage gives the stream up and frees its cache. A producer that
 waits longer than ``timeout`` also gives up (a consumer that died without the ingress noticing).
+
+Cancellation: an actor call made while serving a request is that request's child task, and Ray cancels a
+cancelled request's children too (recursively, even calls made later from its ``finally``; ray issue 52476).
+So an in-flight ``wait`` of a cancelled stage raises ``TaskCancelledError`` rather than ``CancelledError``
+(both are ``CANCELLED``), and the ingress sends ``close`` in an empty context (``close_stream``): as a child of
+the request whose client went away it was itself cancelled now and then, and the stream stayed open here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections import OrderedDict
 
 import ray
 
 CLOSED = -1
+CANCELLED = (asyncio.CancelledError, GeneratorExit, ray.exceptions.TaskCancelledError)  # how a cancelled call ends
 _REMEMBER_CLOSED = 4096  # closed stream ids kept to ignore late reports (FIFO)
 
 
@@ -124,3 +132,9 @@ class Producer:
 def report_taken(flow, stream: str, boundary: int, count: int) -> None:
     """Fire-and-forget: the consumer of ``boundary`` took ``count`` blocks."""
     flow.take.remote(stream, boundary, count)
+
+
+def close_stream(flow, stream: str) -> None:
+    """Fire-and-forget ``close``, submitted outside the current request so cancelling that request (the client
+    went away: the usual reason to close) cannot cancel the close with it."""
+    contextvars.Context().run(flow.close.remote, stream)

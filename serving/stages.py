@@ -43,7 +43,7 @@ from ray import serve
 
 from hiar.bundle import CONFIG_FILE
 from hiar.config import HiarConfig, ServeConfig, _build
-from serving.flow import Producer, StreamClosed, report_taken
+from serving.flow import CANCELLED, Producer, StreamClosed, report_taken
 
 log = logging.getLogger("ray.serve")
 
@@ -130,7 +130,10 @@ class _StreamBook:
 
     def end(self, stream: str, err: BaseException | None) -> None:
         self.active.pop(stream, None)
-        self.ended[_outcome(err)] += 1
+        outcome = _outcome(err)
+        self.ended[outcome] += 1
+        if outcome == "failed":
+            log.warning("%s: stream %s failed: %r", self.deployment, stream, err)
 
     def stats(self) -> dict:
         return {"deployment": self.deployment, "replica": self.replica, "active": sorted(self.active),
@@ -140,7 +143,7 @@ class _StreamBook:
 def _outcome(err: BaseException | None) -> str:
     if err is None:
         return "completed"
-    if isinstance(err, (asyncio.CancelledError, GeneratorExit)):
+    if isinstance(err, CANCELLED):
         return "cancelled"
     if isinstance(err, StreamClosed):
         return "closed"

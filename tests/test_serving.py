@@ -393,22 +393,26 @@ def test_a_ninth_stream_gets_429_at_once_while_eight_are_open(service):
 
 
 def test_client_disconnect_frees_the_stream_everywhere(service):
-    service.wait_idle()
-    before = service.all_stats()
-    resp = requests.post(f"{service.url}/v1/videos", json={"prompt": PROMPTS[0], "num_blocks": MAX_BLOCKS},
-                         stream=True, timeout=60)
-    lines = resp.iter_lines()
-    start = json.loads(next(lines))
-    first = json.loads(next(lines))
-    assert start["type"] == "start" and first["type"] == "chunk"
-    resp.close()  # the client goes away after one chunk of 256
-    stats = service.wait_idle(timeout=60)
-    completed_before = sum(s["completed"] for s in before["Step1"])
-    assert sum(s["completed"] for s in stats["Step1"]) == completed_before, "the stream ran to the end anyway"
-    ended_early = sum(s["cancelled"] + s["closed"] for s in stats["Step1"]) - sum(
-        s["cancelled"] + s["closed"] for s in before["Step1"])
-    assert ended_early == 1
-    assert service.ingress_stats()["cancelled"] >= 1
+    """Repeated, because the races it guards are rare per disconnect: before serving.flow's fixes, a loop of
+    disconnects on a loaded box had a stage count the stream as failed in 6 of 52 (Ray's TaskCancelledError)
+    and left it open in the flow actor at the 52nd (Ray's recursive cancel dropped the ingress's close)."""
+    outcomes = ("completed", "cancelled", "closed", "failed")
+    for attempt in range(16):
+        service.wait_idle()
+        before, ingress_before = service.all_stats(), service.ingress_stats()
+        resp = requests.post(f"{service.url}/v1/videos", json={"prompt": PROMPTS[0], "num_blocks": MAX_BLOCKS},
+                             stream=True, timeout=60)
+        lines = resp.iter_lines()
+        start = json.loads(next(lines))
+        first = json.loads(next(lines))
+        assert start["type"] == "start" and first["type"] == "chunk"
+        resp.close()  # the client goes away after one chunk of 256
+        stats = service.wait_idle(timeout=60)  # every stage, the ingress and the flow actor let the stream go
+        ended = {d: {k: sum(s[k] for s in stats[d]) - sum(s[k] for s in before[d]) for k in outcomes} for d in stats}
+        for deployment, diff in ended.items():
+            assert diff["completed"] == 0, (attempt, deployment, "the stream ran to the end anyway", ended)
+            assert diff["cancelled"] + diff["closed"] == 1 and diff["failed"] == 0, (attempt, deployment, ended)
+        assert service.ingress_stats()["cancelled"] == ingress_before["cancelled"] + 1, attempt
 
 
 def _wait_replaced(deployment: str, dead: str, replicas: int = 2, timeout: float = 120.0) -> list[str]:
