@@ -61,10 +61,7 @@ class FlowControl:
                     fut.set_result(count)
             else:
                 still.append((target, fut))
-        if still:
-            self.waiters[key] = still
-        else:
-            self.waiters.pop(key, None)
+        self._set_waiters(key, still)
 
     async def wait(self, stream: str, boundary: int, block: int, timeout: float) -> int:
         """Return once the producer of ``boundary`` may start ``block``: the taken count, or CLOSED.
@@ -85,6 +82,16 @@ class FlowControl:
         except asyncio.TimeoutError:
             raise TimeoutError(f"stream {stream}: the consumer of stage boundary {boundary} took no block for "
                                f"{timeout:.0f} s") from None
+        finally:
+            # a producer that timed out or was cancelled stops waiting: without this its entry (and the stream,
+            # in ``stats``) stayed here until the ingress closed the stream, or for good if the close never came
+            self._set_waiters(key, [w for w in self.waiters.get(key, []) if w[1] is not fut])
+
+    def _set_waiters(self, key: tuple[str, int], waiters: list[tuple[int, asyncio.Future]]) -> None:
+        if waiters:
+            self.waiters[key] = waiters
+        else:
+            self.waiters.pop(key, None)
 
     async def close(self, stream: str) -> None:
         now = time.time()

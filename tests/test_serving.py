@@ -548,3 +548,35 @@ def test_serve_config_files_are_valid_serve_configs_for_build_app(name, bundle_d
         assert raw["http_options"]["host"] == "127.0.0.1"
     built = build_app({**app.args, "model_uri": str(bundle_dir)})  # what `serve run` calls
     assert type(built).__name__ == "Application"
+
+
+def test_a_producer_that_stops_waiting_leaves_nothing_in_the_flow_actor(ray_head):
+    """A ``wait`` that times out or whose caller is cancelled forgets its waiter (the stream is not listed open)."""
+    import ray
+
+    from serving.flow import FlowControl
+
+    ray.init(address=ray_head.address, ignore_reinit_error=True)
+    flow = FlowControl.options(num_cpus=0).remote(1)
+    try:
+        ray.get(flow.take.remote("other", 0, 1))
+        with pytest.raises(TimeoutError, match="took no block"):
+            ray.get(flow.wait.remote("stalled", 0, 1, 0.2))  # window 1: block 1 waits for block 0 to be taken
+        stats = ray.get(flow.stats.remote())
+        assert stats["waiters"] == 0 and stats["open"] == ["other"], stats
+
+        waiting = flow.wait.remote("cancelled", 0, 1, 60.0)
+        deadline = time.monotonic() + 30
+        while ray.get(flow.stats.remote())["waiters"] != 1:
+            assert time.monotonic() < deadline, "the wait never registered"
+            time.sleep(0.05)
+        ray.cancel(waiting)
+        with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
+            ray.get(waiting, timeout=30)
+        deadline = time.monotonic() + 30
+        while (stats := ray.get(flow.stats.remote()))["waiters"]:
+            assert time.monotonic() < deadline, f"the cancelled wait stayed registered: {stats}"
+            time.sleep(0.05)
+        assert stats["open"] == ["other"], stats
+    finally:
+        ray.kill(flow)
