@@ -102,6 +102,11 @@ def load_bundle(directory: str | Path, device: str = "cpu") -> ModelBundle:
     transformer = CausalWanTransformer3DModel.from_pretrained(root / "transformer").eval().to(device)
     text = TextEncoder.from_pretrained(root).to(device)
     codec = load_codec(root / "codec")
+    if transformer.config.in_channels != codec.latent_channels:
+        raise ValueError(
+            f"model bundle {str(root)!r}: transformer/ takes {transformer.config.in_channels}-channel latents but "
+            f"codec/ ({codec!r}) makes {codec.latent_channels}-channel ones; the two parts come from different models"
+        )
     card = json.loads((root / CARD_FILE).read_text()) if (root / CARD_FILE).exists() else {}
     config = None
     if (root / CONFIG_FILE).exists():

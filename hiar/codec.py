@@ -100,24 +100,36 @@ class PixelCodec(Codec):
 
     Why not raw pixels: the diffusion schedule assumes data of roughly unit scale, like a VAE's normalised
     latents; a per-channel standardisation fitted on sample clips (:meth:`fit`) gives that while staying
-    exactly invertible, so any artefact in a decoded video is the model's, not the codec's. One latent frame
-    is one video frame and there is no spatial compression.
+    exactly invertible, so any artefact in a decoded video is the model's, not the codec's. There is no
+    spatial compression.
+
+    ``frames_per_latent = k`` packs ``k`` consecutive frames into one latent frame of ``3k`` channels (channel
+    ``3 * i + c`` is colour ``c`` of the latent frame's ``i``-th video frame), a lossless stand-in for the
+    temporal compression of Wan's VAE (x4). Why it exists: with one frame per latent frame the direction of a
+    motion exists only *between* tokens of different frames, and the tiny teacher has to learn it through
+    attention; packed, a token holds the same pixels at ``k`` instants, so the direction is part of what a
+    single token looks like, the kind of thing (like colour) a small model learns first.
 
     The default ``mean = std = 0.5`` maps [0, 1] to [-1, 1], the pixel convention of Wan's VAE.
     """
 
-    def __init__(self, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5)) -> None:
+    def __init__(self, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
+                 frames_per_latent: int = 1) -> None:
         mean = tuple(float(m) for m in mean)
         std = tuple(float(s) for s in std)
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"mean and std need one value per RGB channel, got {mean} and {std}")
         if not all(np.isfinite(mean)) or not all(np.isfinite(s) and s > 0 for s in std):
             raise ValueError(f"mean must be finite and std finite and > 0, got mean={mean}, std={std}")
+        if int(frames_per_latent) != frames_per_latent or frames_per_latent < 1:
+            raise ValueError(f"frames_per_latent must be an integer >= 1, got {frames_per_latent!r}")
         self.mean = mean
         self.std = std
+        self.frames_per_latent = int(frames_per_latent)
 
     @classmethod
-    def fit(cls, videos: Union[VideoLike, Iterable[VideoLike]], min_std: float = 1e-3) -> "PixelCodec":
+    def fit(cls, videos: Union[VideoLike, Iterable[VideoLike]], min_std: float = 1e-3,
+            frames_per_latent: int = 1) -> "PixelCodec":
         """Per-channel mean and (population) std over every pixel of sample clips.
 
         ``videos``: a ``[..., 3]`` array/tensor (e.g. ``[B, T, H, W, 3]``) or an iterable of them (e.g. clips
@@ -141,11 +153,11 @@ class PixelCodec(Codec):
             raise ValueError("fit needs at least one pixel")
         mean = total / count
         std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
-        return cls(mean=mean.tolist(), std=np.maximum(std, min_std).tolist())
+        return cls(mean=mean.tolist(), std=np.maximum(std, min_std).tolist(), frames_per_latent=frames_per_latent)
 
     @property
     def latent_channels(self) -> int:
-        return 3
+        return 3 * self.frames_per_latent
 
     def _stats(self, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         mean = torch.tensor(self.mean, dtype=like.dtype, device=like.device)
@@ -154,29 +166,40 @@ class PixelCodec(Codec):
 
     def encode(self, video: VideoLike) -> torch.Tensor:
         v = _as_video(video)
+        b, t, h, w, _ = v.shape
+        k = self.frames_per_latent
+        self.latent_shape(t, h, w)  # the frame count must be a multiple of k
         mean, std = self._stats(v)
-        return ((v - mean) / std).permute(0, 4, 1, 2, 3).contiguous()
+        z = ((v - mean) / std).view(b, t // k, k, h, w, 3)
+        return z.permute(0, 2, 5, 1, 3, 4).reshape(b, 3 * k, t // k, h, w).contiguous()
 
     def decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-        z = _check_latents(latents, 3).to(torch.float32)
+        z = _check_latents(latents, self.latent_channels).to(torch.float32)
+        b, _, f, h, w = z.shape
+        k = self.frames_per_latent
         mean, std = self._stats(z)
-        video = z.permute(0, 2, 3, 4, 1) * std + mean
+        video = z.view(b, k, 3, f, h, w).permute(0, 3, 1, 4, 5, 2).reshape(b, f * k, h, w, 3) * std + mean
         return (video.clamp(0.0, 1.0) if clamp else video).contiguous()
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> Tuple[int, int, int, int]:
         if min(int(num_frames), int(height), int(width)) < 1:
             raise ValueError(f"frames, height and width must be >= 1, got {num_frames}, {height}, {width}")
-        return (3, int(num_frames), int(height), int(width))
+        k = self.frames_per_latent
+        if int(num_frames) % k:
+            raise ValueError(f"{num_frames} frames cannot be packed {k} to a latent frame (frames_per_latent={k}); "
+                             f"use a multiple of {k}")
+        return (self.latent_channels, int(num_frames) // k, int(height), int(width))
 
     def num_frames_for(self, latent_frames: int) -> int:
         if int(latent_frames) < 1:
             raise ValueError(f"latent_frames must be >= 1, got {latent_frames}")
-        return int(latent_frames)
+        return int(latent_frames) * self.frames_per_latent
 
     def save_pretrained(self, directory: PathLike) -> Path:
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
-        payload = {"type": "pixel", "mean": list(self.mean), "std": list(self.std)}
+        payload = {"type": "pixel", "mean": list(self.mean), "std": list(self.std),
+                   "frames_per_latent": self.frames_per_latent}
         (root / CODEC_FILE).write_text(json.dumps(payload, indent=2) + "\n")
         return root
 
@@ -190,11 +213,12 @@ class PixelCodec(Codec):
         payload = json.loads(path.read_text())
         if payload.get("type") != "pixel":
             raise ValueError(f"{str(path)!r} describes a {payload.get('type')!r} codec, not 'pixel'")
-        return cls(mean=payload["mean"], std=payload["std"])
+        # codec.json files written before frames_per_latent existed hold one frame per latent frame
+        return cls(mean=payload["mean"], std=payload["std"], frames_per_latent=payload.get("frames_per_latent", 1))
 
     def __repr__(self) -> str:
         fmt = lambda xs: "(" + ", ".join(f"{x:.4g}" for x in xs) + ")"  # noqa: E731
-        return f"PixelCodec(mean={fmt(self.mean)}, std={fmt(self.std)})"
+        return f"PixelCodec(mean={fmt(self.mean)}, std={fmt(self.std)}, frames_per_latent={self.frames_per_latent})"
 
 
 # --------------------------------------------------------------------------

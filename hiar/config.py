@@ -156,6 +156,7 @@ class WorldConfig:
     frame_size: int = 32
     seed: int = 0
     start_jitter: int | None = None  # None: shapes start anywhere; k: within k px of the centre (hiar.world)
+    frames_per_latent: int = 1  # video frames packed into one latent frame by the pixel codec (hiar.codec)
     text_max_length: int = 16
 
 

@@ -36,8 +36,14 @@ def build_world_components(cfg: HiarConfig) -> tuple[SyntheticWorld, TextEncoder
     world = SyntheticWorld(cfg.world.frame_size, cfg.world.seed, cfg.world.start_jitter)
     text = TextEncoder.tiny(vocabulary(), d_model=cfg.model.text_dim, max_length=cfg.world.text_max_length,
                             seed=cfg.world.seed)
-    frames = cfg.video.train_latent_frames
-    codec = PixelCodec.fit(world.clip(i, frames)[0] for i in range(128))
+    k = cfg.world.frames_per_latent
+    codec = PixelCodec.fit((world.clip(i, cfg.video.train_latent_frames * k)[0] for i in range(128)),
+                           frames_per_latent=k)
+    if not codec.latent_channels == cfg.video.latent_channels == cfg.model.in_channels == cfg.model.out_channels:
+        raise ValueError(
+            f"world.frames_per_latent={k} gives latents of {codec.latent_channels} channels (3 per packed frame); "
+            f"set video.latent_channels, model.in_channels and model.out_channels to {codec.latent_channels} "
+            f"(they are {cfg.video.latent_channels}, {cfg.model.in_channels}, {cfg.model.out_channels})")
     return world, text, codec
 
 
@@ -64,7 +70,7 @@ class TeacherPretraining:
     # ------------------------------------------------------------------ data
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Clips ``[B, C, F, H, W]``, their text embeddings (some dropped to the empty prompt), captions."""
-        p, frames = self.cfg.pretrain, self.cfg.video.train_latent_frames
+        p, frames = self.cfg.pretrain, self.codec.num_frames_for(self.cfg.video.train_latent_frames)
         start = (step * self.world_size + self.rank) * p.batch_size
         clips, captions = zip(*(self.world.clip(start + i, frames) for i in range(p.batch_size)))
         x0 = self.codec.encode(torch.from_numpy(np.stack(clips)))

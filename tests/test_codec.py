@@ -36,6 +36,27 @@ def test_pixel_round_trip_layout_and_shapes():
     torch.testing.assert_close(codec.encode(video.numpy()), lat)
 
 
+def test_pixel_packs_consecutive_frames_into_channels():
+    codec = PixelCodec(mean=(0.2, 0.4, 0.6), std=(0.5, 0.25, 2.0), frames_per_latent=2)
+    assert codec.latent_channels == 6 and codec.num_frames_for(3) == 6
+    video = torch.rand(2, 6, 8, 4, 3, generator=torch.Generator().manual_seed(1))
+    lat = codec.encode(video)
+    assert lat.shape == (2, 6, 3, 8, 4) == (2, *codec.latent_shape(6, 8, 4))
+    # channel 3 * i + c of latent frame f is colour c of video frame 2 * f + i, normalised
+    assert torch.isclose(lat[1, 3 * 1 + 2, 2, 5, 3], (video[1, 2 * 2 + 1, 5, 3, 2] - 0.6) / 2.0)
+    assert torch.isclose(lat[0, 0, 1, 7, 0], (video[0, 2, 7, 0, 0] - 0.2) / 0.5)
+    torch.testing.assert_close(codec.decode(lat), video, rtol=0, atol=1e-6)
+    # packing k frames is the one-frame codec's latents with frames moved into channels
+    flat = PixelCodec(codec.mean, codec.std).encode(video)  # [2, 3, 6, 8, 4]
+    torch.testing.assert_close(lat, flat.view(2, 3, 3, 2, 8, 4).permute(0, 3, 1, 2, 4, 5).reshape(2, 6, 3, 8, 4))
+    with pytest.raises(ValueError, match="multiple of 2"):
+        codec.encode(video[:, :5])
+    with pytest.raises(ValueError, match=r"\[B, 6, F"):
+        codec.decode(torch.zeros(1, 3, 2, 8, 4))
+    with pytest.raises(ValueError, match="frames_per_latent"):
+        PixelCodec(frames_per_latent=0)
+
+
 def test_pixel_decode_clamps_only_when_asked():
     codec = PixelCodec()
     lat = torch.full((1, 3, 1, 2, 2), 3.0)  # 3 * 0.5 + 0.5 = 2.0 in pixel space
@@ -70,6 +91,14 @@ def test_pixel_save_load_and_load_codec(tmp_path):
         assert (loaded.mean, loaded.std) == (codec.mean, codec.std)
     default = load_codec("pixel")
     assert isinstance(default, PixelCodec) and default.mean == (0.5, 0.5, 0.5)
+    assert loaded.frames_per_latent == default.frames_per_latent == 1
+    packed = PixelCodec.fit(world_clips(n=2, frames=4), frames_per_latent=2)
+    packed.save_pretrained(tmp_path / "packed")
+    assert load_codec(tmp_path / "packed").frames_per_latent == 2
+    # a codec.json written before frames_per_latent existed (the shipped teacher's) holds one frame per latent
+    del payload["frames_per_latent"]
+    (tmp_path / "codec.json").write_text(json.dumps(payload))
+    assert load_codec(tmp_path).frames_per_latent == 1
 
 
 def test_bad_inputs_raise_clearly():

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,9 +76,33 @@ def test_pretraining_batches_never_contain_heldout_prompts_and_resume_exactly():
     assert a.train_step()["loss"] == b.train_step()["loss"]  # same data, noise and weights after a resume
 
 
+def test_pretraining_with_packed_frames_trains_on_clips_of_the_packed_length():
+    sets = ["pretrain.batch_size=2", "model.num_layers=1", "world.frames_per_latent=2"]
+    with pytest.raises(ValueError, match="set video.latent_channels, model.in_channels and model.out_channels to 6"):
+        build_world_components(load_config("tiny", sets))
+    cfg = load_config("tiny", sets + ["video.latent_channels=6", "model.in_channels=6", "model.out_channels=6"])
+    world, text, codec = build_world_components(cfg)
+    assert codec.frames_per_latent == 2
+    trainer = TeacherPretraining(cfg, world, text, codec)
+    x0, _, captions = trainer.batch(0)
+    frames = cfg.video.train_latent_frames
+    assert x0.shape == (2, 6, frames, cfg.video.latent_height, cfg.video.latent_width)
+    clip, caption = world.clip(0, 2 * frames)  # batch 0 of rank 0 starts at scene 0
+    assert caption == captions[0]
+    np.testing.assert_allclose(codec.decode(x0[:1])[0].numpy(), clip, atol=1e-5)
+    assert np.isfinite(trainer.train_step()["loss"])
+
+
 def test_missing_teacher_dir_names_what_is_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match="transformer/"):
         load_teacher(tmp_path / "none")
+    from hiar.codec import PixelCodec
+    from tests.services import random_bundle
+
+    bundle = random_bundle(tmp_path / "mixed")
+    PixelCodec(frames_per_latent=2).save_pretrained(bundle / "codec")  # a codec from another model
+    with pytest.raises(ValueError, match="3-channel latents but codec/"):
+        load_teacher(bundle)
 
 
 def test_unknown_word_in_prompt_is_a_clear_error():
