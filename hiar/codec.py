@@ -108,7 +108,9 @@ class PixelCodec(Codec):
     temporal compression of Wan's VAE (x4). Why it exists: with one frame per latent frame the direction of a
     motion exists only *between* tokens of different frames, and the tiny teacher has to learn it through
     attention; packed, a token holds the same pixels at ``k`` instants, so the direction is part of what a
-    single token looks like, the kind of thing (like colour) a small model learns first.
+    single token looks like. Measured on the tiny teacher (k = 2, from scratch, 16.7k steps): the denoising loss
+    with the opposite direction word exceeds the true caption's by 16e-3 at sigma 0.6 (unpacked: 0 even at 28k
+    steps), but shapes form more slowly, so sampled caption consistency is not better yet (issue 3's note).
 
     The default ``mean = std = 0.5`` maps [0, 1] to [-1, 1], the pixel convention of Wan's VAE.
     """
