@@ -25,12 +25,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+
+from tests.services import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -485,15 +486,6 @@ def _session_processes(sid: int) -> list[str]:
     return found
 
 
-def _wait_for(predicate, timeout: float, interval: float = 0.25) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
-
-
 @pytest.mark.slow
 def test_start_local_serves_runs_and_proxies_artifacts_to_s3_and_stops_cleanly(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
@@ -509,7 +501,7 @@ def test_start_local_serves_runs_and_proxies_artifacts_to_s3_and_stops_cleanly(t
         proc = subprocess.Popen(["bash", str(START_LOCAL)], env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        assert _wait_for(lambda: "export MLFLOW_TRACKING_URI=" in log.read_text() or proc.poll() is not None, 240)
+        assert wait_for(lambda: "export MLFLOW_TRACKING_URI=" in log.read_text() or proc.poll() is not None, 240)
         text = log.read_text()
         assert proc.poll() is None, text
         uri = re.search(r"^export MLFLOW_TRACKING_URI=(\S+)$", text, re.MULTILINE).group(1)
@@ -541,7 +533,7 @@ def test_start_local_serves_runs_and_proxies_artifacts_to_s3_and_stops_cleanly(t
 
         os.kill(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=60) == 143
-        assert _wait_for(lambda: not _session_processes(proc.pid), 15), _session_processes(proc.pid)
+        assert wait_for(lambda: not _session_processes(proc.pid), 15), _session_processes(proc.pid)
         for port in (mlflow_port, s3_port):
             with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
                 pass

@@ -21,7 +21,7 @@ import requests
 import torch
 import yaml
 
-from tests.services import free_port
+from tests.services import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = "hiar-test"
@@ -566,17 +566,12 @@ def test_a_producer_that_stops_waiting_leaves_nothing_in_the_flow_actor(ray_head
         assert stats["waiters"] == 0 and stats["open"] == ["other"], stats
 
         waiting = flow.wait.remote("cancelled", 0, 1, 60.0)
-        deadline = time.monotonic() + 30
-        while ray.get(flow.stats.remote())["waiters"] != 1:
-            assert time.monotonic() < deadline, "the wait never registered"
-            time.sleep(0.05)
+        assert wait_for(lambda: ray.get(flow.stats.remote())["waiters"] == 1, 30, 0.05), "the wait never registered"
         ray.cancel(waiting)
         with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.RayTaskError)):
             ray.get(waiting, timeout=30)
-        deadline = time.monotonic() + 30
-        while (stats := ray.get(flow.stats.remote()))["waiters"]:
-            assert time.monotonic() < deadline, f"the cancelled wait stayed registered: {stats}"
-            time.sleep(0.05)
-        assert stats["open"] == ["other"], stats
+        wait_for(lambda: ray.get(flow.stats.remote())["waiters"] == 0, 30, 0.05)
+        stats = ray.get(flow.stats.remote())
+        assert stats["waiters"] == 0 and stats["open"] == ["other"], f"the cancelled wait stayed registered: {stats}"
     finally:
         ray.kill(flow)
