@@ -96,6 +96,9 @@ def test_pretraining_with_packed_frames_trains_on_clips_of_the_packed_length():
 def test_missing_teacher_dir_names_what_is_expected(tmp_path):
     with pytest.raises(FileNotFoundError, match="transformer/"):
         load_teacher(tmp_path / "none")
+
+
+def test_a_bundle_whose_codec_and_transformer_disagree_is_a_clear_error(tmp_path):
     from hiar.codec import PixelCodec
     from tests.services import random_bundle
 
