@@ -105,18 +105,27 @@ class PixelCodec(Codec):
 
     ``frames_per_latent = k`` packs ``k`` consecutive frames into one latent frame of ``3k`` channels (channel
     ``3 * i + c`` is colour ``c`` of the latent frame's ``i``-th video frame), a lossless stand-in for the
-    temporal compression of Wan's VAE (x4). Why it exists: with one frame per latent frame the direction of a
-    motion exists only *between* tokens of different frames, and the tiny teacher has to learn it through
-    attention; packed, a token holds the same pixels at ``k`` instants, so the direction is part of what a
-    single token looks like. Measured on the tiny teacher (k = 2, from scratch, 16.7k steps): the denoising loss
-    with the opposite direction word exceeds the true caption's by 16e-3 at sigma 0.6 (unpacked: 0 even at 28k
-    steps), but shapes form more slowly, so sampled caption consistency is not better yet (issue 3's note).
+    temporal compression of Wan's VAE (x4).
+
+    ``history_frames = h`` appends, after those, the ``h`` video frames *before* the latent frame's first one
+    (channel ``3k + 3j + c`` is colour ``c`` of frame ``k * f - 1 - j``; before the clip starts, frame 0 is
+    repeated), so a latent frame has ``3 (k + h)`` channels; ``decode`` reads only the latent frame's own
+    frames. Latent frame ``f`` still depends only on frames up to its own, so causal rollouts, the KV cache and
+    streaming decode are unchanged.
+
+    Why either exists: with one frame per latent frame the *direction* of a motion exists only between tokens
+    of different frames, and a small teacher has to learn it through attention; it does not (the tiny teacher's
+    loss did not depend on the sign of the direction word even after 28k steps). With the previous frame in
+    the same token the direction is part of what one token looks like. Packing (``k = 2``) gets that but halves
+    the number of latent frames, and shapes formed more slowly. History keeps one latent frame per video frame,
+    and the copy it adds is plain (channels ``3..5`` of frame ``f`` equal channels ``0..2`` of frame ``f - 1``).
+    That is what made the tiny teacher follow its captions (issue 3): see ``assets/tiny-teacher/MODEL_CARD.md``.
 
     The default ``mean = std = 0.5`` maps [0, 1] to [-1, 1], the pixel convention of Wan's VAE.
     """
 
     def __init__(self, mean: Sequence[float] = (0.5, 0.5, 0.5), std: Sequence[float] = (0.5, 0.5, 0.5),
-                 frames_per_latent: int = 1) -> None:
+                 frames_per_latent: int = 1, history_frames: int = 0) -> None:
         mean = tuple(float(m) for m in mean)
         std = tuple(float(s) for s in std)
         if len(mean) != 3 or len(std) != 3:
@@ -125,13 +134,16 @@ class PixelCodec(Codec):
             raise ValueError(f"mean must be finite and std finite and > 0, got mean={mean}, std={std}")
         if int(frames_per_latent) != frames_per_latent or frames_per_latent < 1:
             raise ValueError(f"frames_per_latent must be an integer >= 1, got {frames_per_latent!r}")
+        if int(history_frames) != history_frames or history_frames < 0:
+            raise ValueError(f"history_frames must be an integer >= 0, got {history_frames!r}")
         self.mean = mean
         self.std = std
         self.frames_per_latent = int(frames_per_latent)
+        self.history_frames = int(history_frames)
 
     @classmethod
     def fit(cls, videos: Union[VideoLike, Iterable[VideoLike]], min_std: float = 1e-3,
-            frames_per_latent: int = 1) -> "PixelCodec":
+            frames_per_latent: int = 1, history_frames: int = 0) -> "PixelCodec":
         """Per-channel mean and (population) std over every pixel of sample clips.
 
         ``videos``: a ``[..., 3]`` array/tensor (e.g. ``[B, T, H, W, 3]``) or an iterable of them (e.g. clips
@@ -155,11 +167,12 @@ class PixelCodec(Codec):
             raise ValueError("fit needs at least one pixel")
         mean = total / count
         std = np.sqrt(np.maximum(total_sq / count - mean * mean, 0.0))
-        return cls(mean=mean.tolist(), std=np.maximum(std, min_std).tolist(), frames_per_latent=frames_per_latent)
+        return cls(mean=mean.tolist(), std=np.maximum(std, min_std).tolist(), frames_per_latent=frames_per_latent,
+                   history_frames=history_frames)
 
     @property
     def latent_channels(self) -> int:
-        return 3 * self.frames_per_latent
+        return 3 * (self.frames_per_latent + self.history_frames)
 
     def _stats(self, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         mean = torch.tensor(self.mean, dtype=like.dtype, device=like.device)
@@ -172,15 +185,18 @@ class PixelCodec(Codec):
         k = self.frames_per_latent
         self.latent_shape(t, h, w)  # the frame count must be a multiple of k
         mean, std = self._stats(v)
-        z = ((v - mean) / std).view(b, t // k, k, h, w, 3)
-        return z.permute(0, 2, 5, 1, 3, 4).reshape(b, 3 * k, t // k, h, w).contiguous()
+        z = (v - mean) / std
+        own = z.view(b, t // k, k, h, w, 3).permute(0, 2, 5, 1, 3, 4).reshape(b, 3 * k, t // k, h, w)
+        first = torch.arange(0, t, k, device=z.device)  # each latent frame's first video frame
+        history = [z[:, (first - j).clamp(min=0)].permute(0, 4, 1, 2, 3) for j in range(1, self.history_frames + 1)]
+        return torch.cat([own, *history], dim=1).contiguous()
 
     def decode(self, latents: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         z = _check_latents(latents, self.latent_channels).to(torch.float32)
         b, _, f, h, w = z.shape
         k = self.frames_per_latent
         mean, std = self._stats(z)
-        video = z.view(b, k, 3, f, h, w).permute(0, 3, 1, 4, 5, 2).reshape(b, f * k, h, w, 3) * std + mean
+        video = z[:, : 3 * k].reshape(b, k, 3, f, h, w).permute(0, 3, 1, 4, 5, 2).reshape(b, f * k, h, w, 3) * std + mean
         return (video.clamp(0.0, 1.0) if clamp else video).contiguous()
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> Tuple[int, int, int, int]:
@@ -201,7 +217,7 @@ class PixelCodec(Codec):
         root = Path(directory)
         root.mkdir(parents=True, exist_ok=True)
         payload = {"type": "pixel", "mean": list(self.mean), "std": list(self.std),
-                   "frames_per_latent": self.frames_per_latent}
+                   "frames_per_latent": self.frames_per_latent, "history_frames": self.history_frames}
         (root / CODEC_FILE).write_text(json.dumps(payload, indent=2) + "\n")
         return root
 
@@ -215,12 +231,14 @@ class PixelCodec(Codec):
         payload = json.loads(path.read_text())
         if payload.get("type") != "pixel":
             raise ValueError(f"{str(path)!r} describes a {payload.get('type')!r} codec, not 'pixel'")
-        # codec.json files written before frames_per_latent existed hold one frame per latent frame
-        return cls(mean=payload["mean"], std=payload["std"], frames_per_latent=payload.get("frames_per_latent", 1))
+        # codec.json files written before these keys existed hold one frame per latent frame and no history
+        return cls(mean=payload["mean"], std=payload["std"], frames_per_latent=payload.get("frames_per_latent", 1),
+                   history_frames=payload.get("history_frames", 0))
 
     def __repr__(self) -> str:
         fmt = lambda xs: "(" + ", ".join(f"{x:.4g}" for x in xs) + ")"  # noqa: E731
-        return f"PixelCodec(mean={fmt(self.mean)}, std={fmt(self.std)}, frames_per_latent={self.frames_per_latent})"
+        return (f"PixelCodec(mean={fmt(self.mean)}, std={fmt(self.std)}, frames_per_latent={self.frames_per_latent}, "
+                f"history_frames={self.history_frames})")
 
 
 # --------------------------------------------------------------------------

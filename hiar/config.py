@@ -157,6 +157,7 @@ class WorldConfig:
     seed: int = 0
     start_jitter: int | None = None  # None: shapes start anywhere; k: within k px of the centre (hiar.world)
     frames_per_latent: int = 1  # video frames packed into one latent frame by the pixel codec (hiar.codec)
+    history_frames: int = 0  # earlier video frames the pixel codec adds to each latent frame (hiar.codec)
     text_max_length: int = 16
 
 
@@ -180,6 +181,9 @@ class PretrainConfig:
     eval_prompts: int = 16
     num_workers: int = 1
     threads_per_worker: int = 0  # 0 = cores / workers
+    # start from another teacher instead of random weights: a teacher bundle directory, or a trainer state file
+    # (state.pt of a pretrain checkpoint); a model with fewer latent channels is widened (hiar.pretrain.widen_channels)
+    init_from: str = ""
 
 
 @dataclass

@@ -12,6 +12,7 @@ weights is what gets evaluated and shipped.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -36,15 +37,43 @@ def build_world_components(cfg: HiarConfig) -> tuple[SyntheticWorld, TextEncoder
     world = SyntheticWorld(cfg.world.frame_size, cfg.world.seed, cfg.world.start_jitter)
     text = TextEncoder.tiny(vocabulary(), d_model=cfg.model.text_dim, max_length=cfg.world.text_max_length,
                             seed=cfg.world.seed)
-    k = cfg.world.frames_per_latent
+    k, h = cfg.world.frames_per_latent, cfg.world.history_frames
     codec = PixelCodec.fit((world.clip(i, cfg.video.train_latent_frames * k)[0] for i in range(128)),
-                           frames_per_latent=k)
+                           frames_per_latent=k, history_frames=h)
     if not codec.latent_channels == cfg.video.latent_channels == cfg.model.in_channels == cfg.model.out_channels:
         raise ValueError(
-            f"world.frames_per_latent={k} gives latents of {codec.latent_channels} channels (3 per packed frame); "
-            f"set video.latent_channels, model.in_channels and model.out_channels to {codec.latent_channels} "
-            f"(they are {cfg.video.latent_channels}, {cfg.model.in_channels}, {cfg.model.out_channels})")
+            f"world.frames_per_latent={k} and world.history_frames={h} give latents of {codec.latent_channels} "
+            f"channels (3 per frame); set video.latent_channels, model.in_channels and model.out_channels to "
+            f"{codec.latent_channels} (they are {cfg.video.latent_channels}, {cfg.model.in_channels}, "
+            f"{cfg.model.out_channels})")
     return world, text, codec
+
+
+def widen_channels(state: dict, in_channels: int, out_channels: int) -> dict:
+    """A transformer state dict with more latent channels, computing what the narrower model computed.
+
+    New input channels get zero patch-embedding weights, so at the first step the model ignores them and its
+    prediction of the old channels is exactly the old model's. New output channel ``i`` starts as a copy of old
+    channel ``i mod C_old``: for the pixel codec's history channels that is the same colour of the latent
+    frame's own first frame, the nearest thing to an earlier frame the old model can predict.
+    """
+    state = dict(state)
+    w_in = state["patch_embedding.weight"]  # [dim, C, pt, ph, pw]
+    c_in = w_in.shape[1]
+    if in_channels < c_in:
+        raise ValueError(f"cannot narrow the input from {c_in} to {in_channels} latent channels")
+    pad = w_in.new_zeros(w_in.shape[0], in_channels - c_in, *w_in.shape[2:])
+    state["patch_embedding.weight"] = torch.cat([w_in, pad], dim=1)
+
+    w_out, b_out = state["proj_out.weight"], state["proj_out.bias"]  # rows: patch position major, channel minor
+    patch = math.prod(w_in.shape[2:])
+    c_out = w_out.shape[0] // patch
+    if out_channels < c_out:
+        raise ValueError(f"cannot narrow the output from {c_out} to {out_channels} latent channels")
+    source = torch.arange(out_channels) % c_out
+    state["proj_out.weight"] = w_out.view(patch, c_out, -1)[:, source].reshape(patch * out_channels, -1).clone()
+    state["proj_out.bias"] = b_out.view(patch, c_out)[:, source].reshape(-1).clone()
+    return state
 
 
 class TeacherPretraining:
@@ -123,6 +152,34 @@ class TeacherPretraining:
         self.opt.load_state_dict(state["opt"])
         self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
 
+    def init_from(self, source: str | Path) -> None:
+        """Start from another teacher's weights (``pretrain.init_from``): a bundle directory (its transformer
+        becomes both the trained weights and the EMA) or a trainer state file (its ``model`` and ``ema``).
+
+        Only the weights are taken: the optimiser, the step and the data stream start fresh, like a new run.
+        Fewer latent channels than this run's are widened (:func:`widen_channels`); anything else must match.
+        """
+        path = Path(source)
+        if path.is_dir():
+            weights = load_teacher(path)[0].state_dict()
+            model, ema = weights, weights
+        elif path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=False)
+            if not isinstance(state, dict) or not {"model", "ema"} <= state.keys():
+                raise ValueError(f"{str(path)!r} is not a trainer state (a dict with 'model' and 'ema', as "
+                                 f"TeacherPretraining.state_dict writes to a pretrain checkpoint's state.pt)")
+            model, ema = state["model"], state["ema"]
+        else:
+            raise FileNotFoundError(f"pretrain.init_from={str(source)!r} does not exist; give a teacher bundle "
+                                    f"directory or a pretrain checkpoint's state.pt")
+        m = self.cfg.model
+        for target, weights in ((self.raw, model), (self.ema, ema)):
+            try:
+                target.load_state_dict(widen_channels(weights, m.in_channels, m.out_channels))
+            except (RuntimeError, ValueError) as err:
+                raise ValueError(f"cannot start from {str(path)!r}: its transformer does not fit model.* of this "
+                                 f"run ({err})") from None
+
     def save_teacher(self, directory: str | Path, card: dict) -> Path:
         return save_teacher(directory, self.ema, self.text, self.codec, card, self.cfg)
 
@@ -184,6 +241,6 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 __all__ = [
-    "TeacherPretraining", "build_world_components", "evaluate_teacher", "save_teacher", "load_teacher",
+    "TeacherPretraining", "build_world_components", "widen_channels", "evaluate_teacher", "save_teacher", "load_teacher",
     "eval_prompts", "time_budget_left", "count_params",
 ]

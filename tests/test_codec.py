@@ -57,6 +57,40 @@ def test_pixel_packs_consecutive_frames_into_channels():
         PixelCodec(frames_per_latent=0)
 
 
+def test_pixel_history_adds_the_previous_frames_and_stays_causal():
+    codec = PixelCodec(mean=(0.2, 0.4, 0.6), std=(0.5, 0.25, 2.0), history_frames=1)
+    assert codec.latent_channels == 6 and codec.num_frames_for(5) == 5
+    video = torch.rand(2, 5, 8, 4, 3, generator=torch.Generator().manual_seed(2))
+    lat = codec.encode(video)
+    assert lat.shape == (2, 6, 5, 8, 4) == (2, *codec.latent_shape(5, 8, 4))
+    own = PixelCodec(codec.mean, codec.std).encode(video)
+    torch.testing.assert_close(lat[:, :3], own)
+    # channels 3..5 of latent frame f are frame f - 1; before the clip starts, frame 0 is repeated
+    torch.testing.assert_close(lat[:, 3:, 1:], own[:, :, :-1])
+    torch.testing.assert_close(lat[:, 3:, 0], own[:, :, 0])
+    torch.testing.assert_close(codec.decode(lat), video, rtol=0, atol=1e-6)
+    # decode reads only each latent frame's own frame: the history channels cannot change the video
+    torch.testing.assert_close(codec.decode(torch.cat([lat[:, :3], torch.randn_like(lat[:, 3:])], 1)), video)
+    # latent frame f depends on frames up to f only, so causal rollouts and streaming decode stay valid
+    later = video.clone()
+    later[:, 3:] = torch.rand_like(later[:, 3:])
+    torch.testing.assert_close(codec.encode(later)[:, :, :3], lat[:, :, :3])
+    assert not torch.equal(codec.encode(later)[:, :, 3:], lat[:, :, 3:])
+
+    # with packing too: frames 2f, 2f+1 then 2f-1, 2f-2 (clamped to frame 0)
+    both = PixelCodec(codec.mean, codec.std, frames_per_latent=2, history_frames=2)
+    video = torch.rand(1, 6, 4, 4, 3, generator=torch.Generator().manual_seed(3))
+    lat, flat = both.encode(video), PixelCodec(codec.mean, codec.std).encode(video)
+    assert lat.shape == (1, 12, 3, 4, 4) and both.latent_channels == 12
+    for f, frames in enumerate([(0, 1, 0, 0), (2, 3, 1, 0), (4, 5, 3, 2)]):
+        torch.testing.assert_close(lat[0, :, f], torch.cat([flat[0, :, t] for t in frames]))
+    torch.testing.assert_close(both.decode(lat), video, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="history_frames"):
+        PixelCodec(history_frames=-1)
+    with pytest.raises(ValueError, match=r"\[B, 6, F"):
+        codec.decode(torch.zeros(1, 3, 2, 8, 4))
+
+
 def test_pixel_decode_clamps_only_when_asked():
     codec = PixelCodec()
     lat = torch.full((1, 3, 1, 2, 2), 3.0)  # 3 * 0.5 + 0.5 = 2.0 in pixel space
@@ -95,10 +129,13 @@ def test_pixel_save_load_and_load_codec(tmp_path):
     packed = PixelCodec.fit(world_clips(n=2, frames=4), frames_per_latent=2)
     packed.save_pretrained(tmp_path / "packed")
     assert load_codec(tmp_path / "packed").frames_per_latent == 2
-    # a codec.json written before frames_per_latent existed (the shipped teacher's) holds one frame per latent
-    del payload["frames_per_latent"]
+    PixelCodec.fit(world_clips(n=2), history_frames=1).save_pretrained(tmp_path / "history")
+    assert load_codec(tmp_path / "history").history_frames == 1
+    # a codec.json written before these keys existed holds one frame per latent frame and no history
+    del payload["frames_per_latent"], payload["history_frames"]
     (tmp_path / "codec.json").write_text(json.dumps(payload))
-    assert load_codec(tmp_path).frames_per_latent == 1
+    old = load_codec(tmp_path)
+    assert (old.frames_per_latent, old.history_frames, old.latent_channels) == (1, 0, 3)
 
 
 def test_bad_inputs_raise_clearly():

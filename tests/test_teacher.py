@@ -76,21 +76,64 @@ def test_pretraining_batches_never_contain_heldout_prompts_and_resume_exactly():
     assert a.train_step()["loss"] == b.train_step()["loss"]  # same data, noise and weights after a resume
 
 
-def test_pretraining_with_packed_frames_trains_on_clips_of_the_packed_length():
-    sets = ["pretrain.batch_size=2", "model.num_layers=1", "world.frames_per_latent=2"]
+@pytest.mark.parametrize("codec_set, frames_per_latent", [("world.frames_per_latent=2", 2),
+                                                         ("world.history_frames=1", 1)])
+def test_pretraining_with_six_channel_latents_trains_on_clips_of_the_right_length(codec_set, frames_per_latent):
+    sets = ["pretrain.batch_size=2", "model.num_layers=1", codec_set]
     with pytest.raises(ValueError, match="set video.latent_channels, model.in_channels and model.out_channels to 6"):
         build_world_components(load_config("tiny", sets))
     cfg = load_config("tiny", sets + ["video.latent_channels=6", "model.in_channels=6", "model.out_channels=6"])
     world, text, codec = build_world_components(cfg)
-    assert codec.frames_per_latent == 2
+    assert (codec.frames_per_latent, codec.history_frames) == (frames_per_latent, cfg.world.history_frames)
     trainer = TeacherPretraining(cfg, world, text, codec)
     x0, _, captions = trainer.batch(0)
     frames = cfg.video.train_latent_frames
     assert x0.shape == (2, 6, frames, cfg.video.latent_height, cfg.video.latent_width)
-    clip, caption = world.clip(0, 2 * frames)  # batch 0 of rank 0 starts at scene 0
+    clip, caption = world.clip(0, frames_per_latent * frames)  # batch 0 of rank 0 starts at scene 0
     assert caption == captions[0]
     np.testing.assert_allclose(codec.decode(x0[:1])[0].numpy(), clip, atol=1e-5)
     assert np.isfinite(trainer.train_step()["loss"])
+
+
+def test_init_from_a_narrower_teacher_starts_from_what_it_computed(tmp_path):
+    small = ["pretrain.batch_size=2", "model.num_layers=1"]
+    narrow_cfg = load_config("tiny", small)
+    world, text, narrow_codec = build_world_components(narrow_cfg)
+    narrow = TeacherPretraining(narrow_cfg, world, text, narrow_codec)
+    for _ in range(3):
+        narrow.train_step()
+    torch.save(narrow.state_dict(), tmp_path / "state.pt")
+    narrow.save_teacher(tmp_path / "bundle", {"steps": narrow.step})
+
+    cfg = load_config("tiny", small + ["world.history_frames=1", "video.latent_channels=6", "model.in_channels=6",
+                                       "model.out_channels=6", "seed=7"])
+    _, _, codec = build_world_components(cfg)
+    x0, embeds, _ = narrow.batch(0)
+    wide_x = codec.encode(torch.from_numpy(np.stack([world.clip(i, cfg.video.train_latent_frames)[0]
+                                                       for i in range(2)])))
+    t = torch.full((2,), 700.0)
+    for source, reference in ((tmp_path / "state.pt", narrow.raw), (tmp_path / "bundle", narrow.ema)):
+        wide = TeacherPretraining(cfg, world, text, codec)
+        before = wide.raw(wide_x, t, embeds, return_dict=False)[0]
+        wide.init_from(source)
+        assert wide.step == 0
+        with torch.no_grad():
+            got = wide.raw(wide_x, t, embeds, return_dict=False)[0]
+            want = reference(wide_x[:, :3], t, embeds, return_dict=False)[0]
+        # the new input channels are ignored at first, the old output channels are the narrow model's, and the
+        # history output starts as the same-colour prediction
+        torch.testing.assert_close(got[:, :3], want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[:, 3:], want, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(before[:, :3], want, atol=1e-3)  # it really changed from the random start
+        assert np.isfinite(wide.train_step()["loss"])
+    with pytest.raises(FileNotFoundError, match="init_from"):
+        wide.init_from(tmp_path / "missing")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a trainer state"):
+        wide.init_from(tmp_path / "other.pt")
+    deeper = TeacherPretraining(load_config("tiny", small + ["model.num_layers=2"]), world, text, narrow_codec)
+    with pytest.raises(ValueError, match="does not fit model"):
+        deeper.init_from(tmp_path / "state.pt")
 
 
 def test_missing_teacher_dir_names_what_is_expected(tmp_path):
@@ -136,6 +179,19 @@ def test_pretrain_job_on_the_local_ray_cluster_checkpoints_and_saves(ray_head, t
     # the test head has no dashboard, so the State API is down: the cleaner's polling stays quiet (init_ray's hook)
     assert "Failed to query Ray Train Controller" not in proc.stdout + proc.stderr
     assert json.loads((out / "card.json").read_text())["steps"] == 6
+    # a new run can start from that teacher with a wider codec (the shipped teacher was grown this way)
+    wide = tmp_path / "wide"
+    sets = ["pretrain.max_steps=2", f"pretrain.init_from={out}", "world.history_frames=1", "video.latent_channels=6",
+            "model.in_channels=6", "model.out_channels=6"]
+    proc = subprocess.run([*cmd[:-2], "--set", "pretrain.threads_per_worker=1", "--output", str(wide),
+                           *[arg for x in sets for arg in ("--set", x)]],
+                          env={**os.environ, "RAY_ADDRESS": ray_head.address}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).count(f"initialised from {out}") == 1
+    transformer, _, codec, card = load_teacher(wide)
+    assert (transformer.config.in_channels, codec.history_frames, card["steps"]) == (6, 1, 2)
+    assert card["config"]["pretrain"]["init_from"] == str(out)
 
 
 def _shipped_scores():
