@@ -30,9 +30,10 @@ def random_teacher(tmp_path_factory) -> Path:
     return random_bundle(tmp_path_factory.mktemp("teacher"))
 
 
-def cfg_hw() -> tuple[int, int]:
+def latent_chw() -> tuple[int, int, int]:
+    """The tiny preset's latent channels, height and width (what a stored latent frame holds)."""
     v = load_config("tiny").video
-    return v.latent_height, v.latent_width
+    return v.latent_channels, v.latent_height, v.latent_width
 
 
 def run_generate(args, env=None, **kw):
@@ -52,7 +53,7 @@ def check_roundtrip(uri: str, teacher: Path, kind: str, count: int, column: str)
     rows = list(read_rows(uri))
     assert sorted(r["sample_id"] for r in rows) == list(range(count))
     for r in rows:
-        assert r[column].dtype == torch.float16 and r[column].shape == (5, 12, 3, *cfg_hw())
+        assert r[column].dtype == torch.float16 and r[column].shape == (5, 12, *latent_chw())
     for index in (0, count - 1):
         row = next(r for r in rows if r["sample_id"] == index)
         expected = direct_states(teacher, kind, index)
@@ -139,7 +140,8 @@ def test_trajectory_states_sit_on_the_student_schedule(random_teacher):
     states = sampler.states([sampler.prompt(2)], [sampler.seed(2)])[0]
     from hiar.rollout import initial_noise
 
-    noise = initial_noise([sampler.seed(2)], 4, (3, 3, *cfg_hw()))
+    c, h, w = latent_chw()
+    noise = initial_noise([sampler.seed(2)], 4, (c, 3, h, w))
     embeds, null = text.encode([sampler.prompt(2)]), text.null_embedding(1)
     _, full = sample_teacher(transformer, noise, embeds, sampler.grid, negative_embeds=null,
                              guidance_scale=cfg.teacher.guidance_scale, keep=range(sampler.grid.numel()))

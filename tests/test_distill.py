@@ -15,6 +15,9 @@ from hiar.text import TextEncoder
 from hiar.world import train_prompts, vocabulary
 
 
+C = load_config("tiny").video.latent_channels  # the latent channels of the tiny preset's model
+
+
 @pytest.fixture(scope="module")
 def setup():
     cfg = load_config("tiny", ["distill.batch_size=2", "distill.micro_batch_size=2", "distill.ode_batch_size=2",
@@ -34,7 +37,7 @@ def test_self_rollout_at_last_exit_step_is_the_inference_rollout(setup, mode):
     cfg, model, text = setup
     prompts, seeds = train_prompts()[:2], [3, 4]
     vel = _velocity(model, text, cfg, prompts)
-    noise = initial_noise(seeds, 2, (3, 3, 16, 16))
+    noise = initial_noise(seeds, 2, (C, 3, 16, 16))
     sigmas = cfg.schedule.sigmas()
     with torch.no_grad():
         got = self_rollout(vel, noise, sigmas, seeds, mode=mode, exit_step=sigmas.numel() - 2)
@@ -53,7 +56,7 @@ def test_gradient_only_through_the_exit_step(setup, mode):
     graded = []
     handle = student.register_forward_hook(lambda m, i, o: graded.append(o[0].requires_grad if isinstance(o, tuple)
                                                                          else o.sample.requires_grad))
-    noise = initial_noise(seeds, 3, (3, 3, 16, 16))
+    noise = initial_noise(seeds, 3, (C, 3, 16, 16))
     out = self_rollout(vel, noise, cfg.schedule.sigmas(), seeds, mode=mode, exit_step=2)
     handle.remove()
     assert sum(graded) == 3  # one grad call per block
@@ -77,7 +80,7 @@ def test_ode_regression_loss_gathers_per_block_levels(setup):
             return (torch.zeros_like(x),)
 
     b, s1, f = 2, 5, 6
-    latents = torch.arange(s1, dtype=torch.float32).view(1, s1, 1, 1, 1, 1).expand(b, s1, 3, f, 2, 2).clone()
+    latents = torch.arange(s1, dtype=torch.float32).view(1, s1, 1, 1, 1, 1).expand(b, s1, C, f, 2, 2).clone()
     sigmas = cfg.schedule.sigmas()
     gen = torch.Generator().manual_seed(7)
     loss = ode_regression_loss(Zero(), text.encode(train_prompts()[:b]), latents, sigmas, 3, gen)
@@ -90,7 +93,7 @@ def test_fkl_regulariser_is_eq10_on_the_first_k_steps(setup):
     cfg, model, text = setup
     prompts = train_prompts()[:2]
     embeds = text.encode(prompts)
-    states = torch.randn(2, 5, 3, 6, 16, 16, generator=torch.Generator().manual_seed(1))
+    states = torch.randn(2, 5, C, 6, 16, 16, generator=torch.Generator().manual_seed(1))
     sigmas = cfg.schedule.sigmas()
     with torch.no_grad():
         got = fkl_regulariser(model, embeds, states, sigmas, 2, "bidirectional", 3)
@@ -113,7 +116,7 @@ def test_distiller_updates_critic_every_iteration_and_generator_every_ratio(setu
     gen = copy.deepcopy(model)
     d = Distiller(cfg, gen, copy.deepcopy(model), text)
     prompts = train_prompts()[:2]
-    states = torch.randn(2, 5, 3, 6, 16, 16)
+    states = torch.randn(2, 5, C, 6, 16, 16)
     g0 = [p.detach().clone() for p in d.generator.parameters()]
     c0 = [p.detach().clone() for p in d.critic.parameters()]
     t0 = [p.detach().clone() for p in d.teacher.parameters()]
@@ -137,7 +140,7 @@ def test_ode_init_step_reduces_loss_on_a_fixed_batch(setup):
     cfg2 = load_config("tiny", ["distill.ode_batch_size=2", "distill.micro_batch_size=2", "distill.lr_ode=1e-3",
                                 "video.train_latent_frames=6"])
     o = ODEInit(cfg2, copy.deepcopy(model), text)
-    latents = torch.randn(2, 5, 3, 6, 16, 16, generator=torch.Generator().manual_seed(2)) * 0.5
+    latents = torch.randn(2, 5, C, 6, 16, 16, generator=torch.Generator().manual_seed(2)) * 0.5
     losses = [o.train_step([(train_prompts()[:2], latents)])["ode_loss"] for _ in range(30)]
     assert sum(losses[-5:]) < 0.8 * sum(losses[:5]), losses
 
