@@ -196,7 +196,8 @@ class PixelCodec(Codec):
         b, _, f, h, w = z.shape
         k = self.frames_per_latent
         mean, std = self._stats(z)
-        video = z[:, : 3 * k].reshape(b, k, 3, f, h, w).permute(0, 3, 1, 4, 5, 2).reshape(b, f * k, h, w, 3) * std + mean
+        own = z[:, : 3 * k].reshape(b, k, 3, f, h, w)  # the history channels are not decoded
+        video = own.permute(0, 3, 1, 4, 5, 2).reshape(b, f * k, h, w, 3) * std + mean
         return (video.clamp(0.0, 1.0) if clamp else video).contiguous()
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> Tuple[int, int, int, int]:

@@ -49,6 +49,12 @@ def build_world_components(cfg: HiarConfig) -> tuple[SyntheticWorld, TextEncoder
     return world, text, codec
 
 
+def missing_init_from(source: str | Path) -> str:
+    """The error for a ``pretrain.init_from`` that does not exist (the job checks it before starting Ray)."""
+    return (f"pretrain.init_from={str(source)!r} does not exist; give a teacher bundle directory or a pretrain "
+            f"checkpoint's state.pt")
+
+
 def widen_channels(state: dict, in_channels: int, out_channels: int) -> dict:
     """A transformer state dict with more latent channels, computing what the narrower model computed.
 
@@ -170,8 +176,7 @@ class TeacherPretraining:
                                  f"TeacherPretraining.state_dict writes to a pretrain checkpoint's state.pt)")
             model, ema = state["model"], state["ema"]
         else:
-            raise FileNotFoundError(f"pretrain.init_from={str(source)!r} does not exist; give a teacher bundle "
-                                    f"directory or a pretrain checkpoint's state.pt")
+            raise FileNotFoundError(missing_init_from(source))
         m = self.cfg.model
         for target, weights in ((self.raw, model), (self.ema, ema)):
             try:
@@ -241,6 +246,6 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 __all__ = [
-    "TeacherPretraining", "build_world_components", "widen_channels", "evaluate_teacher", "save_teacher", "load_teacher",
-    "eval_prompts", "time_budget_left", "count_params",
+    "TeacherPretraining", "build_world_components", "widen_channels", "missing_init_from", "evaluate_teacher",
+    "save_teacher", "load_teacher", "eval_prompts", "time_budget_left", "count_params",
 ]

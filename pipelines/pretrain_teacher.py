@@ -173,8 +173,9 @@ def main(argv=None) -> int:
     except OSError as err:
         parser.error(f"cannot write the teacher to {output!r}: {err}")
     if cfg.pretrain.init_from and not Path(resolve_path(cfg.pretrain.init_from)).exists():
-        parser.error(f"pretrain.init_from={cfg.pretrain.init_from!r} does not exist; give a teacher bundle "
-                     f"directory or a pretrain checkpoint's state.pt")
+        from hiar.pretrain import missing_init_from
+
+        parser.error(missing_init_from(cfg.pretrain.init_from))
 
     import ray.train
     from ray.train.torch import TorchTrainer

@@ -109,7 +109,7 @@ def test_init_from_a_narrower_teacher_starts_from_what_it_computed(tmp_path):
 
     cfg = load_config("tiny", small + ["world.history_frames=1", "seed=7"])
     _, _, codec = build_world_components(cfg)
-    x0, embeds, _ = narrow.batch(0)
+    _, embeds, _ = narrow.batch(0)
     wide_x = codec.encode(torch.from_numpy(np.stack([world.clip(i, cfg.video.train_latent_frames)[0]
                                                        for i in range(2)])))
     t = torch.full((2,), 700.0)
