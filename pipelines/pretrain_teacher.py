@@ -55,7 +55,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             trainer.load_state_dict(torch.load(Path(d) / "state.pt", weights_only=False))
             meta = json.loads((Path(d) / "meta.json").read_text())
         print(f"[pretrain] rank {rank}: resumed at step {trainer.step} ({trainer.elapsed / 60:.1f} min trained)")
-    elif cfg.pretrain.init_from:
+    elif loop_config["init_from"]:
         trainer.init_from(loop_config["init_from"])
         print(f"[pretrain] rank {rank}: initialised from {loop_config['init_from']}")
 
@@ -172,7 +172,8 @@ def main(argv=None) -> int:
         probe.unlink()
     except OSError as err:
         parser.error(f"cannot write the teacher to {output!r}: {err}")
-    if cfg.pretrain.init_from and not Path(resolve_path(cfg.pretrain.init_from)).exists():
+    init_from = resolve_path(cfg.pretrain.init_from) if cfg.pretrain.init_from else ""
+    if init_from and not Path(init_from).exists():
         from hiar.pretrain import missing_init_from
 
         parser.error(missing_init_from(cfg.pretrain.init_from))
@@ -190,7 +191,7 @@ def main(argv=None) -> int:
         train_loop_config={
             "preset": args.preset, "overrides": args.overrides, "output": output,
             "tracking_uri": tracking_uri(run_dir), "experiment_id": experiment_id, "run_name": name,
-            "init_from": resolve_path(cfg.pretrain.init_from) if cfg.pretrain.init_from else "",
+            "init_from": init_from,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=False,
                                                resources_per_worker={"CPU": 1.0 / workers}),
