@@ -88,14 +88,26 @@ class VideoConfig:
 
 @dataclass
 class TeacherConfig:
-    path: str = ""  # diffusers-format transformer directory (local or s3://)
-    real_score_path: str = ""  # DMD real score (paper: Wan2.1-T2V-14B); empty = the teacher itself
+    path: str = ""  # data teacher and critic init: a Wan2.1 diffusers repository (or its transformer/), or a bundle;
+    # local or s3:// (hiar.bundle.open_model_dir)
+    real_score_path: str = ""  # DMD real score (paper: Wan2.1-T2V-14B), its own model; empty = the teacher itself
     num_steps: int = 48  # Euler steps for ODE pairs (public code: 48)
     shift: float = 8.0
     guidance_scale: float = 6.0
 
     def sigmas(self) -> torch.Tensor:
         return teacher_sigmas(self.num_steps, self.shift)
+
+
+@dataclass
+class PrecisionConfig:
+    """dtypes of each part on a GPU ("fp32" | "bf16" | "fp16"); on the CPU everything runs in fp32. Used wherever
+    a model is loaded for inference (data generation, evaluation, serving, the frozen real score, the text encoder
+    and VAE in training); trained weights stay fp32 (``distill.mixed_precision`` is their autocast)."""
+
+    transformer: str = "bf16"
+    text_encoder: str = "bf16"
+    vae: str = "fp32"  # Wan's VAE decodes visibly better in fp32; bf16 halves its memory
 
 
 @dataclass
@@ -107,7 +119,10 @@ class DataConfig:
     storage: str = ""  # local directory or s3://bucket/prefix; empty = <run_dir>/data
     dtype: str = "float16"  # stored tensor precision ("float16" | "float32")
     batch_size: int = 4  # samples per teacher call inside a shard
-    prompts_file: str = ""  # wan preset: one prompt per line (tiny: the synthetic world's training captions)
+    # prompt dataset (hiar.prompts): a .txt/.jsonl/.parquet file or a directory/prefix of them, local or s3://;
+    # required for every non-tiny preset (tiny without it: the synthetic world's captions)
+    prompts: str = ""
+    heldout_prompts: int = 64  # distinct prompts held out for evaluation, never trained on (hiar.prompts rule)
     actors: int = 2  # teacher actors in the Ray Data pool
     cpus_per_actor: float = 0.5  # fractional, so the pool never takes every CPU (DESIGN §8)
     gpus_per_actor: float = 0.0
@@ -140,7 +155,12 @@ class DistillConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional: a worker that reserves every CPU deadlocks Ray Data (DESIGN §8)
-    sharding: str = "ddp"  # "ddp" (gradients all-reduced) | "fsdp" (GPU clusters: generator and critic sharded)
+    # "ddp": every worker holds whole models, gradients all-reduced | "fsdp": FSDP2 (hiar.sharding) shards the
+    # generator, critic, EMA and (real_score_sharding) the real score per transformer block over the workers (gloo
+    # on CPU, NCCL on GPUs). fsdp with one worker warns and runs unsharded (the same as ddp with one worker).
+    sharding: str = "ddp"
+    real_score_sharding: str = "shard"  # fsdp only: "shard" the frozen real score too | "replicate" it per worker
+    activation_checkpointing: bool = False  # recompute each transformer block in backward (trained models)
     storage_path: str = ""  # Ray Train checkpoints: local dir or s3://; empty = <run_dir>/train
     checkpoint_every: int = 20  # generator steps
     keep_checkpoints: int = 2
@@ -190,7 +210,7 @@ class PretrainConfig:
 class EvalConfig:
     """Long-rollout evaluation (``pipelines/evaluate.py``): the paper's drift suite on held-out prompts."""
 
-    num_prompts: int = 8  # evenly spread over the held-out prompts (tiny) or the first N of prompts_file
+    num_prompts: int = 8  # evenly spread over the held-out prompts (tiny) or the first N held-out of data.prompts
     seeds: list[int] = field(default_factory=lambda: [0])
     rollouts: list[str] = field(default_factory=lambda: ["hierarchical", "block_first"])
     segments: int = 5  # drift suite: equal temporal segments (paper: 5)
@@ -211,7 +231,12 @@ class RegistryConfig:
     max_drift_increase: float = 0.0  # gate: challenger Drift Score <= champion's + this
     max_dynamics_drop: float = 0.05  # gate: dynamic degree not worse by more than this
     max_quality_drop: float = 0.0  # gate: oracle caption consistency (tiny) not worse by more than this
+    max_alignment_drop: float = 0.0  # gate: CLIP text-video alignment not worse by more than this
+    max_degradation_increase: float = 0.0  # gate: one learned drift scorer's degradation (dinov2, lpips, ...)
     gate_rollout: str = "hierarchical"  # the rollout mode whose evaluation metrics the gate compares
+    # the checks that gate this preset (hiar.gate.GATE_CHECKS: drift, dynamics, quality, alignment, dinov2, lpips,
+    # clip_iqa, musiq); drift and dynamics always; a check whose scorer was skipped (no weights) is reported, not gated
+    gate_metrics: list[str] = field(default_factory=lambda: ["drift", "dynamics", "alignment"])
 
 
 @dataclass
@@ -246,6 +271,7 @@ class HiarConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     video: VideoConfig = field(default_factory=VideoConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
@@ -280,9 +306,20 @@ def validate(cfg: HiarConfig) -> None:
     choice("distill.fkl_attention", cfg.distill.fkl_attention, ("bidirectional", "block_causal"))
     choice("distill.mixed_precision", cfg.distill.mixed_precision, ("auto", "bf16", "no"))
     choice("distill.sharding", cfg.distill.sharding, ("ddp", "fsdp"))
+    choice("distill.real_score_sharding", cfg.distill.real_score_sharding, ("shard", "replicate"))
+    for part in ("transformer", "text_encoder", "vae"):
+        choice(f"precision.{part}", getattr(cfg.precision, part), ("fp32", "bf16", "fp16"))
     if not 0.0 <= cfg.distill.min_t < cfg.distill.max_t <= 1.0:
         raise ValueError(f"need 0 <= distill.min_t < distill.max_t <= 1, got {cfg.distill.min_t}, {cfg.distill.max_t}")
     choice("data.dtype", cfg.data.dtype, ("float16", "float32"))
+    from hiar.gate import validate_checks
+
+    try:
+        validate_checks(cfg.registry.gate_metrics)
+    except ValueError as err:
+        raise ValueError(f"registry.gate_metrics: {err}") from None
+    if cfg.data.heldout_prompts < 1:
+        raise ValueError(f"data.heldout_prompts must be >= 1, got {cfg.data.heldout_prompts}")
     for mode in cfg.eval.rollouts:
         choice("eval.rollouts[]", mode, ("hierarchical", "block_first"))
     if r.frames_per_block < 1:

@@ -199,11 +199,16 @@ def write_manifest(uri: str, manifest: dict) -> None:
     write_json(fs, f"{path}/{MANIFEST}", manifest)
 
 
+#: A bundle's list of where copies of its shared components live: machine-specific, not what the model is.
+LOCATIONS = "locations.json"
+
+
 def checksum_dir(directory: str | Path) -> str:
     """sha256 over the weight files of a model directory (which teacher produced a dataset)."""
     h = hashlib.sha256()
     root = Path(directory)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin"))
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin")
+                   and p.name != LOCATIONS)
     if not files:
         raise FileNotFoundError(f"no model files under {str(root)!r}")
     for p in files:
@@ -257,3 +262,93 @@ def sample_seed(global_seed: int, kind: str, index: int) -> int:
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# ---------------------------------------------------------------------------------------------------- fetching
+FETCH_CACHE_ENV = "HIAR_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """Where fetched ``s3://`` directories live on this node: ``$HIAR_CACHE_DIR``, else ``~/.cache/hiar``."""
+    return Path(os.environ.get(FETCH_CACHE_ENV) or Path.home() / ".cache" / "hiar").expanduser()
+
+
+def local_dir(uri: str, what: str = "directory") -> Path:
+    """A local directory holding the files under ``uri``: a local path as it is; an ``s3://bucket/prefix`` fetched
+    once per node into the cache (``cache_root()/s3/<sha256 of the URI>``).
+
+    A fetch lists every object under the prefix first (an empty prefix is an error naming ``what`` and the URI),
+    downloads into a temporary directory, writes ``.hiar-fetch.json`` (the URI, each object's size and the sha256
+    of its bytes) and renames the directory into place, so a cache entry is complete or absent: a fetch killed
+    half-way leaves nothing that a later call would trust. A later call reuses the entry when its record still
+    matches the listing (same keys and sizes), else fetches again.
+    """
+    if "://" not in uri:
+        path = Path(uri).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"{what} {uri!r} does not exist")
+        return path
+    fs, prefix = resolve_uri(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+    except OSError as err:
+        raise FileNotFoundError(f"cannot list {what} {uri!r}: {err}") from err
+    objects = sorted((i.path[len(prefix):].lstrip("/"), i.size) for i in infos if i.type == pafs.FileType.File)
+    if not objects:
+        raise FileNotFoundError(f"{what} {uri!r}: no objects under this S3 prefix")
+    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    final = cache_root() / "s3" / key
+    record_name = ".hiar-fetch.json"
+    listing = [[name, size] for name, size in objects]
+    try:
+        record = json.loads((final / record_name).read_text())
+        if record.get("uri", "").rstrip("/") == uri.rstrip("/") and [[o[0], o[1]] for o in record.get("objects", [])] == listing:
+            return final
+    except (OSError, ValueError):
+        pass
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{key}.tmp-{uuid.uuid4().hex}"
+    try:
+        files = []
+        for name, size in objects:
+            dst = tmp / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            digest = hashlib.sha256()
+            with fs.open_input_stream(f"{prefix}/{name}") as src, open(dst, "wb") as out:
+                while chunk := src.read(8 << 20):
+                    digest.update(chunk)
+                    out.write(chunk)
+            if dst.stat().st_size != size:
+                raise OSError(f"{uri}/{name}: fetched {dst.stat().st_size} bytes, the listing said {size}")
+            files.append([name, size, digest.hexdigest()])
+        (tmp / record_name).write_text(json.dumps({"uri": uri.rstrip("/"), "objects": files, "fetched_at": now()}, indent=1))
+        if final.exists():
+            import shutil
+
+            shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def tree_sha256(root: str | Path, parts: Sequence[str]) -> str:
+    """sha256 (64 hex) over every file under ``root/<part>`` for each part (a folder or a file), names and bytes,
+    in sorted order: the content identity of a shared model component (text encoder, VAE)."""
+    h = hashlib.sha256()
+    base = Path(root)
+    files = []
+    for part in parts:
+        p = base / part
+        files += [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    if not files:
+        raise FileNotFoundError(f"no files under {str(base)!r} for {list(parts)}")
+    for f in sorted(files):
+        h.update(f.relative_to(base).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(8 << 20):
+                h.update(chunk)
+    return h.hexdigest()

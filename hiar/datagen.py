@@ -36,37 +36,49 @@ def kind_steps(cfg: HiarConfig, kind: str) -> int:
     return cfg.teacher.num_steps if kind == "ode_pairs" else cfg.data.trajectory_steps
 
 
-def generation_settings(cfg: HiarConfig, kind: str) -> dict:
-    """Everything that determines the samples (content-addresses the dataset together with the teacher)."""
+def generation_settings(cfg: HiarConfig, kind: str, prompts=None) -> dict:
+    """Everything that determines the samples (content-addresses the dataset together with the teacher).
+    ``prompts``: the config's ``hiar.prompts.PromptSet`` (loaded from the config when not given)."""
+    if prompts is None:
+        from hiar.prompts import prompt_set
+
+        prompts = prompt_set(cfg)
     v = cfg.video
     return {
         "kind": kind, "seed": cfg.seed, "num_steps": kind_steps(cfg, kind), "shift": cfg.teacher.shift,
         "guidance_scale": cfg.teacher.guidance_scale, "student_sigmas": cfg.schedule.sigmas().tolist(),
         "latent_shape": [v.train_latent_frames, v.latent_channels, v.latent_height, v.latent_width],
         "frames_per_block": cfg.rollout.frames_per_block, "shard_size": cfg.data.shard_size, "dtype": cfg.data.dtype,
-        "prompts": cfg.data.prompts_file or "world:train",
+        # the prompt set by content (not by path): the deduplicated list and the held-out split fix the training list
+        "prompts": {"sha256": prompts.sha256, "heldout_sha256": prompts.heldout_sha256},
     }
 
 
 def prompt_source(cfg: HiarConfig) -> list[str]:
-    """tiny: the synthetic world's training captions; otherwise one prompt per line of ``data.prompts_file``."""
-    if cfg.data.prompts_file:
-        path = Path(cfg.data.prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts file {str(path)!r} does not exist (data.prompts_file)")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"prompts file {str(path)!r} has no prompts")
-        return prompts
-    from hiar.world import train_prompts
+    """The training prompts (``hiar.prompts.prompt_set(cfg).train``): tiny without ``data.prompts``, the synthetic
+    world's training captions; otherwise the dataset's training split (its held-out prompts never appear).
+    Raises ValueError / FileNotFoundError for a missing or bad prompt dataset."""
+    from hiar.prompts import prompt_set
 
-    return train_prompts()
+    return list(prompt_set(cfg).train)
+
+
+def shard_items(prompts: list[str] | tuple[str, ...], shards, plan) -> list[dict]:
+    """Ray Data items: one per shard, carrying its sample indices and their prompts (sample ``i`` takes
+    ``prompts[i % len(prompts)]``), so the actors never read the prompt dataset themselves."""
+    out = []
+    for s in shards:
+        indices = list(plan.samples(int(s)))
+        out.append({"shard": int(s), "indices": indices, "prompts": [prompts[i % len(prompts)] for i in indices]})
+    return out
 
 
 class TeacherSampler:
-    """Turns sample indices into dataset rows (DESIGN.md §4) with a loaded teacher."""
+    """Turns sample indices into dataset rows (DESIGN.md §4) with a loaded teacher. ``prompts``: the training
+    prompts that :meth:`prompt` indexes (sample ``i`` takes ``prompts[i % len(prompts)]``); may be empty when every
+    :meth:`rows` call passes the prompts of its samples (the Ray Data items carry them)."""
 
-    def __init__(self, cfg: HiarConfig, kind: str, transformer, text, prompts: list[str]):
+    def __init__(self, cfg: HiarConfig, kind: str, transformer, text, prompts: list[str] | tuple[str, ...] = ()):
         self.cfg, self.kind, self.transformer, self.text, self.prompts = cfg, kind, transformer, text, prompts
         self.num_steps = kind_steps(cfg, kind)
         student = cfg.schedule.sigmas()
@@ -74,6 +86,8 @@ class TeacherSampler:
         self.timesteps = (self.grid[self.keep] * 1000.0).tolist()
 
     def prompt(self, index: int) -> str:
+        if not self.prompts:
+            raise ValueError("TeacherSampler was built without prompts: pass the samples' prompts to rows()")
         return self.prompts[index % len(self.prompts)]
 
     def seed(self, index: int) -> int:
@@ -93,16 +107,20 @@ class TeacherSampler:
         # [S + 1] x [B, C, F, H, W] -> [B, S + 1, F, C, H, W]
         return torch.stack([kept[i] for i in self.keep], dim=1).permute(0, 1, 3, 2, 4, 5).float().cpu()
 
-    def rows(self, indices: list[int]) -> list[dict]:
+    def rows(self, indices: list[int], prompts: list[str] | None = None) -> list[dict]:
+        """Rows of samples ``indices``; ``prompts[j]`` is the prompt of ``indices[j]`` (default: :meth:`prompt`)."""
+        if prompts is not None and len(prompts) != len(indices):
+            raise ValueError(f"rows(): {len(indices)} indices but {len(prompts)} prompts")
         out = []
         bs = max(1, self.cfg.data.batch_size)
         column = TENSOR_COLUMN[self.kind]
         for start in range(0, len(indices), bs):
             chunk = indices[start : start + bs]
-            prompts, seeds = [self.prompt(i) for i in chunk], [self.seed(i) for i in chunk]
-            states = self.states(prompts, seeds)
+            texts = list(prompts[start : start + bs]) if prompts is not None else [self.prompt(i) for i in chunk]
+            seeds = [self.seed(i) for i in chunk]
+            states = self.states(texts, seeds)
             for j, i in enumerate(chunk):
-                row = {"sample_id": i, "prompt": prompts[j], "seed": seeds[j], "timesteps": self.timesteps,
+                row = {"sample_id": i, "prompt": texts[j], "seed": seeds[j], "timesteps": self.timesteps,
                        column: states[j].numpy()}
                 if self.kind == "trajectories":
                     row["num_steps"] = self.num_steps
@@ -110,19 +128,11 @@ class TeacherSampler:
         return out
 
 
-def load_teacher_components(cfg: HiarConfig, path: str):
-    """(transformer, text encoder) from a teacher directory: a tiny teacher written by ``save_teacher`` or a
-    diffusers Wan2.1 pipeline (``path`` is its root or its ``transformer/`` folder; text from the same root)."""
-    from hiar.model import CausalWanTransformer3DModel
-    from hiar.text import TextEncoder
+def load_teacher_components(cfg: HiarConfig, path: str, device: str = "cpu"):
+    """(transformer, text encoder) of the data teacher at ``path`` (either layout of ``hiar.bundle``, local or
+    ``s3://``), on ``device`` in the configured precision (float32 on the CPU)."""
+    from hiar.bundle import load_text, load_transformer, open_model_dir, runtime_dtypes
 
-    root = Path(path)
-    if not root.exists():
-        raise FileNotFoundError(f"teacher directory {str(root)!r} does not exist (teacher.path)")
-    if (root / "transformer").is_dir():
-        transformer_dir = root / "transformer"
-    else:
-        transformer_dir, root = root, root.parent
-    transformer = CausalWanTransformer3DModel.from_pretrained(transformer_dir).eval()
-    text = TextEncoder.from_pretrained(root)
-    return transformer, text
+    md = open_model_dir(path, "teacher directory (teacher.path)")
+    dtypes = runtime_dtypes(cfg, device)
+    return load_transformer(md, device, dtypes["transformer"]), load_text(md, device, dtypes["text_encoder"])

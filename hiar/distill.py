@@ -17,6 +17,11 @@ Pure PyTorch; ``pipelines/train.py`` wraps these pieces in Ray Train.  The train
 Gradients of data-parallel workers are averaged with one ``all_reduce`` per parameter tensor
 (:func:`average_gradients`) rather than by wrapping the models in DDP: the generator is called many times per
 step (one call per block and step), which DDP's once-per-forward reducer does not model.
+
+With ``distill.sharding: fsdp`` and more than one worker the generator, the critic, the EMA and (per
+``distill.real_score_sharding``) the real score are sharded with FSDP2 at construction (:mod:`hiar.sharding`):
+FSDP reduce-scatters the gradients itself, so :func:`average_gradients` is skipped; the training step is the
+same code.  ``distill.activation_checkpointing`` checkpoints each transformer block of the trained models.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hiar import sharding
 from hiar.config import HiarConfig
 from hiar.losses import dmd_generator_loss, fkl_loss, flow_matching_loss
 from hiar.rollout import StepStage, _split_blocks, advance, initial_noise
@@ -143,6 +149,15 @@ def average_gradients(model: torch.nn.Module) -> None:
         p.grad.div_(world)
 
 
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """``clip_grad_norm_`` (plain or DTensor gradients: the norm of a sharded model is reduced over its shards);
+    returns the total norm before clipping as a float."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
 def autocast(cfg: HiarConfig, device: torch.device):
     """bf16 autocast where the device supports it and the config asks (``distill.mixed_precision``)."""
     mode = cfg.distill.mixed_precision
@@ -172,6 +187,15 @@ class ODEInit:
         self.cfg, self.text, self.rank, self.world_size = cfg, text, rank, world_size
         self.student = student.train().requires_grad_(True)
         d = cfg.distill
+        self.device = next(student.parameters()).device
+        if d.activation_checkpointing:
+            sharding.activation_checkpointing(self.student, True)
+        self.fsdp = sharding.fsdp_enabled(cfg, world_size)
+        self._skeleton = None
+        if self.fsdp:
+            self._skeleton = copy.deepcopy(student).to("meta")
+            mesh = sharding.device_mesh(self.device, world_size)
+            sharding.shard_model(self.student, mesh, sharding.mixed_precision_policy(cfg, self.device))
         self.opt = torch.optim.AdamW(self.student.parameters(), lr=d.lr_ode, betas=tuple(d.betas),
                                      weight_decay=0.0)
         self.sigmas = cfg.schedule.sigmas()
@@ -189,19 +213,35 @@ class ODEInit:
                                        gen)
             (loss / self.accum).backward()
             total += loss.item() / self.accum
-        average_gradients(self.student)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.distill.grad_clip)
+        if not self.fsdp:
+            average_gradients(self.student)  # FSDP reduce-scatters the gradients in backward
+        grad_norm = clip_gradients(self.student, self.cfg.distill.grad_clip)
         self.opt.step()
         self.step += 1
-        return {"ode_loss": total, "ode_grad_norm": float(grad_norm)}
+        return {"ode_loss": total, "ode_grad_norm": grad_norm}
 
     def state_dict(self) -> dict:
+        """The trainer state; with FSDP a collective (every rank must call it) returning whole tensors on rank 0
+        (``{}`` for the models and optimiser elsewhere), so a checkpoint loads with any worker count."""
+        if self.fsdp:
+            return {"student": sharding.full_state_dict(self.student),
+                    "opt": sharding.full_optimizer_state_dict(self.student, self.opt), "step": self.step,
+                    "format": "full"}
         return {"student": self.student.state_dict(), "opt": self.opt.state_dict(), "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.student.load_state_dict(state["student"])
-        self.opt.load_state_dict(state["opt"])
+        # either layout (plain or gathered from shards) into either mode: resume with another worker count
+        sharding.load_full_state_dict(self.student, state["student"])
+        sharding.load_full_optimizer_state_dict(self.student, self.opt, state["opt"])
         self.step = int(state["step"])
+
+    def export_model(self):
+        """The student as one plain module: itself unsharded; with FSDP a collective that returns a copy on
+        rank 0 and None elsewhere."""
+        if not self.fsdp:
+            return self.student
+        state = sharding.full_state_dict(self.student)
+        return sharding.unsharded_copy(self._skeleton, state, self.device).eval() if self.rank == 0 else None
 
 
 @dataclass
@@ -211,23 +251,42 @@ class IterationLog:
 
 
 class Distiller:
-    """Generator (causal student), critic (fake score, bidirectional) and frozen real score (teacher + CFG)."""
+    """Generator (causal student), critic (fake score, bidirectional) and frozen real score (with CFG).
+
+    ``teacher`` initialises the critic; ``real_score`` is DMD's real score, its own model (paper: Wan2.1-T2V-14B
+    while the teacher is the 1.3B), or the teacher itself when None. The real score only runs forward: it can
+    be loaded in bf16 (``hiar.bundle.runtime_dtypes``)."""
 
     def __init__(self, cfg: HiarConfig, generator: torch.nn.Module, teacher: torch.nn.Module, text,
-                 critic: torch.nn.Module | None = None, rank: int = 0, world_size: int = 1):
+                 critic: torch.nn.Module | None = None, rank: int = 0, world_size: int = 1,
+                 real_score: torch.nn.Module | None = None):
         d = cfg.distill
         self.cfg, self.text, self.rank, self.world_size = cfg, text, rank, world_size
         self.generator = generator.train().requires_grad_(True)
         self.critic = (critic if critic is not None else copy.deepcopy(teacher)).train().requires_grad_(True)
-        self.teacher = teacher.eval().requires_grad_(False)
+        self.real_score = (real_score if real_score is not None else teacher).eval().requires_grad_(False)
         self.ema = copy.deepcopy(generator).eval().requires_grad_(False)
+        self.device = next(generator.parameters()).device
+        if d.activation_checkpointing:
+            sharding.activation_checkpointing(self.generator, True)
+            sharding.activation_checkpointing(self.critic, True)
+        self.fsdp = sharding.fsdp_enabled(cfg, world_size)
+        self._skeleton = None
+        if self.fsdp:
+            self._skeleton = copy.deepcopy(self.ema).to("meta")  # the EMA's structure, for the unsharded export
+            mesh = sharding.device_mesh(self.device, world_size)
+            mp = sharding.mixed_precision_policy(cfg, self.device)
+            sharding.shard_model(self.generator, mesh, mp)
+            sharding.shard_model(self.critic, mesh, mp)
+            sharding.shard_model(self.ema, mesh)  # fp32 shards lined up with the generator's; never runs sharded
+            if d.real_score_sharding == "shard":
+                sharding.shard_model(self.real_score, mesh)  # frozen: its load dtype (bf16 on GPUs), no policy
         betas = tuple(d.betas)
         self.opt_g = torch.optim.AdamW(self.generator.parameters(), lr=d.lr_generator, betas=betas, weight_decay=0.0)
         self.opt_c = torch.optim.AdamW(self.critic.parameters(), lr=d.lr_critic, betas=betas, weight_decay=0.0)
         self.sigmas = cfg.schedule.sigmas()
         self.iteration = 0  # critic updates; the generator updates every critic_ratio-th
         self.accum = accumulation_steps(d.batch_size, d.micro_batch_size, world_size)
-        self.device = next(generator.parameters()).device
         self.null = text.null_embedding(1).to(self.device)
 
     @property
@@ -250,7 +309,7 @@ class Distiller:
         noise = torch.randn(x0.shape, generator=gen).to(self.device)
         x_t = add_noise(x0.detach(), noise, sigma.view(-1, 1, 1, 1, 1))
         with torch.no_grad():
-            real = GuidedVelocity(self.teacher, embeds, self.null.expand(b, -1, -1),
+            real = GuidedVelocity(self.real_score, embeds, self.null.expand(b, -1, -1),
                                   guidance_scale=self.cfg.teacher.guidance_scale)
             fake = GuidedVelocity(self.critic, embeds)
             real_x0 = clean_estimate(real, x_t, sigma)
@@ -290,10 +349,11 @@ class Distiller:
                     metrics["dmd_loss"] = metrics.get("dmd_loss", 0.0) + dmd.item() / self.accum
             samples.append((x0.detach(), embeds, gen))
         if update_generator:
-            average_gradients(self.generator)
-            metrics["generator_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.generator.parameters(), d.grad_clip))
+            if not self.fsdp:
+                average_gradients(self.generator)  # FSDP reduce-scatters the gradients in backward
+            metrics["generator_grad_norm"] = clip_gradients(self.generator, d.grad_clip)
             self.opt_g.step()
-            ema_update(self.ema, self.generator, d.ema_decay)
+            (sharding.ema_update if self.fsdp else ema_update)(self.ema, self.generator, d.ema_decay)
 
         # Critic: flow matching on the generator's (detached) samples -- the fake score tracks the generator.
         self.opt_c.zero_grad(set_to_none=True)
@@ -307,26 +367,43 @@ class Distiller:
                                             per_frame(sigma, x0.shape[2]), noise)
             (loss_c / self.accum).backward()
             critic_total += loss_c.item() / self.accum
-        average_gradients(self.critic)
-        metrics["critic_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.critic.parameters(), d.grad_clip))
+        if not self.fsdp:
+            average_gradients(self.critic)
+        metrics["critic_grad_norm"] = clip_gradients(self.critic, d.grad_clip)
         self.opt_c.step()
         metrics["critic_loss"] = critic_total
         self.iteration += 1
         return IterationLog(update_generator, metrics)
 
     def state_dict(self) -> dict:
+        """The trainer state; with FSDP a collective (every rank must call it) returning whole tensors on rank 0
+        (``{}`` for the models and optimisers elsewhere), so a checkpoint loads with any worker count."""
+        if self.fsdp:
+            full = sharding.full_state_dict
+            return {"generator": full(self.generator), "critic": full(self.critic), "ema": full(self.ema),
+                    "opt_g": sharding.full_optimizer_state_dict(self.generator, self.opt_g),
+                    "opt_c": sharding.full_optimizer_state_dict(self.critic, self.opt_c),
+                    "iteration": self.iteration, "format": "full"}
         return {"generator": self.generator.state_dict(), "critic": self.critic.state_dict(),
                 "ema": self.ema.state_dict(), "opt_g": self.opt_g.state_dict(), "opt_c": self.opt_c.state_dict(),
                 "iteration": self.iteration}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.load_state_dict(state["generator"])
-        self.critic.load_state_dict(state["critic"])
-        self.ema.load_state_dict(state["ema"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_c.load_state_dict(state["opt_c"])
+        # either layout (plain or gathered from shards) into either mode: resume with another worker count
+        for name in ("generator", "critic", "ema"):
+            sharding.load_full_state_dict(getattr(self, name), state[name])
+        sharding.load_full_optimizer_state_dict(self.generator, self.opt_g, state["opt_g"])
+        sharding.load_full_optimizer_state_dict(self.critic, self.opt_c, state["opt_c"])
         self.iteration = int(state["iteration"])
+
+    def export_model(self):
+        """The EMA generator as one plain module: ``self.ema`` unsharded; with FSDP a collective (every rank must
+        call it) that returns a copy on rank 0 and None elsewhere."""
+        if not self.fsdp:
+            return self.ema
+        state = sharding.full_state_dict(self.ema)
+        return sharding.unsharded_copy(self._skeleton, state, self.device).eval() if self.rank == 0 else None
 
 
 __all__ = ["self_rollout", "ode_regression_loss", "fkl_regulariser", "clean_estimate", "score_sigmas",
-           "average_gradients", "ODEInit", "Distiller", "accumulation_steps", "ROLLOUT_MODES"]
+           "average_gradients", "clip_gradients", "ODEInit", "Distiller", "accumulation_steps", "ROLLOUT_MODES"]

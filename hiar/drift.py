@@ -72,13 +72,34 @@ Metrics.  Three are weight-free and always computed (:func:`pixel_scorers`):
 
 Four are learned and never downloaded (:func:`learned_scorers`): each looks for
 its weights under ``<weights_dir>/<subdir>`` where ``weights_dir`` is an
-argument or the ``HIAR_SCORER_WEIGHTS`` environment variable.  When they are
-absent (or cannot be loaded) the metric is listed in ``DriftReport.skipped``
-with the reason, never reported as 0 or NaN.  ``dinov2_similarity`` and
-``clip_iqa`` have built-in loaders (a Hugging Face ``transformers`` directory);
-``lpips_distance`` and ``musiq`` only have the loader hook (``loader=``
-argument, or any object following :class:`Scorer`), because neither network
-can be built offline from this environment's packages.
+argument or the ``HIAR_SCORER_WEIGHTS`` environment variable: a local
+directory, or an ``s3://bucket/prefix`` fetched on first use, once per node,
+into a checksummed cache (``hiar.data.local_dir``; never a model hub).  When
+they are absent, cannot be fetched or loaded, or their
+library is not importable, the metric is listed in ``DriftReport.skipped``
+with the reason, never reported as 0 or NaN.  Formats, each the library's own:
+
+* ``dinov2/`` -- ``dinov2_similarity``: a ``transformers`` ``Dinov2Model``
+  ``save_pretrained`` directory;
+* ``clip_iqa/`` -- ``clip_iqa``: a ``transformers`` ``CLIPModel`` plus its
+  tokenizer;
+* ``lpips/`` -- ``lpips_distance``: ``lpips.pth``, the ``state_dict`` of a whole
+  ``lpips.LPIPS`` module (backbone included: nothing is fetched from the
+  torchvision model zoo), and optionally ``config.json`` ``{"net": "alex",
+  "version": "0.1"}``; needs the ``lpips`` package (and torchvision);
+* ``musiq/`` -- ``musiq``: one pyiqa MUSIQ checkpoint ``*.pth`` (the files pyiqa
+  publishes); needs the ``pyiqa`` package.
+
+Plus one that needs the prompt and is not a drift metric: ``clip_text``
+(:class:`ClipTextAlignmentScorer`, ``clip/``: a ``transformers`` ``CLIPModel``
+plus tokenizer, optionally a ``CLIPProcessor`` for its image mean/std),
+the text-video alignment -- mean cosine similarity of the prompt's CLIP text
+embedding and each frame's image embedding (higher is better).  Its per-segment
+values are in ``DriftReport.alignment`` (metrics ``alignment/clip_text``, the
+mean, ``alignment/clip_text_slope`` and ``alignment/clip_text_seg<k>``) and never
+enter the Drift Score; :func:`drift_report` computes it only when given
+``prompt=``.  Any other metric has the loader hook (``loader=`` argument, or
+any object following :class:`Scorer`).
 
 Dynamics (:func:`dynamics`) follow VBench's ``dynamic_degree`` (see the
 function) with OpenCV DIS optical flow in place of RAFT.
@@ -97,7 +118,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
@@ -118,6 +139,7 @@ __all__ = [
     "LpipsDistanceScorer",
     "MusiqScorer",
     "ClipIqaScorer",
+    "ClipTextAlignmentScorer",
     "pixel_scorers",
     "learned_scorers",
     "scorer_weights_dir",
@@ -309,12 +331,30 @@ def pixel_scorers() -> List[Scorer]:
     return [SaturationScorer(), SharpnessScorer(), PixelSimilarityScorer()]
 
 
-def scorer_weights_dir(weights_dir: Optional[os.PathLike | str] = None) -> Optional[Path]:
-    """The learned scorers' weight root: the argument, else ``$HIAR_SCORER_WEIGHTS``, else None."""
+def _weights_source(weights_dir: Optional[os.PathLike | str]) -> Optional[str]:
+    """The argument, else ``$HIAR_SCORER_WEIGHTS``, else None (as given: a local path or an ``s3://`` URI)."""
     if weights_dir is not None:
-        return Path(weights_dir)
-    env = os.environ.get(WEIGHTS_ENV, "").strip()
-    return Path(env) if env else None
+        return str(weights_dir)
+    return os.environ.get(WEIGHTS_ENV, "").strip() or None
+
+
+def _fetch_weights(source: str) -> Path:
+    """A local directory for ``source``: a local path as it is; an ``s3://`` prefix fetched once per node into a
+    checksummed cache (:func:`hiar.data.local_dir`)."""
+    if "://" not in source:
+        return Path(source)
+    from hiar.data import local_dir
+
+    return local_dir(source, what="scorer weights")
+
+
+def scorer_weights_dir(weights_dir: Optional[os.PathLike | str] = None) -> Optional[Path]:
+    """The learned scorers' weight root: the argument, else ``$HIAR_SCORER_WEIGHTS``, else None.
+
+    An ``s3://bucket/prefix`` is fetched (once per node, :func:`hiar.data.local_dir`) and its local copy returned.
+    """
+    source = _weights_source(weights_dir)
+    return None if source is None else _fetch_weights(source)
 
 
 #: A loader turns a weights directory and a torch device name into a per-segment scoring function.
@@ -344,11 +384,19 @@ class WeightsScorer:
         device: str = "cpu",
         loader: Optional[Loader] = None,
     ) -> None:
-        self.root = scorer_weights_dir(weights_dir)
+        self.source = _weights_source(weights_dir)  # a local path or an s3:// URI, fetched lazily (on first use)
+        self._root: Optional[Path] = None if self.source is None or "://" in self.source else Path(self.source)
         self.device = device
         self._loader = loader or self.default_loader
         self._fn: Optional[Callable[[np.ndarray], float]] = None
         self._status: Optional[Tuple[bool, str]] = None
+
+    @property
+    def root(self) -> Optional[Path]:
+        """The local weights root (an ``s3://`` source is fetched on first access, once per node)."""
+        if self._root is None and self.source is not None:
+            self._root = _fetch_weights(self.source)
+        return self._root
 
     @property
     def weights_path(self) -> Optional[Path]:
@@ -365,7 +413,10 @@ class WeightsScorer:
         return self._status
 
     def _try_load(self) -> Tuple[bool, str]:
-        path = self.weights_path
+        try:
+            path = self.weights_path
+        except Exception as exc:  # an s3:// source that cannot be listed or fetched: reported, not raised
+            return False, f"scorer weights {self.source} could not be fetched: {type(exc).__name__}: {exc}"
         if path is None:
             return False, f"no weights directory: set ${WEIGHTS_ENV} or pass weights_dir (expects <dir>/{self.subdir})"
         if not path.is_dir():
@@ -479,29 +530,176 @@ class ClipIqaScorer(WeightsScorer):
         return score
 
 
+def _import_library(module: str, metric: str):
+    """``import module``, or ImportError saying which metric needs it (the scorer then reports itself skipped)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a broken dependency (torchvision) failing at import time
+        raise ImportError(f"the {module!r} package is not importable here ({type(exc).__name__}: {exc}); "
+                          f"{metric} needs it, or pass loader=...") from exc
+
+
 class LpipsDistanceScorer(WeightsScorer):
-    """LPIPS distance of consecutive frames: loader hook only (needs the ``lpips`` network; none is built in)."""
+    """LPIPS distance of consecutive frames (lower = more alike), mean over the segment's pairs.
+
+    Weights: ``<weights_dir>/lpips/lpips.pth`` = ``torch.save(lpips.LPIPS(net=...).state_dict())`` (the whole
+    module, backbone included, so nothing is fetched from the torchvision model zoo) and optionally
+    ``config.json`` ``{"net": "alex" | "vgg" | "squeeze", "version": "0.1"}``.  Needs the ``lpips`` package.
+    """
 
     name = "lpips_distance"
     subdir = "lpips"
     worse = "both"
     floor = METRIC_FLOORS["lpips_distance"]
 
+    def default_loader(self, path: Path, device: str) -> Callable[[np.ndarray], float]:
+        import json
+
+        import torch
+
+        lpips = _import_library("lpips", self.name)
+        conf = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        state_file = path / "lpips.pth"
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{state_file} (a state_dict of lpips.LPIPS) is missing")
+        # pretrained=False, pnet_rand=True: build the architecture only -- no download of any kind
+        model = lpips.LPIPS(net=conf.get("net", "alex"), version=conf.get("version", "0.1"), pretrained=False,
+                            pnet_rand=True, verbose=False)
+        model.load_state_dict(torch.load(state_file, map_location="cpu", weights_only=True))
+        model = model.to(device).eval()
+
+        def score(frames: np.ndarray) -> float:
+            x = torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.float32)) * 2.0 - 1.0
+            with torch.no_grad():
+                return float(model(x[1:].to(device), x[:-1].to(device)).mean())
+
+        return score
+
 
 class MusiqScorer(WeightsScorer):
-    """MUSIQ image quality (0..100), mean over frames: loader hook only (no offline MUSIQ network is built in)."""
+    """MUSIQ image quality (0..100), mean over frames.
+
+    Weights: exactly one pyiqa MUSIQ checkpoint ``<weights_dir>/musiq/*.pth`` (pyiqa's own release format, e.g.
+    ``musiq_koniq_ckpt-*.pth``), loaded with ``pretrained_model_path`` so pyiqa downloads nothing.  Needs the
+    ``pyiqa`` package.
+    """
 
     name = "musiq"
     subdir = "musiq"
     worse = "down"
     floor = METRIC_FLOORS["musiq"]
 
+    def default_loader(self, path: Path, device: str) -> Callable[[np.ndarray], float]:
+        import torch
+
+        _import_library("pyiqa", self.name)
+        from pyiqa.archs.musiq_arch import MUSIQ
+
+        ckpts = sorted(path.glob("*.pth"))
+        if len(ckpts) != 1:
+            raise FileNotFoundError(f"expected exactly one pyiqa MUSIQ checkpoint (*.pth) in {path}, found "
+                                    f"{[c.name for c in ckpts]}")
+        model = MUSIQ(pretrained_model_path=str(ckpts[0])).to(device).eval()
+
+        def score(frames: np.ndarray) -> float:
+            x = torch.from_numpy(np.ascontiguousarray(frames.transpose(0, 3, 1, 2), dtype=np.float32))
+            with torch.no_grad():
+                return float(model(x.to(device)).mean())
+
+        return score
+
+
+def _clip_normalisation(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """``image_mean`` / ``image_std`` of a saved image processor, else CLIP's: ``preprocessor_config.json`` (an
+    image processor's ``save_pretrained``) or ``processor_config.json``'s ``image_processor`` (a ``CLIPProcessor``'s,
+    transformers >= 5).  Read as JSON: the processor class itself would need torchvision."""
+    import json
+
+    conf: Dict[str, Any] = {}
+    for name, key in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
+        if (path / name).is_file():
+            data = json.loads((path / name).read_text())
+            conf = data.get(key, {}) if key else data
+            if "image_mean" in conf:
+                break
+    mean = np.asarray(conf.get("image_mean", _CLIP_MEAN), dtype=np.float32)
+    std = np.asarray(conf.get("image_std", _CLIP_STD), dtype=np.float32)
+    if mean.shape != (3,) or std.shape != (3,) or not np.all(std > 0):
+        raise ValueError(f"{path}: image_mean / image_std must be 3 values (std > 0)")
+    return mean, std
+
+
+class ClipTextAlignmentScorer(WeightsScorer):
+    """Text-video alignment: mean cosine similarity of the prompt's CLIP text embedding and the frames' image
+    embeddings (in [-1, 1], higher is better), per segment.
+
+    Weights: a ``transformers`` ``CLIPModel`` plus its tokenizer at ``<weights_dir>/clip`` (``save_pretrained``
+    of both, or of a ``CLIPProcessor``, whose ``image_mean`` / ``image_std`` are then used), loaded with
+    ``local_files_only=True``.  Frames are resized whole to the vision tower's ``image_size`` (no crop: drift can
+    be anywhere); prompts longer than the text tower's positions are truncated.  Needs the prompt, so it is
+    scored through :meth:`score_prompt_segment` (``needs_prompt``), and it is not a drift metric: its values go to
+    ``DriftReport.alignment``, never into the Drift Score.
+    """
+
+    name = "clip_text"
+    subdir = "clip"
+    worse = "down"
+    floor = 0.05
+    needs_prompt = True
+
+    def default_loader(self, path: Path, device: str) -> Callable[[np.ndarray, str], float]:
+        import torch
+        from transformers import AutoTokenizer, CLIPModel
+
+        model = CLIPModel.from_pretrained(str(path), local_files_only=True).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        mean, std = _clip_normalisation(path)
+        size = int(model.config.vision_config.image_size)
+        max_length = int(model.config.text_config.max_position_embeddings)
+        texts: Dict[str, Any] = {}
+
+        def text_embedding(prompt: str):
+            if prompt not in texts:
+                tokens = tokenizer([prompt], padding=True, truncation=True, max_length=max_length,
+                                   return_tensors="pt").to(device)
+                with torch.no_grad():
+                    text = model.get_text_features(input_ids=tokens["input_ids"],
+                                                   attention_mask=tokens.get("attention_mask"))
+                text = getattr(text, "pooler_output", text)  # some versions return an output object
+                texts[prompt] = torch.nn.functional.normalize(text.float(), dim=-1)[0]
+            return texts[prompt]
+
+        def score(frames: np.ndarray, prompt: str) -> float:
+            text = text_embedding(prompt)
+            with torch.no_grad():
+                image = model.get_image_features(pixel_values=_to_model_input(frames, size, mean, std).to(device))
+                image = getattr(image, "pooler_output", image)
+                image = torch.nn.functional.normalize(image.float(), dim=-1)
+            return float((image @ text).mean())
+
+        return score
+
+    def score_segment(self, frames: np.ndarray) -> float:
+        raise TypeError(f"{self.name} needs the prompt: call score_prompt_segment(frames, prompt)")
+
+    def score_prompt_segment(self, frames: np.ndarray, prompt: str) -> float:
+        ok, reason = self.available()
+        if not ok:
+            raise RuntimeError(f"{self.name} is not available: {reason}")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{self.name} needs a non-empty prompt, got {prompt!r}")
+        assert self._fn is not None
+        return float(self._fn(frames, prompt))
+
 
 def learned_scorers(weights_dir: Optional[os.PathLike | str] = None, device: str = "cpu") -> List[Scorer]:
-    """The paper's four learned metrics, each looking for its weights under ``weights_dir`` (or ``$HIAR_SCORER_WEIGHTS``)."""
+    """The paper's four learned metrics plus the text-video alignment (``clip_text``), each looking for its weights
+    under ``weights_dir`` (or ``$HIAR_SCORER_WEIGHTS``)."""
     return [
         cls(weights_dir, device)
-        for cls in (Dinov2SimilarityScorer, LpipsDistanceScorer, MusiqScorer, ClipIqaScorer)
+        for cls in (Dinov2SimilarityScorer, LpipsDistanceScorer, MusiqScorer, ClipIqaScorer, ClipTextAlignmentScorer)
     ]
 
 
@@ -662,6 +860,8 @@ class DriftReport:
     weight used.  ``skipped[m]`` is the reason a metric was not computed; such
     metrics appear in no other field.  In an aggregate, ``dynamics["dynamic"]``
     is the fraction of dynamic videos (VBench's dynamic-degree score of a set).
+    ``alignment[m]`` are the per-segment values of a prompt scorer (``clip_text``:
+    text-video alignment, higher is better): reported, not part of the Drift Score.
     """
 
     per_segment: Dict[str, List[float]]
@@ -674,6 +874,7 @@ class DriftReport:
     dynamics: Dict[str, Any] = field(default_factory=dict)
     segments: int = 5
     num_videos: int = 1
+    alignment: Dict[str, List[float]] = field(default_factory=dict)
 
     def to_metrics(self) -> Dict[str, float]:
         """Flat ``{key: float}`` for ``mlflow.log_metrics``; skipped metrics are absent, never 0 or NaN."""
@@ -690,6 +891,11 @@ class DriftReport:
         for key, value in self.dynamics.items():
             if isinstance(value, (bool, int, float, np.integer, np.floating)):
                 out[f"dynamics/{key}"] = float(value)
+        for m, values in self.alignment.items():
+            out[f"alignment/{m}"] = float(np.mean(values))
+            out[f"alignment/{m}_slope"] = fit_slope(values)
+            for k, v in enumerate(values):
+                out[f"alignment/{m}_seg{k}"] = float(v)
         return out
 
 
@@ -702,14 +908,19 @@ def _resolve_scorers(scorers: Optional[Sequence[Scorer]], weights_dir: Optional[
     return list(by_name.values())
 
 
-def _score_segments(scorer: Scorer, segs: Sequence[np.ndarray]) -> Tuple[Optional[List[float]], str]:
-    """Per-segment values, or ``(None, reason)`` when the scorer is unavailable or returns a non-finite value."""
+def _score_segments(scorer: Scorer, segs: Sequence[np.ndarray],
+                    prompt: Optional[str] = None) -> Tuple[Optional[List[float]], str]:
+    """Per-segment values, or ``(None, reason)`` when the scorer is unavailable, needs a prompt that was not given,
+    or returns a non-finite value."""
     ok, reason = scorer.available()
     if not ok:
         return None, reason or "not available"
+    needs_prompt = bool(getattr(scorer, "needs_prompt", False))
+    if needs_prompt and not prompt:
+        return None, "needs the prompt (drift_report(..., prompt=...))"
     values = []
     for k, seg in enumerate(segs):
-        v = float(scorer.score_segment(seg))
+        v = float(scorer.score_prompt_segment(seg, prompt) if needs_prompt else scorer.score_segment(seg))
         if not math.isfinite(v):
             return None, f"returned a non-finite value ({v}) on segment {k}"
         values.append(v)
@@ -725,6 +936,7 @@ def drift_report(
     *,
     layout: str = "THWC",
     weights_dir: Optional[os.PathLike | str] = None,
+    prompt: Optional[str] = None,
 ) -> DriftReport:
     """Drift suite + dynamics of one video.
 
@@ -736,16 +948,23 @@ def drift_report(
             ones (:func:`learned_scorers` with ``weights_dir``), ``[]`` = pixel
             metrics only.  A scorer named like a built-in replaces it.
         weights: per-metric weights overriding :data:`DEFAULT_WEIGHTS`.
+        prompt: the video's prompt, for scorers with ``needs_prompt`` (text-video
+            alignment, ``clip_text``): their per-segment values go to
+            ``DriftReport.alignment``, not into the Drift Score; without a prompt
+            they are skipped.
     """
     frames = as_video(video, layout=layout)
     segs = split_segments(frames, segments)
     per_segment: Dict[str, List[float]] = {}
+    alignment: Dict[str, List[float]] = {}
     skipped: Dict[str, str] = {}
     orient: Dict[str, Tuple[str, float]] = {}
     for scorer in _resolve_scorers(scorers, weights_dir):
-        values, reason = _score_segments(scorer, segs)
+        values, reason = _score_segments(scorer, segs, prompt)
         if values is None:
             skipped[scorer.name] = reason
+        elif getattr(scorer, "needs_prompt", False):
+            alignment[scorer.name] = values
         else:
             per_segment[scorer.name] = values
             orient[scorer.name] = (_worse_of(scorer), _floor_of(scorer))
@@ -764,6 +983,7 @@ def drift_report(
         skipped=skipped,
         dynamics=dynamics(frames, fps),
         segments=int(segments),
+        alignment=alignment,
     )
 
 
@@ -790,7 +1010,9 @@ def aggregate(reports: Sequence[DriftReport]) -> DriftReport:
     names = list(dict.fromkeys(m for r in reports for m in r.per_segment))
     fields = ("per_segment", "slopes", "normalised_slopes", "degradation", "weights")
     merged = {f: {m: _mean_over([getattr(r, f) for r in reports], m) for m in names} for f in fields}
-    skipped = {m: why for r in reports for m, why in r.skipped.items() if m not in names}
+    aligned = list(dict.fromkeys(m for r in reports for m in r.alignment))
+    alignment = {m: _mean_over([r.alignment for r in reports], m) for m in aligned}
+    skipped = {m: why for r in reports for m, why in r.skipped.items() if m not in names and m not in aligned}
     dyn_keys = [k for k, v in reports[0].dynamics.items() if not isinstance(v, list)]
     dyn = {k: _mean_over([r.dynamics for r in reports], k) for k in dyn_keys}
     return DriftReport(
@@ -800,6 +1022,7 @@ def aggregate(reports: Sequence[DriftReport]) -> DriftReport:
         dynamics=dyn,
         segments=reports[0].segments,
         num_videos=sum(r.num_videos for r in reports),
+        alignment=alignment,
     )
 
 
@@ -820,6 +1043,10 @@ def plot_segments(reports_by_label: Mapping[str, DriftReport], path: os.PathLike
         raise ValueError(f"backend must be 'auto', 'matplotlib' or 'cv2', got {backend!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # alignment curves (e.g. alignment/clip_text) get panels too: their drift over the rollout is the point
+    reports_by_label = {label: replace(r, per_segment={**r.per_segment, **{f"alignment/{m}": v for m, v in
+                                                                          r.alignment.items()}})
+                        for label, r in reports_by_label.items()}
     metrics = list(dict.fromkeys(m for r in reports_by_label.values() for m in r.per_segment))
     if backend in ("auto", "matplotlib"):
         try:

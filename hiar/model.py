@@ -87,7 +87,8 @@ class ConditionEmbedder(nn.Module):
     def time(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = sinusoidal_embedding(timestep.reshape(-1), self.freq_dim)
         dtype = self.time_embedder.linear_1.weight.dtype
-        temb = self.time_embedder(feats.to(dtype))
+        # the time embedder stays fp32 (_keep_in_fp32_modules); its output enters the rest in the model's dtype
+        temb = self.time_embedder(feats.to(dtype)).to(self.time_proj.weight.dtype)
         return temb, self.time_proj(F.silu(temb))
 
 

@@ -37,9 +37,17 @@ class GuidedVelocity:
                 f"negative_embeds {tuple(negative_embeds.shape)} must match prompt_embeds {tuple(prompt_embeds.shape)}"
             )
         self.transformer = transformer
+        # a model loaded in bf16 (hiar.bundle.runtime_dtypes on a GPU) takes its inputs in its own dtype; the
+        # rollouts, losses and caches around it stay float32
+        # (the input layer's dtype: diffusers keeps a few Wan modules -- time embedder, norms -- in fp32)
+        entry = getattr(transformer, "patch_embedding", None) or transformer
+        first = next(entry.parameters(), None) if isinstance(entry, torch.nn.Module) else None
+        self.dtype = first.dtype if first is not None else None
         self.guided = negative_embeds is not None and guidance_scale != 1.0
         self.guidance_scale = guidance_scale
         self.context = torch.cat([prompt_embeds, negative_embeds]) if self.guided else prompt_embeds
+        if self.dtype is not None and self.dtype != self.context.dtype:
+            self.context = self.context.to(self.dtype)
         self.batch_size = prompt_embeds.shape[0]
         self.frames_per_block = frames_per_block
         self.window_frames = window_frames
@@ -70,6 +78,9 @@ class GuidedVelocity:
         timestep = sigma_to_timestep(sig)
         if self.guided:
             x, timestep = torch.cat([x, x]), torch.cat([timestep, timestep])
+        out_dtype = x.dtype
+        if self.dtype is not None and self.dtype != x.dtype:
+            x = x.to(self.dtype)
         out = self.transformer(
             x,
             timestep,
@@ -79,7 +90,7 @@ class GuidedVelocity:
             frames_per_block=self.frames_per_block if attention_mode == "block_causal" else None,
             kv_cache=cache,
             frame_offset=frame_offset,
-        )[0]
+        )[0].to(out_dtype)
         if not self.guided:
             return out
         cond, uncond = out.chunk(2)

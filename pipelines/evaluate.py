@@ -8,10 +8,10 @@ or a local bundle directory; registry URIs are pinned to one version and downloa
 ``<run_dir>/model-cache`` (actors get the local path: on a multi-node cluster ``run_dir`` must be shared storage).
 Rollouts run at ``video.eval_horizon_factor x video.train_latent_frames`` latent frames (the paper: train on 5 s,
 evaluate at 20 s) in every mode of ``eval.rollouts`` (``hierarchical`` and ``block_first``), over the held-out
-prompts (``hiar.pretrain.eval_prompts``: tiny world; or the first ``eval.num_prompts`` lines of
-``data.prompts_file``) x ``eval.seeds``.  Generation uses the model's own ``hiar_config.yaml`` (schedule, rollout,
-geometry); ``--set rollout.*`` overrides are applied on top of it (the paper's t_c ablations), every other
-``--set`` is about the evaluation itself.
+prompts (``hiar.pretrain.eval_prompts``: tiny world; or the first ``eval.num_prompts`` of the held-out split of
+``data.prompts``, ``hiar.prompts``, which training never sees) x ``eval.seeds``.  Generation uses the model's own
+``hiar_config.yaml`` (schedule, rollout, geometry); ``--set rollout.*`` overrides are applied on top of it (the
+paper's t_c ablations), every other ``--set`` is about the evaluation itself.
 
 How.  One Ray Data item per (prompt, seed) -> ``map_batches`` on an actor pool (``eval.actors`` actors with
 ``eval.cpus_per_actor`` -- fractional, DESIGN §8 -- and ``eval.gpus_per_actor``); each actor loads the bundle
@@ -21,7 +21,8 @@ the first ``eval.sample_videos`` items also send back their frames (uint8).
 
 Logged (experiment ``hiar-eval``; nested under ``--parent-run-id``): params = model URI, resolved name/version,
 checksum and the evaluation config; metrics ``<mode>/drift/*`` (score, per-metric slopes, normalised slopes,
-degradations, per-segment values), ``<mode>/dynamics/*``, ``<mode>/oracle/*``; artifacts
+degradations, per-segment values), ``<mode>/dynamics/*``, ``<mode>/alignment/*`` (CLIP text-video alignment with the
+prompt, when ``clip/`` weights are given), ``<mode>/oracle/*`` (the tiny preset only); artifacts
 ``plots/drift_segments.png`` (per-segment curves, one line per mode), ``samples/<mode>.mp4``, ``prompts.json``
 and ``eval.json``.  Tags ``hiar.eval_identity`` (hash of everything that determines the numbers except the
 weights) and ``hiar.model_checksum`` let ``--reuse`` (and ``promote.py``) find a finished evaluation of the same
@@ -62,7 +63,7 @@ ORACLE_KEYS = ("caption_consistency", "motion_accuracy", "color_ok", "direction_
                "shape_present", "shape_ok", "speed_ok", "motion", "mean_saturation")
 SUMMARY_KEYS = ("drift/score", "drift/num_metrics", "drift/saturation_slope", "drift/sharpness_slope",
                 "drift/pixel_similarity_slope", "dynamics/dynamic_degree", "dynamics/magnitude_mean",
-                "oracle/caption_consistency", "oracle/motion_accuracy")
+                "alignment/clip_text", "oracle/caption_consistency", "oracle/motion_accuracy")
 
 
 def _print(*args) -> None:
@@ -159,10 +160,9 @@ class EvalPlan:
 
 
 def _config_from_dict(data: dict):
-    from hiar.bundle import _known_fields
-    from hiar.config import HiarConfig, _build
+    from hiar.bundle import config_from_dict
 
-    return _build(HiarConfig, _known_fields(HiarConfig, data), "")
+    return config_from_dict(data)
 
 
 def generation_config(bundle_path: str | Path, fallback, rollout_overrides: list[str]):
@@ -182,19 +182,20 @@ def generation_config(bundle_path: str | Path, fallback, rollout_overrides: list
 
 
 def eval_prompt_list(cfg) -> tuple[list[str], bool]:
-    """``(prompts, use_oracle)``: the first ``eval.num_prompts`` lines of ``data.prompts_file`` when set, else the
-    tiny world's held-out prompts (``hiar.pretrain.eval_prompts``), which the oracle can score."""
+    """``(prompts, use_oracle)``: with ``data.prompts`` (required for every non-tiny preset), the first
+    ``eval.num_prompts`` of its held-out split (``hiar.prompts``: never in the training data) and no oracle; the
+    tiny preset without it: the tiny world's held-out prompts (``hiar.pretrain.eval_prompts``), which the oracle
+    can score."""
     n = cfg.eval.num_prompts
     if n < 1:
         raise EvalInputError(f"eval.num_prompts must be >= 1, got {n}")
-    if cfg.data.prompts_file:
-        path = Path(resolve_path(cfg.data.prompts_file))
-        if not path.is_file():
-            raise EvalInputError(f"prompts file {str(path)!r} does not exist (data.prompts_file)")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()][:n]
-        if not prompts:
-            raise EvalInputError(f"prompts file {str(path)!r} has no prompts")
-        return prompts, False
+    if cfg.data.prompts or cfg.preset != "tiny":
+        from hiar.prompts import prompt_set
+
+        try:
+            return list(prompt_set(cfg).heldout[:n]), False
+        except (ValueError, FileNotFoundError) as err:
+            raise EvalInputError(str(err)) from None
     from hiar.pretrain import eval_prompts
 
     return eval_prompts(n, "heldout"), True
@@ -249,9 +250,9 @@ def resolve_model(uri: str, cache_root: Path) -> tuple[Path, str | None, str | N
 
 def plan_evaluation(cfg, model_uri: str, overrides=()) -> EvalPlan:
     """Resolve the model and check every setting; raises :class:`EvalInputError` (nothing has been computed)."""
-    from hiar.bundle import PARTS
-    from hiar.data import checksum_dir
-    from hiar.drift import scorer_weights_dir
+    from hiar.bundle import open_model_dir
+    from hiar.data import checksum_dir, local_dir
+    from hiar.drift import WEIGHTS_ENV
     from hiar.generation import MODES
 
     e = cfg.eval
@@ -274,10 +275,10 @@ def plan_evaluation(cfg, model_uri: str, overrides=()) -> EvalPlan:
 
     cache_root = Path(resolve_path(cfg.run_dir)) / "model-cache"
     bundle_path, name, version = resolve_model(model_uri, cache_root)
-    missing = [p for p in PARTS if not (Path(bundle_path) / p).is_dir()]
-    if missing:
-        raise EvalInputError(f"model {model_uri!r} ({bundle_path}) is not a model bundle: missing {missing}; a bundle "
-                             f"holds {list(PARTS)} (hiar.bundle.save_bundle: a distilled student or the teacher)")
+    try:
+        open_model_dir(bundle_path, f"model {model_uri!r}")
+    except (FileNotFoundError, ValueError) as err:
+        raise EvalInputError(str(err)) from None
     rollout_overrides = [o for o in overrides if o.split("=", 1)[0].strip().startswith("rollout.")]
     try:
         gen = generation_config(bundle_path, cfg, rollout_overrides)
@@ -291,9 +292,14 @@ def plan_evaluation(cfg, model_uri: str, overrides=()) -> EvalPlan:
     if latent_frames < 2 * e.segments:
         raise EvalInputError(f"{latent_frames} latent frames cannot make eval.segments={e.segments} segments of >= 2 "
                              f"frames; raise video.eval_horizon_factor or lower eval.segments")
-    weights = e.scorer_weights or (str(scorer_weights_dir()) if scorer_weights_dir() else "")
-    if weights:
-        weights = resolve_path(weights)
+    weights = e.scorer_weights or os.environ.get(WEIGHTS_ENV, "").strip()
+    if weights and "://" in weights:  # s3://: fetched once here, so a bad URI fails before any compute; the plan
+        try:                          # keeps the URI and each node's actors reuse (or fetch) their local copy
+            local_dir(weights, what="scorer weights (eval.scorer_weights or $" + WEIGHTS_ENV + ")")
+        except (OSError, ValueError) as err:
+            raise EvalInputError(str(err)) from None
+    elif weights:
+        weights = resolve_path(weights)  # a missing local directory: every learned scorer reports itself skipped
     return EvalPlan(
         model_uri=model_uri, bundle_path=str(bundle_path), checksum=checksum_dir(bundle_path), model_name=name,
         model_version=version, gen_config=gen.to_dict(), prompts=prompts, seeds=[int(s) for s in e.seeds],
@@ -321,13 +327,13 @@ class EvalActor:
                  use_oracle: bool, weights_dir: str | None, threads: int = 1, use_gpu: bool = False):
         import torch
 
-        from hiar.bundle import load_bundle
+        from hiar.bundle import load_bundle, runtime_dtypes
         from hiar.drift import learned_scorers
 
         torch.set_num_threads(max(1, int(threads)))
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.bundle = load_bundle(bundle_path, device=self.device)
         self.cfg = _config_from_dict(gen_config)
+        self.bundle = load_bundle(bundle_path, device=self.device, dtypes=runtime_dtypes(self.cfg, self.device))
         self.modes, self.num_blocks, self.segments = list(modes), int(num_blocks), int(segments)
         self.use_oracle = use_oracle
         # built once: learned scorers load their weights lazily and cache them per instance
@@ -349,7 +355,8 @@ class EvalActor:
         for mode in self.modes:
             frames = generate_frames(self.bundle, prompts, seeds, self.num_blocks, mode, cfg=self.cfg)
             for i, (video, prompt) in enumerate(zip(frames, prompts)):
-                report = drift_report(video, self.cfg.video.fps, self.segments, scorers=self.scorers)
+                report = drift_report(video, self.cfg.video.fps, self.segments, scorers=self.scorers,
+                                      prompt=prompt)  # the prompt: text-video alignment (clip_text)
                 entry = {"report": dataclasses.asdict(report)}
                 if self.use_oracle:
                     scores = oracle.score_batch([(video, prompt)])

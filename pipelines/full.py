@@ -111,10 +111,13 @@ def _sha(obj) -> str:
 
 
 def _is_bundle(path: str | Path) -> bool:
-    from hiar.bundle import CARD_FILE, PARTS
+    """A model directory of the project's own layout with its card (a trained tiny teacher)."""
+    from hiar.bundle import CARD_FILE, open_model_dir
 
-    p = Path(path)
-    return p.is_dir() and (p / CARD_FILE).is_file() and all((p / part).is_dir() for part in PARTS)
+    try:
+        return open_model_dir(path).layout == "bundle" and (Path(path) / CARD_FILE).is_file()
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -191,6 +194,27 @@ def check_destinations(uris: list[str]) -> None:
             if p.exists() and not any(f.is_file() for f in p.rglob("*")):
                 shutil.rmtree(p, ignore_errors=True)
         raise
+
+
+def preflight_models(cfg, stages: list[str], retrain_teacher: bool) -> None:
+    """Before any stage runs: the teacher and the real score open as model directories (local or s3://, either
+    layout; ``hiar.bundle``), the config's ``model.*`` describes the teacher and the real score fits its text
+    encoder and VAE. The tiny preset may train its teacher first (stage ``teacher``): then there is nothing to
+    check yet."""
+    from pipelines.train import check_models
+
+    if not set(stages) - {"deploy", "teacher"}:
+        return
+    teacher = resolve_path(cfg.teacher.path) if cfg.teacher.path else ""
+    if cfg.preset == "tiny" and (retrain_teacher or not _is_bundle(teacher)) and "teacher" in stages:
+        return
+    if not teacher:
+        raise InputError(f"the {cfg.preset} preset needs teacher.path: a Wan2.1 diffusers repository as published "
+                         f"(model_index.json, transformer/, vae/, text_encoder/, tokenizer/), local or s3://")
+    try:
+        check_models(cfg, teacher)
+    except (FileNotFoundError, ValueError) as err:
+        raise InputError(str(err)) from None
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -357,10 +381,13 @@ class Pipeline:
 
         key = ("teacher_checksum", self.teacher)
         if key not in self._cache:
-            if not self.teacher or not Path(self.teacher).exists():
-                raise InputError(f"teacher directory {self.teacher!r} does not exist (teacher.path; the tiny preset "
-                                 f"can train one: --stages teacher --retrain-teacher)")
-            self._cache[key] = checksum_dir(self.teacher)
+            from hiar.bundle import open_model_dir
+
+            try:
+                root = open_model_dir(self.teacher, "teacher directory (teacher.path)").root
+            except (FileNotFoundError, ValueError) as err:
+                raise InputError(f"{err} (the tiny preset can train one: --stages teacher --retrain-teacher)") from None
+            self._cache[key] = checksum_dir(root)
         return self._cache[key]
 
     def dataset_identity(self, kind: str) -> str:
@@ -430,10 +457,7 @@ class Pipeline:
     def stage_teacher(self, o: Outcome) -> None:
         cfg = self.cfg
         if cfg.preset != "tiny" and not self.args.retrain_teacher:
-            if not _is_bundle(self.teacher) and not Path(self.teacher or "/nonexistent").exists():
-                raise StageFailed(f"teacher.path {cfg.teacher.path!r} does not exist; {cfg.preset} loads its "
-                                  f"teacher from there (teacher pretraining exists for the tiny preset only)")
-            o.status, o.key = "skipped", f"loaded from {self.teacher}"
+            o.status, o.key = "skipped", f"loaded from {self.teacher} (checked before the first stage)"
             return
         if self.args.retrain_teacher or not _is_bundle(self.teacher):
             from pipelines.pretrain_teacher import training_identity
@@ -710,11 +734,10 @@ class Pipeline:
         return {"probe_frames": frames, "probe_seconds": seconds}
 
     def probe_prompt(self) -> str:
-        if self.cfg.preset == "tiny" or not self.cfg.data.prompts_file:
-            from hiar.pretrain import eval_prompts
+        """The first held-out prompt (``hiar.prompts``; tiny without ``data.prompts``: ``eval_prompts(1)[0]``)."""
+        from hiar.prompts import prompt_set
 
-            return eval_prompts(1)[0]
-        return next(line.strip() for line in Path(self.cfg.data.prompts_file).read_text().splitlines() if line.strip())
+        return prompt_set(self.cfg).heldout[0]
 
     # -------------------------------------------------------------------- driver
     def run(self) -> int:
@@ -836,18 +859,22 @@ def main(argv=None) -> int:
             destinations.append(cfg.data.storage)
         if cfg.distill.storage_path:
             destinations.append(cfg.distill.storage_path)
-        teacher = resolve_path(cfg.teacher.path) if cfg.teacher.path else ""
-        if cfg.preset != "tiny" and set(stages) - {"deploy"} and not Path(teacher or "/nonexistent").exists():
-            raise InputError(f"teacher.path {cfg.teacher.path!r} does not exist: the {cfg.preset} preset loads its "
-                             f"teacher from there (a local diffusers-format directory; only the tiny preset trains "
-                             f"its own)")
+        preflight_models(cfg, stages, args.retrain_teacher)
+        if set(stages) - {"deploy"}:
+            from hiar.prompts import prompt_set
+
+            try:  # a non-tiny preset without a prompt dataset (or a bad one) is an error before anything runs
+                prompt_set(cfg)
+            except (ValueError, FileNotFoundError) as err:
+                raise InputError(str(err)) from None
         check_destinations(destinations)
     except InputError as err:
         parser.error(str(err))
 
     pipeline = Pipeline(args, cfg, stages, run_dir)
     # every job gets the same absolute local paths, whatever its working directory
-    for key, value in (("data.storage", cfg.data.storage), ("distill.storage_path", cfg.distill.storage_path)):
+    for key, value in (("data.storage", cfg.data.storage), ("distill.storage_path", cfg.distill.storage_path),
+                       ("data.prompts", cfg.data.prompts)):
         if value and "://" not in value:
             pipeline.derived[key] = str(Path(value).resolve())
     if cfg.data.storage and "://" not in cfg.data.storage:

@@ -2,11 +2,15 @@
 
     python pipelines/generate.py --preset tiny --kind ode_pairs [--count 256] [--output s3://bucket/ode]
 
-Shards (``data.shard_size`` samples) are the unit of work: Ray Data feeds the indices of the shards that are not
-committed yet to a pool of teacher actors (``ActorPoolStrategy``, fractional CPUs so the pool never starves the
-rest of a small machine); each actor samples its shard and commits it whole (``hiar.data.write_shard``). A rerun,
+Shards (``data.shard_size`` samples) are the unit of work: Ray Data feeds the shards that are not committed yet --
+each item a shard index with its (sample index, prompt) pairs, so the prompts are sharded over the pool and no actor
+reads the prompt dataset -- to a pool of teacher actors (``ActorPoolStrategy``, fractional CPUs so the pool never
+starves the rest of a small machine); each actor samples its shard and commits it whole (``hiar.data.write_shard``). A rerun,
 e.g. after the driver was killed, skips committed shards and computes only the rest. The manifest is written when
-every shard is committed. Errors about the destination, the teacher or the count come before any compute.
+every shard is committed and records the prompt set (source, hashes, counts, held-out split). The prompts come from
+``data.prompts`` (``hiar.prompts``; required for every non-tiny preset), loaded once by the driver; training samples
+use its training split only. Errors about the prompts, the destination, the teacher or the count come before any
+compute (exit code 2).
 """
 
 from __future__ import annotations
@@ -24,30 +28,29 @@ EXPERIMENT = "hiar-data"
 
 
 class ShardGenerator:
-    """A Ray Data actor holding one teacher; each call turns shard indices into committed shards."""
+    """A Ray Data actor holding one teacher; each call turns shards (index, sample indices, their prompts) into
+    committed shards."""
 
-    def __init__(self, preset: str, overrides: list[str], kind: str, output: str, teacher_path: str, count: int):
+    def __init__(self, preset: str, overrides: list[str], kind: str, output: str, teacher_path: str):
         import torch
 
         from hiar.config import load_config
-        from hiar.data import ShardPlan
-        from hiar.datagen import TeacherSampler, load_teacher_components, prompt_source
+        from hiar.datagen import TeacherSampler, load_teacher_components
 
         self.cfg = load_config(preset, overrides)
         torch.set_num_threads(max(1, self.cfg.data.threads_per_actor))
         self.device = "cuda" if self.cfg.data.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
-        transformer, text = load_teacher_components(self.cfg, teacher_path)
-        self.sampler = TeacherSampler(self.cfg, kind, transformer.to(self.device), text, prompt_source(self.cfg))
+        transformer, text = load_teacher_components(self.cfg, teacher_path, self.device)
+        self.sampler = TeacherSampler(self.cfg, kind, transformer, text)  # prompts come with items
         self.kind, self.output = kind, output
-        self.plan = ShardPlan(count, self.cfg.data.shard_size)
 
     def __call__(self, batch: dict) -> dict:
         from hiar.data import TENSOR_COLUMN, rows_to_table, write_shard
 
         out = {"shard": [], "rows": [], "bytes": [], "seconds": []}
-        for shard in batch["shard"]:
+        for shard, indices, prompts in zip(batch["shard"], batch["indices"], batch["prompts"]):
             t0 = time.monotonic()
-            rows = self.sampler.rows(list(self.plan.samples(int(shard))))
+            rows = self.sampler.rows([int(i) for i in indices], [str(p) for p in prompts])
             table = rows_to_table(rows, TENSOR_COLUMN[self.kind], self.cfg.data.dtype)
             size = write_shard(self.output, int(shard), table)
             for key, value in (("shard", int(shard)), ("rows", len(rows)), ("bytes", size),
@@ -71,7 +74,8 @@ def main(argv=None) -> int:
 
     from hiar.data import (ShardPlan, check_writable, checksum_dir, committed_shards, dataset_identity,
                            load_manifest, now, write_manifest, SCHEMA_VERSION)
-    from hiar.datagen import generation_settings, prompt_source
+    from hiar.datagen import generation_settings, shard_items
+    from hiar.prompts import prompt_set
 
     count = args.count if args.count is not None else (
         cfg.data.num_ode_pairs if args.kind == "ode_pairs" else cfg.data.num_trajectories)
@@ -86,12 +90,13 @@ def main(argv=None) -> int:
     teacher = resolve_path(args.teacher or cfg.teacher.path)
     actors = args.actors or cfg.data.actors
     try:
-        if not Path(teacher).exists():
-            raise ValueError(f"teacher directory {teacher!r} does not exist (set teacher.path or --teacher)")
-        prompt_source(cfg)
+        prompts = prompt_set(cfg)  # first: a non-tiny preset without a prompt dataset is an error before anything
+        from hiar.bundle import open_model_dir
+
+        teacher_dir = open_model_dir(teacher, "teacher directory (teacher.path or --teacher)")
         check_writable(output)
-        teacher_checksum = checksum_dir(teacher)
-        identity = dataset_identity(args.kind, generation_settings(cfg, args.kind), teacher_checksum)
+        teacher_checksum = checksum_dir(teacher_dir.root)
+        identity = dataset_identity(args.kind, generation_settings(cfg, args.kind, prompts), teacher_checksum)
         existing = load_manifest(output)
         if existing and existing.get("identity") != identity:
             raise ValueError(f"{output!r} holds a {existing.get('kind')} dataset made with another config or teacher "
@@ -113,11 +118,11 @@ def main(argv=None) -> int:
         from hiar.data import storage_env
 
         init_ray()
-        ds = ray.data.from_items([{"shard": s} for s in pending], override_num_blocks=len(pending))
+        ds = ray.data.from_items(shard_items(prompts.train, pending, plan), override_num_blocks=len(pending))
         ds = ds.map_batches(
             ShardGenerator,
             fn_constructor_kwargs={"preset": args.preset, "overrides": args.overrides, "kind": args.kind,
-                                   "output": output, "teacher_path": teacher, "count": count},
+                                   "output": output, "teacher_path": teacher},
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=cfg.data.cpus_per_actor,
@@ -138,7 +143,7 @@ def main(argv=None) -> int:
         "kind": args.kind, "identity": identity, "config_hash": cfg.config_hash(), "teacher": teacher,
         "teacher_checksum": teacher_checksum, "schema_version": SCHEMA_VERSION, "count": count,
         "num_shards": plan.num_shards, "shard_size": cfg.data.shard_size,
-        "settings": generation_settings(cfg, args.kind), "created_at": now(),
+        "settings": generation_settings(cfg, args.kind, prompts), "prompts": prompts.manifest(), "created_at": now(),
     }
     write_manifest(output, manifest)
     made = sum(results["rows"])
@@ -152,7 +157,9 @@ def main(argv=None) -> int:
     experiment_id = mlflow_experiment(EXPERIMENT, resolve_path(cfg.run_dir))
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"generate-{args.kind}"):
         mlflow.log_params({"kind": args.kind, "count": count, "output": output, "identity": identity,
-                           "actors": actors, "shard_size": cfg.data.shard_size})
+                           "actors": actors, "shard_size": cfg.data.shard_size, "prompts": prompts.source,
+                           "prompts_sha256": prompts.sha256, "heldout_sha256": prompts.heldout_sha256,
+                           "train_prompts": len(prompts.train), "heldout_prompts": len(prompts.heldout)})
         mlflow.log_metrics({"samples_generated": made, "bytes_written": size, "samples_per_s": rate,
                             "shards_generated": len(results["shard"]), "shards_skipped": plan.num_shards - len(pending)})
     return 0

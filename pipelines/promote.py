@@ -17,8 +17,10 @@ Registered model ``registry.model_name`` (default ``hiar-student``); aliases, ne
 * ``promote`` takes the challenger (or ``--version``).  No champion yet: it becomes champion ("first model").
   Already champion: nothing to do.  Otherwise both versions are evaluated in-process by
   ``pipelines/evaluate.py`` on the same held-out prompts, seeds and horizon (a finished evaluation of the same
-  weights and settings is reused), and the gate (``hiar.gate.decide``: Drift Score, dynamic degree, oracle
-  caption consistency of the ``registry.gate_rollout`` mode, thresholds ``registry.max_*``) decides.  ``champion``
+  weights and settings is reused), and the gate (``hiar.gate.decide``: the checks ``registry.gate_metrics`` names
+  -- Drift Score and dynamic degree always, the tiny oracle's caption consistency, CLIP text-video alignment, a
+  learned scorer's drift -- on the ``registry.gate_rollout`` mode, thresholds ``registry.max_*``; a check whose
+  scorer was skipped in both evaluations is reported as skipped, not gated) decides.  ``champion``
   moves only when it passes.  Every decision, pass or fail, is recorded: model-version tags
   ``promotion.decision`` / ``promotion.reason`` / ``promotion.metrics`` (JSON: both sides' gate metrics, the
   thresholds, each check, the evaluation run ids) / ``promotion.against`` / ``promotion.time``, the
@@ -183,15 +185,15 @@ def register(cfg, model_dir: str, eval_run_id: str | None = None, data_manifest_
              parent_run_id: str | None = None, log=_print) -> dict:
     import mlflow
 
-    from hiar.bundle import PARTS
+    from hiar.bundle import open_model_dir
     from hiar.data import checksum_dir
     from pipelines.registry import log_bundle
 
     path = Path(resolve_path(model_dir)).resolve()
-    missing = [p for p in PARTS if not (path / p).is_dir()]
-    if not path.is_dir() or missing:
-        raise UsageError(f"{str(path)!r} is not a model bundle" + (f": missing {missing}" if path.is_dir() else
-                         ": no such directory") + f" (a bundle holds {list(PARTS)}; see hiar.bundle.save_bundle)")
+    try:
+        open_model_dir(path, "model bundle")
+    except (FileNotFoundError, ValueError) as err:
+        raise UsageError(str(err)) from None
     name = cfg.registry.model_name
     checksum = checksum_dir(path)
     config_sha = config_file_sha(path)
@@ -240,8 +242,21 @@ def register(cfg, model_dir: str, eval_run_id: str | None = None, data_manifest_
 # ---------------------------------------------------------------------------------------------- promote
 def _gate_settings(cfg) -> dict:
     r = cfg.registry
-    return {"max_drift_increase": r.max_drift_increase, "max_dynamics_drop": r.max_dynamics_drop,
-            "max_quality_drop": r.max_quality_drop, "rollout": r.gate_rollout}
+    return {"checks": list(r.gate_metrics), "max_drift_increase": r.max_drift_increase,
+            "max_dynamics_drop": r.max_dynamics_drop, "max_quality_drop": r.max_quality_drop,
+            "max_alignment_drop": r.max_alignment_drop, "max_degradation_increase": r.max_degradation_increase,
+            "rollout": r.gate_rollout}
+
+
+def _skip_reasons(client, run_ids, rollout: str) -> dict:
+    """``{scorer: why it was skipped}`` in the gated mode, from the evaluation runs' ``drift.skipped`` tags."""
+    reasons: dict = {}
+    for run_id in run_ids:
+        try:
+            reasons.update(json.loads(client.get_run(run_id).data.tags.get("drift.skipped") or "{}").get(rollout, {}))
+        except (ValueError, AttributeError):  # a tag cut at 5000 characters: the gate words it without the reason
+            pass
+    return reasons
 
 
 def _record_decision(client, name: str, version: str, decision: str, reason: str, details: dict,
@@ -331,11 +346,10 @@ def promote(cfg, version: str | None = None, overrides=(), parent_run_id: str | 
         client.set_terminated(run.info.run_id, "FAILED")
         raise RuntimeError(f"evaluating the {side} (version {plans[side].model_version}) failed, nothing was "
                            f"decided: {type(err).__name__}: {err}") from err
-    keys = gate_metric_keys(gate["rollout"])
+    keys = gate_metric_keys(gate["rollout"], gate["checks"])
     try:
-        result = decide(results["challenger"]["metrics"], results["champion"]["metrics"],
-                        max_drift_increase=gate["max_drift_increase"], max_dynamics_drop=gate["max_dynamics_drop"],
-                        max_quality_drop=gate["max_quality_drop"], rollout=gate["rollout"])
+        result = decide(results["challenger"]["metrics"], results["champion"]["metrics"], **gate,
+                        skip_reasons=_skip_reasons(client, [results[s]["run_id"] for s in results], gate["rollout"]))
     except ValueError as err:
         client.set_terminated(run.info.run_id, "FAILED")
         raise RuntimeError(f"cannot compare the evaluations: {err}") from None

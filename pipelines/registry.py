@@ -1,18 +1,22 @@
 """MLflow model logging, registration and resolution of a model bundle (``hiar.bundle``).
 
 A distilled generator is logged as an MLflow ``pyfunc`` model whose one artifact is the bundle directory
-(diffusers-format transformer + text encoder + codec + hiar_config.yaml).  Why pyfunc and not
+(diffusers-format transformer + hiar_config.yaml + card; its text encoder and codec by reference: each shared
+component is logged once per content hash to experiment ``hiar-components`` and fetched from there by
+``resolve_bundle`` on a node that has no copy).  Why pyfunc and not
 ``mlflow.pytorch``: MLflow 3's default torch.export serialisation needs an input example and returns a
 GraphModule, which is wrong for a multi-input DiT with a KV cache (DESIGN §8); the bundle stays loadable by
 diffusers and by ``hiar.bundle.load_bundle`` with no MLflow at all.
 
-``resolve_bundle(uri)`` turns any of ``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/generator`` or a
-local bundle directory into a local directory that ``load_bundle`` reads.  Serving and evaluation both use it.
+``resolve_bundle(uri)`` turns any of ``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/generator``, an
+``s3://`` prefix or a local bundle directory into a local directory that ``load_bundle`` reads.  Serving and evaluation both use it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -44,23 +48,122 @@ def _pyfunc_model():
     return HiarGenerator()
 
 
+COMPONENT_EXPERIMENT = "hiar-components"
+COMPONENT_TAG = "hiar.component_sha256"
+COMPONENT_ARTIFACT = "component"
+
+
+def component_run(name: str, ref: dict, source: Path) -> str:
+    """The MLflow run that holds the shared component with this hash, logged by the first bundle that needs it:
+    a later version of a student finds it by its tag and uploads nothing."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = mlflow.get_experiment_by_name(COMPONENT_EXPERIMENT)
+    exp_id = exp.experiment_id if exp is not None else _create_experiment(COMPONENT_EXPERIMENT)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{COMPONENT_TAG}` = '{ref['sha256']}' "
+                                                        f"and attributes.status = 'FINISHED'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=f"{name}-{ref['sha256'][:12]}",
+                            tags={COMPONENT_TAG: ref["sha256"], "hiar.component": name})
+    for part in ref["parts"]:
+        path = source / part
+        if path.is_file():
+            client.log_artifact(run.info.run_id, str(path), COMPONENT_ARTIFACT)
+        else:
+            client.log_artifacts(run.info.run_id, str(path), f"{COMPONENT_ARTIFACT}/{part}")
+    client.set_terminated(run.info.run_id, "FINISHED")  # only a complete upload is ever found by its tag
+    return run.info.run_id
+
+
+def _create_experiment(name: str) -> str:
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    artifacts = str(Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts") if uri.startswith("sqlite:///") \
+        else None
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifacts)
+    except Exception:  # noqa: BLE001 - created concurrently
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def _staged_with_component_runs(bundle_dir: Path, staging: Path) -> Path:
+    """A copy of the bundle (hard links) whose locations.json also names the MLflow run holding each shared
+    component, so whoever downloads the model from the registry can fetch its text encoder and VAE too."""
+    from hiar.bundle import COMPONENTS_FILE, LOCATIONS_FILE, link_or_copy, open_model_dir
+
+    md = open_model_dir(bundle_dir)  # resolves (and hash-checks) the components before anything is uploaded
+    refs = json.loads((bundle_dir / COMPONENTS_FILE).read_text())["components"]
+    locations = json.loads((bundle_dir / LOCATIONS_FILE).read_text()) if (bundle_dir / LOCATIONS_FILE).is_file() else {}
+    out = staging / bundle_dir.name
+    shutil.copytree(bundle_dir, out, copy_function=link_or_copy)
+    for name, ref in refs.items():
+        uri = f"runs:/{component_run(name, ref, md.component_dir(name))}/{COMPONENT_ARTIFACT}"
+        locations[name] = [loc for loc in locations.get(name, []) if loc != uri] + [uri]
+    (out / LOCATIONS_FILE).unlink(missing_ok=True)  # a link to the original: write a new file, not through it
+    (out / LOCATIONS_FILE).write_text(json.dumps(locations, indent=2))
+    return out
+
+
 def log_bundle(bundle_dir: str | Path, registered_model_name: str | None = None):
     """Log a bundle as the active run's ``generator`` model (optionally registering a new version).
 
-    Returns MLflow's ``ModelInfo`` (``registered_model_version`` is set when registered).
+    A bundle that references its text encoder and VAE (``hiar.bundle``) is logged without them: each shared
+    component is logged once per content hash in experiment ``hiar-components``, and the logged bundle's
+    ``locations.json`` names that run. Returns MLflow's ``ModelInfo``.
     """
     import mlflow.pyfunc
+
+    from hiar.bundle import COMPONENTS_FILE
 
     bundle_dir = Path(bundle_dir)
     if not (bundle_dir / "transformer").is_dir():
         raise FileNotFoundError(f"{str(bundle_dir)!r} is not a model bundle (no transformer/ inside)")
-    return mlflow.pyfunc.log_model(
-        name=MODEL_ARTIFACT,
-        python_model=_pyfunc_model(),
-        artifacts={BUNDLE_KEY: str(bundle_dir)},
-        pip_requirements=PIP_REQUIREMENTS,
-        registered_model_name=registered_model_name,
-    )
+    with tempfile.TemporaryDirectory(prefix="hiar-log-") as staging:
+        logged = bundle_dir
+        if (bundle_dir / COMPONENTS_FILE).is_file():
+            logged = _staged_with_component_runs(bundle_dir, Path(staging))
+        return mlflow.pyfunc.log_model(
+            name=MODEL_ARTIFACT,
+            python_model=_pyfunc_model(),
+            artifacts={BUNDLE_KEY: str(logged)},
+            pip_requirements=PIP_REQUIREMENTS,
+            registered_model_name=registered_model_name,
+        )
+
+
+def fetch_components(bundle: Path) -> None:
+    """Download the shared components a registry bundle references through MLflow runs into this node's
+    component cache (``hiar.bundle.component_cache``), each checked against its hash; others resolve as they are."""
+    import mlflow
+
+    from hiar.bundle import COMPONENTS_FILE, LOCATIONS_FILE, component_cache, component_sha256
+
+    if not (bundle / COMPONENTS_FILE).is_file():
+        return
+    refs = json.loads((bundle / COMPONENTS_FILE).read_text())["components"]
+    locations = json.loads((bundle / LOCATIONS_FILE).read_text()) if (bundle / LOCATIONS_FILE).is_file() else {}
+    for name, ref in refs.items():
+        final = component_cache(ref["sha256"])
+        if final.exists():
+            continue
+        uri = next((loc for loc in locations.get(name, []) if loc.startswith("runs:/")), None)
+        if uri is None:
+            continue  # a local or s3:// location: hiar.bundle resolves it
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
+        try:
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
+            sha = component_sha256(got, ref["parts"])
+            if sha != ref["sha256"]:
+                raise ValueError(f"component {name} at {uri} has sha256 {sha[:16]}, the bundle references "
+                                 f"{ref['sha256'][:16]}")
+            os.replace(got, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_model_uri(uri: str) -> bool:
@@ -69,6 +172,10 @@ def is_model_uri(uri: str) -> bool:
 
 def resolve_bundle(uri: str, cache_dir: str | Path | None = None) -> Path:
     """A local bundle directory for ``uri`` (downloaded from the tracking server for ``models:/``/``runs:/``)."""
+    if uri.startswith("s3://"):
+        from hiar.data import local_dir
+
+        return local_dir(uri, "model")  # fetched once per node; its components resolve through hiar.bundle
     if not is_model_uri(uri):
         path = Path(uri)
         if not path.is_dir():
@@ -87,6 +194,7 @@ def resolve_bundle(uri: str, cache_dir: str | Path | None = None) -> Path:
     bundle = _bundle_path(local)
     if bundle is None or not bundle.is_dir():
         raise FileNotFoundError(f"model {uri!r} has no {BUNDLE_KEY!r} artifact (not logged by pipelines.registry)")
+    fetch_components(bundle)
     return bundle
 
 

@@ -102,7 +102,7 @@ def train_loop_per_worker(c: dict) -> None:
     import ray.train
     import torch
 
-    from hiar.bundle import load_bundle, save_bundle
+    from hiar.bundle import load_bundle, load_text, load_transformer, open_model_dir, runtime_dtypes, save_bundle
     from hiar.config import load_config
     from hiar.distill import Distiller, ODEInit
 
@@ -113,20 +113,33 @@ def train_loop_per_worker(c: dict) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(1, world_size)))
     device = torch.device("cuda" if cfg.distill.use_gpu and torch.cuda.is_available() else "cpu")
     d = cfg.distill
+    dtypes = runtime_dtypes(cfg, device)
 
-    teacher = load_bundle(c["teacher"], device=str(device))
-    text, codec = teacher.text, teacher.codec
+    # the teacher's transformer is trained (the student's init, the critic's init): fp32; the frozen parts run in
+    # the configured precision
+    teacher_dir = open_model_dir(c["teacher"], "teacher.path")
+    teacher = load_transformer(teacher_dir, device)
+    text = load_text(teacher_dir, device, dtypes["text_encoder"])
+    codec = None
     if stage == "ode_init":
         # the causal student starts from the teacher's weights (same architecture, block-causal attention)
-        trainer = ODEInit(cfg, teacher.transformer, text, rank, world_size)
-        model_of = lambda: trainer.student  # noqa: E731
+        trainer = ODEInit(cfg, teacher, text, rank, world_size)
         total, micro = d.ode_steps, d.micro_batch_size
     else:
         generator = load_bundle(c["init"], device=str(device)).transformer
-        trainer = Distiller(cfg, generator, teacher.transformer, text, rank=rank, world_size=world_size)
-        model_of = lambda: trainer.ema  # noqa: E731
+        real_score = None
+        if c.get("real_score"):
+            real_score = load_transformer(open_model_dir(c["real_score"], "teacher.real_score_path"), device,
+                                          dtypes["transformer"])
+            print(f"[train:{stage}] rank {rank}: real score {c['real_score']} "
+                  f"({sum(p.numel() for p in real_score.parameters()) / 1e6:.2f}M parameters, "
+                  f"{dtypes['transformer']}); critic initialised from {c['teacher']}", flush=True)
+        trainer = Distiller(cfg, generator, teacher, text, rank=rank, world_size=world_size, real_score=real_score)
         total, micro = d.steps, d.micro_batch_size
     step_of = (lambda: trainer.step) if stage == "ode_init" else (lambda: trainer.generator_steps)
+    # the model that is sampled and saved (the student; the EMA generator for distillation) as one plain module:
+    # with distill.sharding=fsdp gathering it is a collective (every rank calls, rank 0 gets it, others None)
+    model_of = trainer.export_model
 
     print(f"[train:{stage}] rank {rank}/{world_size} pid {os.getpid()} on {device}", flush=True)
     ckpt = ray.train.get_checkpoint()
@@ -136,15 +149,20 @@ def train_loop_per_worker(c: dict) -> None:
         print(f"[train:{stage}] rank {rank}: resumed from checkpoint at step {step_of()}", flush=True)
 
     if rank == 0:
+        from hiar.bundle import load_model_codec
+
+        codec = load_model_codec(teacher_dir, device, dtypes["vae"])  # rank 0 decodes the sample videos
         mlflow.set_tracking_uri(c["tracking_uri"])
         mlflow.start_run(run_id=c["run_id"])
 
     def report(metrics: dict) -> None:
-        # every rank reports the same number of times; rank 0 holds the state
+        # every rank reports the same number of times; rank 0 holds the state (with fsdp: gathered from the shards
+        # by every rank, whole tensors on rank 0 -- so a checkpoint resumes with any worker count)
+        state = trainer.state_dict()
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                torch.save(trainer.state_dict(), Path(tmp) / "state.pt")
+                torch.save(state, Path(tmp) / "state.pt")
                 (Path(tmp) / "meta.json").write_text(json.dumps({"step": step_of(), "run_id": c["run_id"]}))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({"step": step_of(), **metrics}, checkpoint=checkpoint)
@@ -169,25 +187,28 @@ def train_loop_per_worker(c: dict) -> None:
             mlflow.log_metrics({**{k: float(v) for k, v in metrics.items()}, "steps_per_s": rate}, step=step)
             print(f"[train:{stage}] step {step}/{total} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                                   if isinstance(v, float)), flush=True)
-        if rank == 0 and d.sample_every and step % d.sample_every == 0 and step < total:
-            _sample_and_log(model_of(), text, codec, cfg, step, stage)
+        if d.sample_every and step % d.sample_every == 0 and step < total:
+            model = model_of()
+            if rank == 0:
+                _sample_and_log(model, text, codec, cfg, step, stage)
         if step % d.checkpoint_every == 0 or step == total:
             report({k: float(v) for k, v in metrics.items()})
             if rank == 0:
                 print(f"[train:{stage}] checkpoint at step {step}", flush=True)
 
+    final_model = model_of()
     if rank == 0:
-        final = _sample_and_log(model_of(), text, codec, cfg, step_of(), stage)
+        final = _sample_and_log(final_model, text, codec, cfg, step_of(), stage)
         card = {"preset": cfg.preset, "seed": cfg.seed, "steps": step_of(), "stage": stage,
                 "rollout": d.rollout, "source_run": c["run_id"], "identity": c["identity"], "samples": final,
-                "teacher": c["teacher"], "init": c.get("init", "")}
-        out = save_bundle(c["output"], model_of(), text, codec, card, cfg, title=f"HiAR student ({stage})",
+                "teacher": c["teacher"], "real_score": c.get("real_score") or c["teacher"], "init": c.get("init", "")}
+        # the text encoder and codec are the teacher's: referenced by hash, stored once under the run directory;
+        # the bundle is logged as a model once, when it is registered (pipelines/promote.py register)
+        out = save_bundle(c["output"], final_model, text, codec, card, cfg, title=f"HiAR student ({stage})",
                           summary=f"Causal Wan-architecture generator after `{stage}` "
                                   f"({d.rollout} self-rollout)." if stage == "distill" else
-                                  "Causal student after ODE-regression init.")
-        from pipelines.registry import log_bundle
-
-        log_bundle(out)
+                                  "Causal student after ODE-regression init.",
+                          shared=teacher_dir, store=c["component_store"])
         mlflow.log_dict(card, "card.json")
         mlflow.end_run()
         print(f"[train:{stage}] saved {out} after {step_of()} steps; samples: "
@@ -202,7 +223,8 @@ def stage_identity(cfg, stage: str, inputs: dict) -> str:
     dd = cfg.to_dict()
     distill = {k: v for k, v in dd["distill"].items()
                if k not in ("sample_every", "sample_prompts", "checkpoint_every", "keep_checkpoints",
-                            "max_failures", "storage_path", "num_workers", "cpus_per_worker", "use_gpu")}
+                            "max_failures", "storage_path", "num_workers", "cpus_per_worker", "use_gpu",
+                            "activation_checkpointing", "real_score_sharding")}
     if stage == "ode_init":
         distill = {k: distill[k] for k in ("ode_steps", "lr_ode", "ode_batch_size", "micro_batch_size", "betas",
                                            "grad_clip")}
@@ -254,14 +276,27 @@ def find_or_create_run(experiment_id: str, identity: str, name: str, parent_run_
     return run.info.run_id, False
 
 
+def check_models(cfg, teacher: str):
+    """The teacher (and the real score, when it is its own model) open as model directories, the config's
+    ``model.*`` describes the teacher, and the real score fits the teacher's text encoder and VAE (no weights read).
+    Returns the two ``ModelDir``s (the real score's is None when it is the teacher)."""
+    from hiar.bundle import check_model_config, check_real_score, open_model_dir
+
+    teacher_dir = open_model_dir(teacher, "teacher.path")
+    check_model_config(teacher_dir, cfg)
+    real_dir = None
+    if cfg.teacher.real_score_path:
+        real_dir = open_model_dir(resolve_path(cfg.teacher.real_score_path), "teacher.real_score_path")
+        check_real_score(teacher_dir, real_dir)
+    return teacher_dir, real_dir
+
+
 def plan_stage(cfg, stage: str, storage: str, teacher: str, init: str | None, output: str | None = None) -> dict:
     """Inputs checked, identity and output directory of a stage (no compute): errors come before training."""
-    from hiar.bundle import load_bundle
-
     kind = DATASET_OF[stage]
     uri = f"{storage.rstrip('/')}/{kind}"
     manifest = check_dataset(cfg, kind, uri)
-    load_bundle(teacher)  # raises a clear error naming what is missing
+    check_models(cfg, teacher)
     inputs = {"data": manifest["identity"], "teacher": manifest.get("teacher_checksum")}
     if stage == "distill":
         card_path = Path(init or "") / "card.json"
@@ -307,6 +342,8 @@ def run_stage(cfg, args, stage: str, storage: str, teacher: str, init: str | Non
         train_loop_per_worker,
         train_loop_config={"preset": args.preset, "overrides": args.overrides, "stage": stage, "teacher": teacher,
                            "init": init, "output": str(output), "tracking_uri": tracking_uri(str(run_dir)),
+                           "real_score": resolve_path(cfg.teacher.real_score_path) if cfg.teacher.real_score_path else "",
+                           "component_store": str(run_dir / "components"),
                            "run_id": run_id, "identity": identity},
         scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                                resources_per_worker={"CPU": d.cpus_per_worker}),

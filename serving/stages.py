@@ -38,11 +38,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from ray import serve
 
 from hiar.bundle import CONFIG_FILE
-from hiar.config import HiarConfig, ServeConfig, _build
+from hiar.config import HiarConfig, ServeConfig
 from serving.flow import CANCELLED, Producer, StreamClosed, report_taken
 
 log = logging.getLogger("ray.serve")
@@ -64,30 +63,40 @@ def resolve_model_dir(model: dict) -> Path:
 
 
 def bundle_config(root: Path, fallback: HiarConfig | None = None) -> HiarConfig:
-    cfg_file = Path(root) / CONFIG_FILE
-    if cfg_file.exists():
-        return _build(HiarConfig, yaml.safe_load(cfg_file.read_text()), "")
+    """The bundle's own config, parsed like evaluation parses it (``hiar.bundle.bundle_config``)."""
+    from hiar.bundle import bundle_config as read_config, open_model_dir
+
+    cfg = read_config(open_model_dir(root, "served model"))
+    if cfg is not None:
+        return cfg
     if fallback is None:
         raise FileNotFoundError(f"the model bundle {str(root)!r} has no {CONFIG_FILE}")
     return fallback
 
 
-def load_transformer(root: Path, device: str):
-    from hiar.model import CausalWanTransformer3DModel
+def _load(part: str, root: Path, device: str, cfg: HiarConfig | None):
+    """One part of the model directory at ``root`` on ``device`` in its configured dtype (``hiar.bundle``)."""
+    from hiar import bundle
 
-    return CausalWanTransformer3DModel.from_pretrained(Path(root) / "transformer").eval().requires_grad_(False).to(device)
+    md = bundle.open_model_dir(root, "served model")
+    dtypes = bundle.runtime_dtypes(cfg, device)
+    if part == "transformer":
+        return bundle.load_transformer(md, device, dtypes["transformer"]).requires_grad_(False)
+    if part == "text":
+        return bundle.load_text(md, device, dtypes["text_encoder"])
+    return bundle.load_model_codec(md, device, dtypes["vae"])
 
 
-def load_codec(root: Path):
-    from hiar.codec import load_codec as _load
-
-    return _load(Path(root) / "codec")
+def load_transformer(root: Path, device: str, cfg: HiarConfig | None = None):
+    return _load("transformer", root, device, cfg)
 
 
-def load_text(root: Path):
-    from hiar.text import TextEncoder
+def load_codec(root: Path, device: str = "cpu", cfg: HiarConfig | None = None):
+    return _load("codec", root, device, cfg)
 
-    return TextEncoder.from_pretrained(root)
+
+def load_text(root: Path, device: str = "cpu", cfg: HiarConfig | None = None):
+    return _load("text", root, device, cfg)
 
 
 def replica_setup(serve_cfg: ServeConfig) -> tuple[str, str]:
@@ -173,7 +182,7 @@ class StepDeployment:
         root = resolve_model_dir(model)
         self.cfg = bundle_config(root)
         self.device = device_for(self.serve_cfg.stage_num_gpus)
-        self.transformer = load_transformer(root, self.device)
+        self.transformer = load_transformer(root, self.device, self.cfg)
         self.sigmas = self.cfg.schedule.sigmas().to(self.device)
         v, r = self.cfg.video, self.cfg.rollout
         self.block_shape = (v.latent_channels, r.frames_per_block, v.latent_height, v.latent_width)
@@ -298,7 +307,8 @@ class DecoderDeployment:
         self.upstream = upstream
         root = resolve_model_dir(model)
         self.cfg = bundle_config(root)
-        self.codec = load_codec(root)
+        self.device = device_for(self.serve_cfg.decoder_num_gpus)
+        self.codec = load_codec(root, self.device, self.cfg)
         self.fps = self.cfg.video.fps
         self.num_steps = self.cfg.schedule.num_steps
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")

@@ -119,13 +119,13 @@ def test_distiller_updates_critic_every_iteration_and_generator_every_ratio(setu
     states = torch.randn(2, 5, C, 6, 16, 16)
     g0 = [p.detach().clone() for p in d.generator.parameters()]
     c0 = [p.detach().clone() for p in d.critic.parameters()]
-    t0 = [p.detach().clone() for p in d.teacher.parameters()]
+    t0 = [p.detach().clone() for p in d.real_score.parameters()]
     logs = [d.iteration_step([(prompts, states)]) for _ in range(cfg.distill.critic_ratio + 1)]
     assert [lg.generator_updated for lg in logs] == [True] + [False] * (cfg.distill.critic_ratio - 1) + [True]
     assert d.generator_steps == 2
     assert any(not torch.equal(a, b) for a, b in zip(g0, d.generator.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(c0, d.critic.parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(t0, d.teacher.parameters()))  # the real score is frozen
+    assert all(torch.equal(a, b) for a, b in zip(t0, d.real_score.parameters()))  # the real score is frozen
     assert {"dmd_loss", "fkl_loss", "critic_loss", "generator_grad_norm"} <= set(logs[0].metrics)
     # state round trip resumes exactly
     state = d.state_dict()

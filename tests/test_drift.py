@@ -83,7 +83,7 @@ class ReturnsNaN(MeanBrightness):
         return float("nan")
 
 
-LEARNED = ("dinov2_similarity", "lpips_distance", "musiq", "clip_iqa")
+LEARNED = ("dinov2_similarity", "lpips_distance", "musiq", "clip_iqa", "clip_text")  # clip_text: text-video alignment
 
 
 # ----------------------------------------------------------------- input and segments
@@ -232,8 +232,11 @@ def test_missing_learned_scorers_are_skipped_not_zero(tmp_path, monkeypatch):
 
 def test_weights_dir_present_but_no_loader_is_skipped_with_reason(tmp_path):
     (tmp_path / "lpips").mkdir()
-    ok, why = D.LpipsDistanceScorer(tmp_path).available()
+    (tmp_path / "learned").mkdir()
+    ok, why = D.WeightsScorer(tmp_path).available()  # a scorer without a built-in loader
     assert not ok and "no built-in offline loader" in why
+    ok, why = D.LpipsDistanceScorer(tmp_path).available()  # built-in loader, but no lpips package / no lpips.pth
+    assert not ok and "could not be loaded" in why and ("not importable" in why or "lpips.pth" in why)
     hooked = D.LpipsDistanceScorer(tmp_path, loader=lambda path, device: (lambda frames: 0.25))
     assert hooked.available() == (True, "") and hooked.score_segment(np.zeros((2, 8, 8, 3), np.float32)) == 0.25
 
@@ -300,7 +303,7 @@ def test_builtin_learned_loaders_run_offline(tmp_path):
     _tiny_hf_weights(tmp_path)
     video = translating(textured(seed=9), 20, dx=2)
     report = D.drift_report(video, fps=8, weights_dir=tmp_path)
-    assert set(report.skipped) == {"lpips_distance", "musiq"}
+    assert set(report.skipped) == {"lpips_distance", "musiq", "clip_text"}  # no lpips/pyiqa package, no clip/ folder
     assert {"dinov2_similarity", "clip_iqa"} <= set(report.per_segment)
     assert all(0.0 <= v <= 1.0 for v in report.per_segment["clip_iqa"])
     dino = D.Dinov2SimilarityScorer(tmp_path)

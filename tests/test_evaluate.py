@@ -63,8 +63,8 @@ def test_actor_and_summary_without_ray(bundle, tmp_path):
 
 def test_plan_defaults_to_four_times_the_training_horizon_on_held_out_prompts(bundle, tmp_path):
     """The plan (no Ray, no MLflow for a local bundle): the tiny preset evaluates 4 x 12 = 48 latent frames on the
-    held-out prompts x eval.seeds in both modes, with the oracle; a prompts file (the Wan preset) gives its first
-    N lines and no oracle.  Identity is about the settings: equal for any model, different for other settings."""
+    held-out prompts x eval.seeds in both modes, with the oracle; a prompt dataset (data.prompts, the Wan preset)
+    gives the first N of its held-out split and no oracle.  Identity is about the settings: equal for any model, different for other settings."""
     from hiar.pretrain import eval_prompts
     from pipelines.evaluate import plan_evaluation
 
@@ -80,11 +80,14 @@ def test_plan_defaults_to_four_times_the_training_horizon_on_held_out_prompts(bu
     assert ablation.gen_config["rollout"]["context_noise"] == "current"
     assert ablation.generation_hash() != plan.generation_hash()
 
+    from hiar.prompts import load_prompts
+
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a cat surfing\n\na dog skiing\na fox running\n")
-    wan_like = plan_evaluation(load_config("tiny", [f"run_dir={tmp_path}", f"data.prompts_file={prompts}",
-                                                    "eval.num_prompts=2"]), str(bundle))
-    assert wan_like.prompts == ["a cat surfing", "a dog skiing"] and not wan_like.use_oracle
+    prompts.write_text("a cat surfing\n\na dog skiing\na fox running\na dog skiing\nan owl flying\n")
+    wan_like = plan_evaluation(load_config("tiny", [f"run_dir={tmp_path}", f"data.prompts={prompts}",
+                                                    "data.heldout_prompts=3", "eval.num_prompts=2"]), str(bundle))
+    held = load_prompts(str(prompts), 3).heldout
+    assert wan_like.prompts == list(held[:2]) and not wan_like.use_oracle
 
 
 def test_registry_uri_end_to_end_on_the_cluster_then_reuse(ray_head, bundle, tmp_path, monkeypatch):
@@ -168,7 +171,7 @@ def test_bad_model_is_an_error_before_any_compute(bundle, tmp_path, monkeypatch,
     t0 = time.monotonic()
     cases = {
         str(tmp_path / "no-such-dir"): "no such directory",
-        str(tmp_path): "is not a model bundle",
+        str(tmp_path): "holds no model: missing ['transformer/']",
         "models:/hiar-student@champion": "cannot resolve model 'models:/hiar-student@champion'",
         "models:/no-such-model/3": "cannot resolve model",
     }

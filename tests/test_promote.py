@@ -31,7 +31,8 @@ def _m(drift, dyn, cc=None, mode="hierarchical", n=3):
     return out
 
 
-TH = dict(max_drift_increase=0.0, max_dynamics_drop=0.05, max_quality_drop=0.0)
+TINY_CHECKS = ["drift", "dynamics", "quality"]  # the tiny preset's registry.gate_metrics
+TH = dict(checks=TINY_CHECKS, max_drift_increase=0.0, max_dynamics_drop=0.05, max_quality_drop=0.0)
 
 
 def test_gate_passes_a_better_challenger_and_names_every_check():
@@ -58,11 +59,12 @@ def test_gate_rejects_a_worse_challenger_with_the_reason(challenger, failing):
 
 def test_gate_thresholds_modes_and_incomparable_inputs():
     worse = _m(0.30, 0.30, 0.50)
-    assert decide(worse, _m(0.2, 0.5, 0.7), max_drift_increase=0.2, max_dynamics_drop=0.3, max_quality_drop=0.3).passed
+    assert decide(worse, _m(0.2, 0.5, 0.7), checks=TINY_CHECKS, max_drift_increase=0.2, max_dynamics_drop=0.3,
+                  max_quality_drop=0.3).passed
     assert not decide(_m(0.1, 0.5, 0.8), _m(0.2, 0.5, 0.7), **{**TH, "max_drift_increase": -1e9}).passed
     # without the oracle (a Wan model) quality is skipped, said so in the reason
     r = decide(_m(0.1, 0.5), _m(0.2, 0.5), **TH)
-    assert r.passed and r.skipped and "skipped: quality" in r.reason
+    assert r.passed and r.skipped and "skipped: quality" in r.reason and "tiny preset only" in r.reason
     # the gated mode is a setting
     assert gate_metric_keys("block_first")["drift"] == "block_first/drift/score"
     assert decide(_m(0.1, 0.5, mode="block_first"), _m(0.2, 0.5, mode="block_first"), rollout="block_first", **TH).passed
@@ -158,8 +160,8 @@ def test_register_reuses_the_version_of_the_same_bundle_and_errors_are_exit_2(bu
 
     # errors, all before any change
     for args, message in [
-        (["register", "--model-dir", str(tmp_path / "missing")], "no such directory"),
-        (["register", "--model-dir", str(tmp_path)], "is not a model bundle"),
+        (["register", "--model-dir", str(tmp_path / "missing")], "does not exist"),
+        (["register", "--model-dir", str(tmp_path)], "holds no model: missing ['transformer/']"),
         (["promote", "--version", "7"], "has no version 7"),
         (["rollback"], "has no 'champion'"),
         (["promote", "--parent-run-id", "0" * 32], "--parent-run-id"),

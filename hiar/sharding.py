@@ -1,0 +1,216 @@
+"""FSDP2 sharding of the distillation models (``distill.sharding: fsdp``), activation checkpointing, and the
+helpers a sharded run needs: an EMA on local shards, full state dicts for export, per-rank parameter bytes.
+
+Plain PyTorch (no Ray): ``hiar.distill`` calls these; ``pipelines/train.py`` runs them under Ray Train's
+``TorchTrainer`` (gloo on CPU, NCCL on GPUs).
+
+* :func:`shard_model` applies ``torch.distributed.fsdp.fully_shard`` to every ``model.blocks[i]`` and then to the
+  root (the root group holds the patch/condition embedders and the output head).  Each parameter becomes a
+  ``DTensor`` sharded on dim 0 over the mesh, so a rank holds ~1/world of every model it shards.
+* The generator is called many times per training step (one call per block and denoising step, most of them under
+  ``no_grad``) before one backward: FSDP2 all-gathers each block for every call and, with
+  ``reshard_after_forward=True`` (the default here), frees the gathered parameters right after each call;
+  the backward re-gathers them.  No-grad calls register no backward hooks.
+* Mixed precision (:func:`mixed_precision_policy`): on CUDA with ``distill.mixed_precision`` ``auto``/``bf16`` the
+  compute copies are bf16 and gradients are reduced in fp32; the sharded parameters, the optimiser state and the
+  EMA stay fp32.  On the CPU everything is fp32 (no policy).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+
+REAL_SCORE_SHARDING = ("shard", "replicate")
+
+
+# ---------------------------------------------------------------------- deciding
+def fsdp_enabled(cfg, world_size: int) -> bool:
+    """True when the models are to be sharded: ``distill.sharding == "fsdp"`` and more than one worker.
+
+    ``fsdp`` with one worker warns and runs unsharded (there is nothing to shard over); the result is the
+    ``ddp`` path with one worker, bit for bit.
+    """
+    if cfg.distill.sharding != "fsdp":
+        return False
+    if world_size <= 1:
+        warnings.warn("distill.sharding=fsdp with one worker: nothing to shard over, running unsharded "
+                      "(identical to sharding=ddp with one worker)", stacklevel=2)
+        return False
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"distill.sharding=fsdp with {world_size} workers needs an initialised process group "
+                           "(Ray Train's TorchTrainer sets it up)")
+    return True
+
+
+def device_mesh(device: torch.device, world_size: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world_size,))
+
+
+def mixed_precision_policy(cfg, device: torch.device):
+    """``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` on a bf16-capable GPU when
+    ``distill.mixed_precision`` is ``auto`` or ``bf16``; None (fp32 throughout) otherwise, and always on the CPU."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    mode = cfg.distill.mixed_precision
+    if device.type == "cuda" and mode in ("auto", "bf16") and torch.cuda.is_bf16_supported():
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return None
+
+
+# ---------------------------------------------------------------------- sharding and checkpointing
+def shard_model(model: torch.nn.Module, mesh, mp_policy=None, reshard_after_forward: bool = True) -> torch.nn.Module:
+    """``fully_shard`` each transformer block, then the root (in place; returns ``model``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise TypeError(f"{type(model).__name__} has no .blocks to shard per block")
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    # The root returns a view (the unpatchify reshapes); FSDP2 warns that an in-place op on it would skip the
+    # pre-backward hook. Nothing here modifies a model output in place (GuidedVelocity, the losses: out of place).
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPCausalWanTransformer3DModel\) returned a view")
+    return model
+
+
+def activation_checkpointing(model: torch.nn.Module, on: bool) -> torch.nn.Module:
+    """Per-block activation checkpointing (``torch.utils.checkpoint``, ``use_reentrant=False``).
+
+    The model's forward already wraps each ``blocks[i]`` call in ``_gradient_checkpointing_func`` when
+    ``gradient_checkpointing`` is set and grad is enabled; diffusers' ``enable_gradient_checkpointing`` installs the
+    non-reentrant ``torch.utils.checkpoint.checkpoint``.  No-grad calls (most of the rollout) are not checkpointed.
+    """
+    if on:
+        model.enable_gradient_checkpointing()
+    elif getattr(model, "gradient_checkpointing", False):
+        model.disable_gradient_checkpointing()
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def local_param_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters this rank holds (its shards of sharded parameters, whole unsharded ones)."""
+    return sum(local_tensor(p).numel() * p.element_size() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------- EMA on shards
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """``ema <- decay * ema + (1 - decay) * model`` parameter by parameter, on local shards when sharded.
+
+    The EMA is a copy of the generator made before sharding and sharded the same way, so its local shards line
+    up with the generator's; it stays fp32 and never runs forward while sharded.
+    """
+    with torch.no_grad():
+        e = [local_tensor(p) for p in ema.parameters()]
+        w = [local_tensor(p) for p in model.parameters()]
+        for a, b in zip(e, w):
+            if a.shape != b.shape:
+                raise RuntimeError(f"EMA shard {tuple(a.shape)} does not match the generator's {tuple(b.shape)}")
+            a.lerp_(b.to(a.dtype), 1.0 - decay)
+
+
+# ---------------------------------------------------------------------- state dicts
+def full_state_dict(model: torch.nn.Module, rank0_only: bool = True) -> dict:
+    """The whole (unsharded) state dict on the CPU. Collective for a sharded model: every rank must call it.
+    With ``rank0_only`` only rank 0 gets the tensors (others get ``{}``); otherwise every rank does."""
+    if not is_sharded(model):
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    # Gathered parameter by parameter in state-dict order (the same on every rank). Measured here:
+    # get_model_state_dict(full_state_dict=True, cpu_offload=True) on a module that has not run forward since
+    # set_model_state_dict returned DTensors on rank 0.
+    from torch.distributed.tensor import DTensor
+
+    keep = not rank0_only or dist.get_rank() == 0
+    out = {}
+    for k, v in model.state_dict().items():
+        full = v.full_tensor() if isinstance(v, DTensor) else v
+        if keep:
+            out[k] = full.detach().cpu().clone()
+    return out
+
+
+def load_full_state_dict(model: torch.nn.Module, state: dict) -> None:
+    """Load a whole state dict (every rank holds it) into a sharded or unsharded model."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    # a shallow copy: set_model_state_dict replaces the dict's tensors by their shards (DTensors) in place
+    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True))
+
+
+def full_optimizer_state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """The optimiser's whole state keyed by parameter name (collective; every rank gets it, on the CPU)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+    """Load a whole optimiser state (keyed by name or, from an unsharded run, by index) into ``opt`` of a sharded
+    or unsharded ``model``: checkpoints move between worker counts and between ``ddp`` and ``fsdp``."""
+    if not is_sharded(model):
+        opt.load_state_dict(optimizer_state_by_index(model, state))
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, optimizer_state_by_name(model, state),
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def optimizer_state_by_name(model: torch.nn.Module, state: dict) -> dict:
+    """A plain ``opt.state_dict()`` (parameters numbered in ``model.parameters()`` order) keyed by parameter name
+    instead, the layout of :func:`full_optimizer_state_dict`; a state already keyed by name is returned as is."""
+    names = [n for n, _ in model.named_parameters()]
+    groups = state["param_groups"]
+    if all(isinstance(i, str) for g in groups for i in g["params"]):
+        return state
+    return {"state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
+
+
+def optimizer_state_by_index(model: torch.nn.Module, state: dict) -> dict:
+    """The inverse of :func:`optimizer_state_by_name`: what a plain ``opt.load_state_dict`` takes."""
+    index = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    groups = state["param_groups"]
+    if all(isinstance(i, int) for g in groups for i in g["params"]):
+        return state
+    return {"state": {index[n]: v for n, v in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups]}
+
+
+def unsharded_copy(skeleton: torch.nn.Module, state: dict, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """A plain module with ``skeleton``'s structure (a meta-device copy of the model before sharding) holding
+    ``state`` (a full state dict)."""
+    import copy
+
+    model = copy.deepcopy(skeleton).to_empty(device=device)
+    model.load_state_dict(state)
+    return model
+
+
+__all__ = ["REAL_SCORE_SHARDING", "fsdp_enabled", "device_mesh", "mixed_precision_policy", "shard_model",
+           "activation_checkpointing", "is_sharded", "local_param_bytes", "ema_update", "full_state_dict",
+           "load_full_state_dict", "full_optimizer_state_dict", "load_full_optimizer_state_dict", "unsharded_copy",
+           "optimizer_state_by_name", "optimizer_state_by_index"]
