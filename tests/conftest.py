@@ -67,3 +67,21 @@ def mlflow_server(tmp_path):
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def wan_ckpt(tmp_path_factory):
+    """A miniature Wan2.1 T2V 1.3B repository in the public diffusers layout (tests/wan_checkpoint.py)."""
+    from tests.wan_checkpoint import build_wan_checkpoint
+
+    return build_wan_checkpoint(tmp_path_factory.mktemp("wan") / "Wan2.1-T2V-1.3B-Diffusers")
+
+
+@pytest.fixture(scope="session")
+def wan_real_scores(wan_ckpt, tmp_path_factory):
+    """(a stand-in real score that fits the miniature's text encoder and VAE, one that does not: text_dim 48)."""
+    from tests.wan_checkpoint import build_incompatible_real_score, build_real_score_standin
+
+    base = tmp_path_factory.mktemp("real")
+    return (build_real_score_standin(base / "Wan2.1-T2V-14B-Diffusers", wan_ckpt),
+            build_incompatible_real_score(base / "incompatible", wan_ckpt))

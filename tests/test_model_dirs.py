@@ -16,26 +16,11 @@ import torch
 from tests.wan_checkpoint import (
     GEOMETRY,
     PROMPTS,
-    build_incompatible_real_score,
-    build_real_score_standin,
-    build_wan_checkpoint,
     cpu_overrides,
 )
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """The miniature Wan2.1 T2V 1.3B repository (public diffusers layout)."""
-    return build_wan_checkpoint(tmp_path_factory.mktemp("wan") / "Wan2.1-T2V-1.3B-Diffusers")
-
-
-@pytest.fixture(scope="module")
-def real_scores(ckpt, tmp_path_factory):
-    """(a real score that fits the teacher's text encoder and VAE, one that does not: text_dim 48)."""
-    base = tmp_path_factory.mktemp("real")
-    return (build_real_score_standin(base / "Wan2.1-T2V-14B-Diffusers", ckpt),
-            build_incompatible_real_score(base / "incompatible", ckpt))
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +61,17 @@ def _outputs(model, seed: int = 0) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- 1. layouts
-def test_open_model_dir_on_a_repository_its_transformer_folder_and_a_bundle(ckpt, tiny_bundle):
+def test_open_model_dir_on_a_repository_its_transformer_folder_and_a_bundle(wan_ckpt, tiny_bundle):
     from hiar.bundle import open_model_dir
 
-    md = open_model_dir(ckpt)
-    via_transformer = open_model_dir(ckpt / "transformer")
+    md = open_model_dir(wan_ckpt)
+    via_transformer = open_model_dir(wan_ckpt / "transformer")
     assert md == via_transformer  # a transformer/ folder stands for its repository
-    assert md.layout == "wan" and md.root == ckpt and md.source == str(ckpt)
-    assert via_transformer.root == ckpt and via_transformer.transformer == ckpt / "transformer"
-    assert md.components == {"text": (ckpt, ("tokenizer", "text_encoder"), ""), "codec": (ckpt, ("vae",), "")}
+    assert md.layout == "wan" and md.root == wan_ckpt and md.source == str(wan_ckpt)
+    assert via_transformer.root == wan_ckpt and via_transformer.transformer == wan_ckpt / "transformer"
+    assert md.components == {"text": (wan_ckpt, ("tokenizer", "text_encoder"), ""), "codec": (wan_ckpt, ("vae",), "")}
     assert md.text_dim() == 32 and md.latent_channels() == 16
-    assert open_model_dir(str(ckpt / "transformer") + "/") == md  # a trailing slash changes nothing
+    assert open_model_dir(str(wan_ckpt / "transformer") + "/") == md  # a trailing slash changes nothing
 
     b = open_model_dir(tiny_bundle)
     assert b.layout == "bundle" and b.root == tiny_bundle
@@ -100,28 +85,28 @@ def test_open_model_dir_on_a_repository_its_transformer_folder_and_a_bundle(ckpt
 
 
 # ---------------------------------------------------------------------------------------------- 2. bad input
-def _copy_without(ckpt: Path, dest: Path, part: str) -> Path:
-    shutil.copytree(ckpt, dest)
+def _copy_without(wan_ckpt: Path, dest: Path, part: str) -> Path:
+    shutil.copytree(wan_ckpt, dest)
     shutil.rmtree(dest / part)
     return dest
 
 
-def test_a_repository_missing_a_part_is_named_with_its_path(ckpt, tmp_path):
+def test_a_repository_missing_a_part_is_named_with_its_path(wan_ckpt, tmp_path):
     from hiar.bundle import open_model_dir
 
-    no_vae = _copy_without(ckpt, tmp_path / "no-vae", "vae")
+    no_vae = _copy_without(wan_ckpt, tmp_path / "no-vae", "vae")
     with pytest.raises(FileNotFoundError) as err:
         open_model_dir(no_vae, "teacher.path")
     msg = str(err.value)
     assert "vae/" in msg and str(no_vae) in msg and "teacher.path" in msg
     assert "transformer/" not in msg.split("missing", 1)[1].split("(", 1)[0]  # only what is missing is listed
 
-    no_transformer = _copy_without(ckpt, tmp_path / "no-transformer", "transformer")
+    no_transformer = _copy_without(wan_ckpt, tmp_path / "no-transformer", "transformer")
     with pytest.raises(FileNotFoundError, match=r"missing \['transformer/'\]") as err:
         open_model_dir(no_transformer)
     assert str(no_transformer) in str(err.value)
 
-    no_text = _copy_without(ckpt, tmp_path / "no-text", "text_encoder")
+    no_text = _copy_without(wan_ckpt, tmp_path / "no-text", "text_encoder")
     with pytest.raises(FileNotFoundError, match=r"missing \['text_encoder/'\]"):
         open_model_dir(no_text)
 
@@ -159,10 +144,10 @@ def test_an_empty_s3_prefix_is_named(s3_server, monkeypatch):
     assert uri in str(err.value) and "teacher.path" in str(err.value)
 
 
-def test_a_bundle_whose_referenced_component_is_gone_or_altered(ckpt, tmp_path):
+def test_a_bundle_whose_referenced_component_is_gone_or_altered(wan_ckpt, tmp_path):
     from hiar.bundle import open_model_dir
 
-    teacher = shutil.copytree(ckpt, tmp_path / "teacher")  # a private copy: this test deletes and alters it
+    teacher = shutil.copytree(wan_ckpt, tmp_path / "teacher")  # a private copy: this test deletes and alters it
     store = tmp_path / "components"
     student = _student(open_model_dir(teacher), tmp_path / "student", seed=1, store=store)
     refs = json.loads((student / "components.json").read_text())["components"]
@@ -202,7 +187,7 @@ def _upload(client, bucket: str, root: Path, prefix: str) -> None:
             client.upload_file(str(p), bucket, f"{prefix}/{p.relative_to(root).as_posix()}")
 
 
-def test_an_s3_repository_is_fetched_once_and_loads_like_the_local_one(ckpt, s3_server, monkeypatch, node_cache):
+def test_an_s3_repository_is_fetched_once_and_loads_like_the_local_one(wan_ckpt, s3_server, monkeypatch, node_cache):
     import hiar.data
     from hiar.bundle import load_bundle, open_model_dir
 
@@ -211,7 +196,7 @@ def test_an_s3_repository_is_fetched_once_and_loads_like_the_local_one(ckpt, s3_
     client = s3_server.client()
     bucket = f"models-{uuid.uuid4().hex[:8]}"
     client.create_bucket(Bucket=bucket)
-    _upload(client, bucket, ckpt, "wan")
+    _upload(client, bucket, wan_ckpt, "wan")
     uri = f"s3://{bucket}/wan"
 
     reads = []
@@ -233,25 +218,25 @@ def test_an_s3_repository_is_fetched_once_and_loads_like_the_local_one(ckpt, s3_
     md = open_model_dir(uri, "teacher.path")
     assert md.layout == "wan" and md.source == uri
     assert md.root.is_relative_to(node_cache)
-    assert _files(md.root) == sorted(_files(ckpt) + [".hiar-fetch.json"])
-    for f in _files(ckpt):
-        assert (md.root / f).read_bytes() == (ckpt / f).read_bytes(), f
-    assert len(reads) == len(_files(ckpt))
+    assert _files(md.root) == sorted(_files(wan_ckpt) + [".hiar-fetch.json"])
+    for f in _files(wan_ckpt):
+        assert (md.root / f).read_bytes() == (wan_ckpt / f).read_bytes(), f
+    assert len(reads) == len(_files(wan_ckpt))
     record = md.root / ".hiar-fetch.json"
     before = (record.read_text(), record.stat().st_mtime_ns, md.root.stat().st_ino)
 
     again = open_model_dir(uri)
-    assert again.root == md.root and len(reads) == len(_files(ckpt))  # nothing downloaded the second time
+    assert again.root == md.root and len(reads) == len(_files(wan_ckpt))  # nothing downloaded the second time
     assert (record.read_text(), record.stat().st_mtime_ns, md.root.stat().st_ino) == before
 
     via_transformer = open_model_dir(f"{uri}/transformer")
     assert via_transformer.source == uri and via_transformer.root == md.root and via_transformer.layout == "wan"
     assert open_model_dir(f"{uri}/") == md  # one spelling per prefix: a trailing slash does not fetch it again
-    assert len(reads) == len(_files(ckpt))
+    assert len(reads) == len(_files(wan_ckpt))
     assert (record.read_text(), record.stat().st_mtime_ns, md.root.stat().st_ino) == before
 
-    remote, local = load_bundle(uri), load_bundle(ckpt)
-    assert len(reads) == len(_files(ckpt))
+    remote, local = load_bundle(uri), load_bundle(wan_ckpt)
+    assert len(reads) == len(_files(wan_ckpt))
     assert torch.equal(_outputs(remote.transformer), _outputs(local.transformer))
     assert torch.equal(remote.text.encode(PROMPTS[:2]), local.text.encode(PROMPTS[:2]))
     assert remote.codec.latent_channels == local.codec.latent_channels == 16
@@ -261,25 +246,25 @@ def test_an_s3_repository_is_fetched_once_and_loads_like_the_local_one(ckpt, s3_
 
 
 # ---------------------------------------------------------------------------------------------- 4-5. checks
-def test_check_model_config_names_the_field_and_both_values(ckpt):
+def test_check_model_config_names_the_field_and_both_values(wan_ckpt):
     from hiar.bundle import check_model_config, open_model_dir
     from hiar.config import load_config
 
-    md = open_model_dir(ckpt)
-    check_model_config(md, load_config("wan2.1-1.3b", cpu_overrides(ckpt)))
-    bad = load_config("wan2.1-1.3b", [*cpu_overrides(ckpt), "model.num_layers=3"])
+    md = open_model_dir(wan_ckpt)
+    check_model_config(md, load_config("wan2.1-1.3b", cpu_overrides(wan_ckpt)))
+    bad = load_config("wan2.1-1.3b", [*cpu_overrides(wan_ckpt), "model.num_layers=3"])
     with pytest.raises(ValueError) as err:
         check_model_config(md, bad)
     msg = str(err.value)
-    assert "model.num_layers = 3" in msg and "says 2" in msg and str(ckpt) in msg and "teacher.path" in msg
+    assert "model.num_layers = 3" in msg and "says 2" in msg and str(wan_ckpt) in msg and "teacher.path" in msg
     assert msg.count("model.") == 1  # only the field that differs
 
 
-def test_check_real_score_names_text_dim_48_and_32(ckpt, real_scores):
+def test_check_real_score_names_text_dim_48_and_32(wan_ckpt, wan_real_scores):
     from hiar.bundle import check_real_score, open_model_dir
 
-    teacher = open_model_dir(ckpt)
-    standin, incompatible = real_scores
+    teacher = open_model_dir(wan_ckpt)
+    standin, incompatible = wan_real_scores
     check_real_score(teacher, open_model_dir(standin))
     with pytest.raises(ValueError) as err:
         check_real_score(teacher, open_model_dir(incompatible))
@@ -289,28 +274,28 @@ def test_check_real_score_names_text_dim_48_and_32(ckpt, real_scores):
 
 
 # ---------------------------------------------------------------------------------------------- 6. references
-def test_students_reference_the_teachers_parts_stored_once_per_hash(ckpt, tmp_path):
+def test_students_reference_the_teachers_parts_stored_once_per_hash(wan_ckpt, tmp_path):
     from hiar.bundle import load_bundle, load_text, open_model_dir
     from hiar.config import load_config
     from hiar.data import checksum_dir, tree_sha256
 
-    teacher = open_model_dir(ckpt)
+    teacher = open_model_dir(wan_ckpt)
     store = tmp_path / "components"
-    cfg = load_config("wan2.1-1.3b", cpu_overrides(ckpt))
+    cfg = load_config("wan2.1-1.3b", cpu_overrides(wan_ckpt))
     s1 = _student(teacher, tmp_path / "student-1", seed=1, store=store, cfg=cfg)
     assert sorted(p.name for p in s1.iterdir()) == ["MODEL_CARD.md", "card.json", "components.json",
                                                     "hiar_config.yaml", "locations.json", "transformer"]
     refs = json.loads((s1 / "components.json").read_text())
     assert refs["schema"] == 1
     refs = refs["components"]
-    assert refs["text"] == {"sha256": tree_sha256(ckpt, ["tokenizer", "text_encoder"]),
+    assert refs["text"] == {"sha256": tree_sha256(wan_ckpt, ["tokenizer", "text_encoder"]),
                             "parts": ["tokenizer", "text_encoder"]}
-    assert refs["codec"] == {"sha256": tree_sha256(ckpt, ["vae"]), "parts": ["vae"]}
+    assert refs["codec"] == {"sha256": tree_sha256(wan_ckpt, ["vae"]), "parts": ["vae"]}
     stored = sorted(p.name for p in store.iterdir())
     assert stored == sorted([f"text-{refs['text']['sha256'][:16]}", f"codec-{refs['codec']['sha256'][:16]}"])
     text_copy = store / f"text-{refs['text']['sha256'][:16]}"
-    assert _files(text_copy) == sorted(f"{p}/{f}" for p in ("tokenizer", "text_encoder") for f in _files(ckpt / p))
-    assert _files(store / f"codec-{refs['codec']['sha256'][:16]}") == [f"vae/{f}" for f in _files(ckpt / "vae")]
+    assert _files(text_copy) == sorted(f"{p}/{f}" for p in ("tokenizer", "text_encoder") for f in _files(wan_ckpt / p))
+    assert _files(store / f"codec-{refs['codec']['sha256'][:16]}") == [f"vae/{f}" for f in _files(wan_ckpt / "vae")]
 
     s2 = _student(teacher, tmp_path / "student-2", seed=2, store=store, cfg=cfg)
     assert sorted(p.name for p in store.iterdir()) == stored  # nothing new in the store
@@ -385,21 +370,21 @@ def test_the_dmd_gradient_comes_from_the_named_real_score():
     assert diff > 1e-6 * max(x.abs().max().item() for x in g_a)
 
 
-def test_the_real_score_path_is_checked_loaded_and_used_for_the_wan_miniature(ckpt, real_scores):
+def test_the_real_score_path_is_checked_loaded_and_used_for_the_wan_miniature(wan_ckpt, wan_real_scores):
     """Through the loading path: check_models returns the real score's directory only when real_score_path is
     set; the stand-in loaded from it changes the DMD gradient; empty (= the teacher) equals passing None."""
     from hiar.bundle import load_text, load_transformer
     from hiar.config import load_config
     from pipelines.train import check_models
 
-    standin, incompatible = real_scores
-    cfg_teacher = load_config("wan2.1-1.3b", [*cpu_overrides(ckpt), "distill.fkl_weight=0"])
-    cfg_real = load_config("wan2.1-1.3b", [*cpu_overrides(ckpt, real_score=standin), "distill.fkl_weight=0"])
+    standin, incompatible = wan_real_scores
+    cfg_teacher = load_config("wan2.1-1.3b", [*cpu_overrides(wan_ckpt), "distill.fkl_weight=0"])
+    cfg_real = load_config("wan2.1-1.3b", [*cpu_overrides(wan_ckpt, real_score=standin), "distill.fkl_weight=0"])
     teacher_dir, real_dir = check_models(cfg_teacher, cfg_teacher.teacher.path)
     assert teacher_dir.layout == "wan" and real_dir is None
     teacher_dir, real_dir = check_models(cfg_real, cfg_real.teacher.path)
     assert real_dir is not None and real_dir.root == standin and real_dir.transformer_config()["num_layers"] == 3
-    bad = load_config("wan2.1-1.3b", cpu_overrides(ckpt, real_score=incompatible))
+    bad = load_config("wan2.1-1.3b", cpu_overrides(wan_ckpt, real_score=incompatible))
     with pytest.raises(ValueError, match="text_dim is 48"):
         check_models(bad, bad.teacher.path)
 
@@ -408,7 +393,7 @@ def test_the_real_score_path_is_checked_loaded_and_used_for_the_wan_miniature(ck
     generator = load_transformer(teacher_dir)
     real = load_transformer(real_dir)
     assert sum(p.numel() for p in real.parameters()) != sum(p.numel() for p in teacher.parameters())
-    cfg = load_config("wan2.1-1.3b", [*cpu_overrides(ckpt), "distill.fkl_weight=0", "distill.batch_size=2",
+    cfg = load_config("wan2.1-1.3b", [*cpu_overrides(wan_ckpt), "distill.fkl_weight=0", "distill.batch_size=2",
                                       "distill.micro_batch_size=2"])
     g = GEOMETRY
     states = torch.randn(2, cfg.schedule.sigmas().numel(), 16, g["train_latent_frames"], g["latent_height"],
@@ -421,7 +406,7 @@ def test_the_real_score_path_is_checked_loaded_and_used_for_the_wan_miniature(ck
     assert not _same(g_none, g_real) and not _same(p_none, p_real)
 
 
-def test_a_wan_checkpoint_runs_in_bf16_where_the_gpu_precision_asks_for_it(ckpt):
+def test_a_wan_checkpoint_runs_in_bf16_where_the_gpu_precision_asks_for_it(wan_ckpt):
     """The GPU path (``precision.*`` = bf16) forced on the CPU: diffusers keeps Wan's time embedder and norms in
     fp32 inside a bf16 model; the velocity takes float32 latents in and gives float32 out, close to the fp32 model."""
     from hiar.bundle import load_bundle, runtime_dtypes
@@ -429,10 +414,10 @@ def test_a_wan_checkpoint_runs_in_bf16_where_the_gpu_precision_asks_for_it(ckpt)
     from hiar.velocity import GuidedVelocity
     from tests.wan_checkpoint import PROMPTS, cpu_overrides
 
-    cfg = load_config("wan2.1-1.3b", cpu_overrides(ckpt))
+    cfg = load_config("wan2.1-1.3b", cpu_overrides(wan_ckpt))
     assert runtime_dtypes(cfg, "cpu")["transformer"] == torch.float32  # the CPU stays fp32 whatever the config
     bf16 = {"transformer": torch.bfloat16, "text_encoder": torch.bfloat16, "vae": torch.float32}
-    fast, exact = load_bundle(ckpt, dtypes=bf16), load_bundle(ckpt)
+    fast, exact = load_bundle(wan_ckpt, dtypes=bf16), load_bundle(wan_ckpt)
     assert fast.transformer.patch_embedding.weight.dtype == torch.bfloat16
     embeds = fast.text.encode(PROMPTS[:1])
     assert embeds.dtype == torch.float32

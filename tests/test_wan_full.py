@@ -15,21 +15,18 @@ from pathlib import Path
 import pytest
 
 from tests.services import free_port, set_args
-from tests.wan_checkpoint import (build_incompatible_real_score, build_real_score_standin, build_wan_checkpoint,
-                                  cpu_overrides, write_prompts)
+from tests.wan_checkpoint import cpu_overrides, write_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = ROOT / "pipelines" / "full.py"
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    base = tmp_path_factory.mktemp("wan-models")
-    ckpt = build_wan_checkpoint(base / "Wan2.1-T2V-1.3B-Diffusers")
-    return {"base": base, "ckpt": ckpt,
-            "real": build_real_score_standin(base / "Wan2.1-T2V-14B-Diffusers", share_from=ckpt),
-            "bad_real": build_incompatible_real_score(base / "incompatible-14B", share_from=ckpt),
-            "prompts": write_prompts(base / "prompts.jsonl", fmt="jsonl")}
+def models(wan_ckpt, wan_real_scores, tmp_path_factory):
+    """The miniature 1.3B repository, the stand-in 14B real score, an incompatible one, a .jsonl prompt dataset."""
+    real, bad_real = wan_real_scores
+    return {"ckpt": wan_ckpt, "real": real, "bad_real": bad_real,
+            "prompts": write_prompts(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", fmt="jsonl")}
 
 
 def run_full(args, ray_address=None, timeout=1800, cache=None):
