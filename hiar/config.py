@@ -254,6 +254,7 @@ class ServeConfig:
     max_buffered_blocks: int = 2  # back-pressure between stages
     decoder_replicas: int = 1
     decoder_num_gpus: float = 0.0
+    ingress_num_gpus: float = 0.0  # the ingress encodes prompts: UMT5-XXL (bf16 on a GPU, precision.text_encoder)
     stage_torch_threads: int = 1  # intra-op threads per replica (CPU): one stage per core, not all on one
     max_prompt_chars: int = 2000  # checked before tokenising; the token limit is the text encoder's max_length
     max_request_bytes: int = 16384  # larger bodies: HTTP 413

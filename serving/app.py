@@ -56,7 +56,8 @@ from ray.serve.config import BackpressureConfig
 from hiar.config import HiarConfig, ServeConfig, load_config
 from serving.flow import CANCELLED, FlowControl, close_stream, report_taken
 from serving.schema import Limits, RequestError, VideoRequest, pack_array, parse_request, record_line
-from serving.stages import DecoderDeployment, StepDeployment, bundle_config, load_codec, load_text, resolve_model_dir
+from serving.stages import (DecoderDeployment, StepDeployment, bundle_config, device_for, load_codec, load_text,
+                            resolve_model_dir)
 
 log = logging.getLogger("ray.serve")
 
@@ -118,7 +119,7 @@ class Ingress:
         self.decoder, self.model, self.stage_names = decoder, model, list(stage_names)
         root = resolve_model_dir(model)
         self.cfg: HiarConfig = bundle_config(root)
-        self.text = load_text(root)
+        self.text = load_text(root, device_for(self.serve_cfg.ingress_num_gpus), self.cfg)
         codec = load_codec(root)
         s, v = self.serve_cfg, self.cfg.video
         self.limits = Limits(max_blocks=s.max_blocks, frames_per_block=self.cfg.rollout.frames_per_block, fps=v.fps,
@@ -330,7 +331,7 @@ def _check_serve_config(s: ServeConfig) -> None:
                  "stage_torch_threads", "max_prompt_chars", "max_request_bytes"):
         if getattr(s, name) < 1:
             raise ValueError(f"serve.{name} must be >= 1, got {getattr(s, name)}")
-    for name in ("stage_num_cpus", "stage_num_gpus", "decoder_num_gpus"):
+    for name in ("stage_num_cpus", "stage_num_gpus", "decoder_num_gpus", "ingress_num_gpus"):
         if getattr(s, name) < 0:
             raise ValueError(f"serve.{name} must be >= 0, got {getattr(s, name)}")
 
@@ -376,7 +377,7 @@ def build_app(args: dict | None = None):
         max_queued_requests=4 * ingress_ongoing,
         backpressure_config=BackpressureConfig(status_code=429, retry_after_s=1),
         health_check_period_s=s.health_check_period_s,
-        ray_actor_options={"num_cpus": s.stage_num_cpus},
+        ray_actor_options={"num_cpus": s.stage_num_cpus, "num_gpus": s.ingress_num_gpus},
     ).bind(decoder, model, serve_dict, names)
 
 
