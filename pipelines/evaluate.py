@@ -159,18 +159,12 @@ class EvalPlan:
         return [{"index": i, "prompt": p, "seed": int(s), "sample": i < n_samples} for i, (p, s) in enumerate(pairs)]
 
 
-def _config_from_dict(data: dict):
-    from hiar.bundle import config_from_dict
-
-    return config_from_dict(data)
-
-
 def generation_config(bundle_path: str | Path, fallback, rollout_overrides: list[str]):
     """The bundle's own config (schedule, rollout, geometry it was trained with), else ``fallback``; then the
     ``rollout.*`` overrides."""
     import yaml
 
-    from hiar.bundle import CONFIG_FILE
+    from hiar.bundle import CONFIG_FILE, config_from_dict
     from hiar.config import _set_path
 
     path = Path(bundle_path) / CONFIG_FILE
@@ -178,7 +172,7 @@ def generation_config(bundle_path: str | Path, fallback, rollout_overrides: list
     for item in rollout_overrides:
         key, raw = item.split("=", 1)
         _set_path(data, key.strip(), yaml.safe_load(raw))
-    return _config_from_dict(data)
+    return config_from_dict(data)
 
 
 def eval_prompt_list(cfg) -> tuple[list[str], bool]:
@@ -327,12 +321,12 @@ class EvalActor:
                  use_oracle: bool, weights_dir: str | None, threads: int = 1, use_gpu: bool = False):
         import torch
 
-        from hiar.bundle import load_bundle, runtime_dtypes
+        from hiar.bundle import config_from_dict, load_bundle, runtime_dtypes
         from hiar.drift import learned_scorers
 
         torch.set_num_threads(max(1, int(threads)))
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
-        self.cfg = _config_from_dict(gen_config)
+        self.cfg = config_from_dict(gen_config)
         self.bundle = load_bundle(bundle_path, device=self.device, dtypes=runtime_dtypes(self.cfg, self.device))
         self.modes, self.num_blocks, self.segments = list(modes), int(num_blocks), int(segments)
         self.use_oracle = use_oracle

@@ -154,12 +154,12 @@ def bundle_config_hash(model_dir: Path) -> str:
     import yaml
 
     from hiar.bundle import CONFIG_FILE
-    from pipelines.evaluate import _config_from_dict
+    from hiar.bundle import config_from_dict
 
     path = model_dir / CONFIG_FILE
     if not path.exists():
         return ""
-    return _config_from_dict(yaml.safe_load(path.read_text())).config_hash()
+    return config_from_dict(yaml.safe_load(path.read_text())).config_hash()
 
 
 def config_file_sha(model_dir: Path) -> str:
