@@ -162,6 +162,9 @@ class DistillConfig:
     real_score_sharding: str = "shard"  # fsdp only: "shard" the frozen real score too | "replicate" it per worker
     activation_checkpointing: bool = False  # recompute each transformer block in backward (trained models)
     storage_path: str = ""  # Ray Train checkpoints: local dir or s3://; empty = <run_dir>/train
+    # a distillation checkpoint (a Ray Train checkpoint directory, local or s3://) to start from when this run has
+    # none of its own: move a run to another cluster, worker count or sharding; its model shapes must match
+    resume_from: str = ""
     checkpoint_every: int = 20  # generator steps
     keep_checkpoints: int = 2
     max_failures: int = 3

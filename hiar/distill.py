@@ -149,6 +149,17 @@ def average_gradients(model: torch.nn.Module) -> None:
         p.grad.div_(world)
 
 
+def mean_over_workers(values: dict) -> dict:
+    """The mean of each float over the data-parallel workers (one all_reduce; identity on one process): the
+    losses logged are those of the whole global batch, whatever the worker count."""
+    if not values or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
     """``clip_grad_norm_`` (plain or DTensor gradients: the norm of a sharded model is reduced over its shards);
     returns the total norm before clipping as a float."""
@@ -207,7 +218,7 @@ class ODEInit:
         self.opt.zero_grad(set_to_none=True)
         total = 0.0
         for i, (prompts, latents) in enumerate(micro_batches):
-            gen = seeded_generator(self.cfg.seed, 10, self.step, self.rank, i)
+            gen = seeded_generator(self.cfg.seed, 10, self.step, self.rank * self.accum + i)
             embeds = self.text.encode(list(prompts))
             loss = ode_regression_loss(self.student, embeds, latents, self.sigmas, self.cfg.rollout.frames_per_block,
                                        gen)
@@ -218,22 +229,18 @@ class ODEInit:
         grad_norm = clip_gradients(self.student, self.cfg.distill.grad_clip)
         self.opt.step()
         self.step += 1
-        return {"ode_loss": total, "ode_grad_norm": grad_norm}
+        return {**mean_over_workers({"ode_loss": total}), "ode_grad_norm": grad_norm}
 
-    def state_dict(self) -> dict:
-        """The trainer state; with FSDP a collective (every rank must call it) returning whole tensors on rank 0
-        (``{}`` for the models and optimiser elsewhere), so a checkpoint loads with any worker count."""
-        if self.fsdp:
-            return {"student": sharding.full_state_dict(self.student),
-                    "opt": sharding.full_optimizer_state_dict(self.student, self.opt), "step": self.step,
-                    "format": "full"}
-        return {"student": self.student.state_dict(), "opt": self.opt.state_dict(), "step": self.step}
+    def save_checkpoint(self, path) -> None:
+        """A sharded checkpoint (``torch.distributed.checkpoint``; collective): see :func:`hiar.sharding.save_checkpoint`."""
+        sharding.save_checkpoint(path, {"student": self.student}, {"opt": (self.student, self.opt)},
+                                 {"stage": "ode_init", "step": self.step, "world_size": self.world_size})
 
-    def load_state_dict(self, state: dict) -> None:
-        # either layout (plain or gathered from shards) into either mode: resume with another worker count
-        sharding.load_full_state_dict(self.student, state["student"])
-        sharding.load_full_optimizer_state_dict(self.student, self.opt, state["opt"])
-        self.step = int(state["step"])
+    def load_checkpoint(self, path) -> None:
+        """Resume from :meth:`save_checkpoint` output written with any worker count and either sharding."""
+        counters = sharding.load_checkpoint(path, {"student": self.student}, {"opt": (self.student, self.opt)},
+                                            stage="ode_init")
+        self.step = int(counters["step"])
 
     def export_model(self):
         """The student as one plain module: itself unsharded; with FSDP a collective that returns a copy on
@@ -332,8 +339,11 @@ class Distiller:
         if update_generator:
             self.opt_g.zero_grad(set_to_none=True)
         for i, (prompts, states) in enumerate(micro_batches):
-            gen = seeded_generator(cfg.seed, 21, self.iteration, self.rank, i)
-            seeds = [derive_seed(cfg.seed, 22, self.iteration, self.rank, i, j) % (2**31) for j in range(len(prompts))]
+            # seeded by the micro-batch's index in the global batch: 2 workers x 1 micro-batch and 1 worker x 2
+            # micro-batches roll out the same noise, so a run resumes on another worker count with the same maths
+            index = self.rank * self.accum + i
+            gen = seeded_generator(cfg.seed, 21, self.iteration, index)
+            seeds = [derive_seed(cfg.seed, 22, self.iteration, index, j) % (2**31) for j in range(len(prompts))]
             embeds = self.text.encode(list(prompts)).to(self.device)
             with autocast(cfg, self.device), torch.set_grad_enabled(update_generator):
                 x0 = self._rollout(embeds, seeds, exit_step)
@@ -372,29 +382,24 @@ class Distiller:
         metrics["critic_grad_norm"] = clip_gradients(self.critic, d.grad_clip)
         self.opt_c.step()
         metrics["critic_loss"] = critic_total
+        metrics.update(mean_over_workers({k: v for k, v in metrics.items() if k.endswith("_loss")}))
         self.iteration += 1
         return IterationLog(update_generator, metrics)
 
-    def state_dict(self) -> dict:
-        """The trainer state; with FSDP a collective (every rank must call it) returning whole tensors on rank 0
-        (``{}`` for the models and optimisers elsewhere), so a checkpoint loads with any worker count."""
-        if self.fsdp:
-            full = sharding.full_state_dict
-            return {"generator": full(self.generator), "critic": full(self.critic), "ema": full(self.ema),
-                    "opt_g": sharding.full_optimizer_state_dict(self.generator, self.opt_g),
-                    "opt_c": sharding.full_optimizer_state_dict(self.critic, self.opt_c),
-                    "iteration": self.iteration, "format": "full"}
-        return {"generator": self.generator.state_dict(), "critic": self.critic.state_dict(),
-                "ema": self.ema.state_dict(), "opt_g": self.opt_g.state_dict(), "opt_c": self.opt_c.state_dict(),
-                "iteration": self.iteration}
+    def _checkpointed(self) -> tuple[dict, dict]:
+        models = {"generator": self.generator, "critic": self.critic, "ema": self.ema}  # the real score is frozen
+        return models, {"opt_g": (self.generator, self.opt_g), "opt_c": (self.critic, self.opt_c)}
 
-    def load_state_dict(self, state: dict) -> None:
-        # either layout (plain or gathered from shards) into either mode: resume with another worker count
-        for name in ("generator", "critic", "ema"):
-            sharding.load_full_state_dict(getattr(self, name), state[name])
-        sharding.load_full_optimizer_state_dict(self.generator, self.opt_g, state["opt_g"])
-        sharding.load_full_optimizer_state_dict(self.critic, self.opt_c, state["opt_c"])
-        self.iteration = int(state["iteration"])
+    def save_checkpoint(self, path) -> None:
+        """A sharded checkpoint (``torch.distributed.checkpoint``; collective): see :func:`hiar.sharding.save_checkpoint`."""
+        sharding.save_checkpoint(path, *self._checkpointed(),
+                                 {"stage": "distill", "iteration": self.iteration,
+                                  "generator_steps": self.generator_steps, "world_size": self.world_size})
+
+    def load_checkpoint(self, path) -> None:
+        """Resume from :meth:`save_checkpoint` output written with any worker count and either sharding."""
+        counters = sharding.load_checkpoint(path, *self._checkpointed(), stage="distill")
+        self.iteration = int(counters["iteration"])
 
     def export_model(self):
         """The EMA generator as one plain module: ``self.ema`` unsharded; with FSDP a collective (every rank must
@@ -406,4 +411,4 @@ class Distiller:
 
 
 __all__ = ["self_rollout", "ode_regression_loss", "fkl_regulariser", "clean_estimate", "score_sigmas",
-           "average_gradients", "clip_gradients", "ODEInit", "Distiller", "accumulation_steps", "ROLLOUT_MODES"]
+           "average_gradients", "mean_over_workers", "clip_gradients", "ODEInit", "Distiller", "accumulation_steps", "ROLLOUT_MODES"]

@@ -1,5 +1,6 @@
 """FSDP2 sharding of the distillation models (``distill.sharding: fsdp``), activation checkpointing, and the
-helpers a sharded run needs: an EMA on local shards, full state dicts for export, per-rank parameter bytes.
+helpers a sharded run needs: an EMA on local shards, sharded checkpoints, full state dicts for export, per-rank
+parameter bytes.
 
 Plain PyTorch (no Ray): ``hiar.distill`` calls these; ``pipelines/train.py`` runs them under Ray Train's
 ``TorchTrainer`` (gloo on CPU, NCCL on GPUs).
@@ -14,6 +15,10 @@ Plain PyTorch (no Ray): ``hiar.distill`` calls these; ``pipelines/train.py`` run
 * Mixed precision (:func:`mixed_precision_policy`): on CUDA with ``distill.mixed_precision`` ``auto``/``bf16`` the
   compute copies are bf16 and gradients are reduced in fp32; the sharded parameters, the optimiser state and the
   EMA stay fp32.  On the CPU everything is fp32 (no policy).
+* Checkpoints (:func:`save_checkpoint`, :func:`load_checkpoint`) are ``torch.distributed.checkpoint`` directories
+  for ``ddp`` and ``fsdp`` alike: each rank writes what it holds, nothing is gathered on one rank, and a
+  checkpoint loads into any worker count and either sharding (DCP reshards by the global shapes in its
+  ``.metadata``).  Only the final export gathers the EMA generator whole on rank 0 (:func:`full_state_dict`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ import warnings
 
 import torch
 import torch.distributed as dist
+
+# DCP warns on every single-process save/load that it assumes a single process: that is what no_dist says
+warnings.filterwarnings("ignore", message=r"torch.distributed is disabled, unavailable or uninitialized")
 
 REAL_SCORE_SHARDING = ("shard", "replicate")
 
@@ -149,57 +157,6 @@ def full_state_dict(model: torch.nn.Module, rank0_only: bool = True) -> dict:
     return out
 
 
-def load_full_state_dict(model: torch.nn.Module, state: dict) -> None:
-    """Load a whole state dict (every rank holds it) into a sharded or unsharded model."""
-    if not is_sharded(model):
-        model.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    # a shallow copy: set_model_state_dict replaces the dict's tensors by their shards (DTensors) in place
-    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True))
-
-
-def full_optimizer_state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
-    """The optimiser's whole state keyed by parameter name (collective; every rank gets it, on the CPU)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_optimizer_state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
-    """Load a whole optimiser state (keyed by name or, from an unsharded run, by index) into ``opt`` of a sharded
-    or unsharded ``model``: checkpoints move between worker counts and between ``ddp`` and ``fsdp``."""
-    if not is_sharded(model):
-        opt.load_state_dict(optimizer_state_by_index(model, state))
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(model, opt, optimizer_state_by_name(model, state),
-                             options=StateDictOptions(full_state_dict=True))
-
-
-def optimizer_state_by_name(model: torch.nn.Module, state: dict) -> dict:
-    """A plain ``opt.state_dict()`` (parameters numbered in ``model.parameters()`` order) keyed by parameter name
-    instead, the layout of :func:`full_optimizer_state_dict`; a state already keyed by name is returned as is."""
-    names = [n for n, _ in model.named_parameters()]
-    groups = state["param_groups"]
-    if all(isinstance(i, str) for g in groups for i in g["params"]):
-        return state
-    return {"state": {names[i]: v for i, v in state["state"].items()},
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in groups]}
-
-
-def optimizer_state_by_index(model: torch.nn.Module, state: dict) -> dict:
-    """The inverse of :func:`optimizer_state_by_name`: what a plain ``opt.load_state_dict`` takes."""
-    index = {n: i for i, (n, _) in enumerate(model.named_parameters())}
-    groups = state["param_groups"]
-    if all(isinstance(i, int) for g in groups for i in g["params"]):
-        return state
-    return {"state": {index[n]: v for n, v in state["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups]}
-
-
 def unsharded_copy(skeleton: torch.nn.Module, state: dict, device: torch.device | str = "cpu") -> torch.nn.Module:
     """A plain module with ``skeleton``'s structure (a meta-device copy of the model before sharding) holding
     ``state`` (a full state dict)."""
@@ -210,7 +167,115 @@ def unsharded_copy(skeleton: torch.nn.Module, state: dict, device: torch.device 
     return model
 
 
+# ---------------------------------------------------------------------- sharded checkpoints
+TRAINER_STATE = "trainer.json"  # the counters of a checkpoint (written by rank 0 next to DCP's .metadata)
+
+
+def _checkpoint_state(models: dict, optimizers: dict) -> dict:
+    """``{name: model state dict}`` and ``{name: optimiser state dict keyed by parameter name}``: local shards
+    (DTensors) of sharded models, whole tensors of unsharded ones. Collective for sharded models."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {name: get_model_state_dict(model) for name, model in models.items()}
+    for name, (model, opt) in optimizers.items():
+        # an optimiser that has not stepped yet gets its state initialised here (a zero-lr step), so a fresh
+        # trainer has the tensors that the load fills in
+        state[name] = get_optimizer_state_dict(model, opt)
+    return state
+
+
+def save_checkpoint(path, models: dict, optimizers: dict, counters: dict) -> None:
+    """Save models and optimisers with ``torch.distributed.checkpoint`` (collective: every rank calls it).
+
+    Each rank writes only what it holds (its shards; for unsharded data-parallel models DCP spreads the
+    replicated tensors over the ranks, each written once) to ``path``, which may be a directory of its own on
+    each rank: Ray Train merges the ranks' directories of one report into one checkpoint. Rank 0 also writes DCP's
+    ``.metadata`` (every tensor's global shape and where its pieces are) and ``trainer.json`` (``counters``).
+    The layout is independent of the worker count: :func:`load_checkpoint` reshards on load.
+    """
+    import json
+    from pathlib import Path
+
+    import torch.distributed.checkpoint as dcp
+
+    single = not (dist.is_available() and dist.is_initialized())
+    dcp.save(_checkpoint_state(models, optimizers), checkpoint_id=str(path), no_dist=single)
+    if single or dist.get_rank() == 0:
+        (Path(path) / TRAINER_STATE).write_text(json.dumps(counters, sort_keys=True))
+
+
+def read_counters(path) -> dict:
+    import json
+    from pathlib import Path
+
+    file = Path(path) / TRAINER_STATE
+    if not file.exists():
+        raise ValueError(f"{path} is not a training checkpoint of this version (no {TRAINER_STATE}; checkpoints "
+                         "are torch.distributed.checkpoint directories since sharded training)")
+    return json.loads(file.read_text())
+
+
+def check_checkpoint_shapes(path, models: dict) -> None:
+    """Every parameter of ``models`` is in the checkpoint at ``path`` with the same (global) shape; otherwise a
+    ValueError naming the first differences. Reads DCP's ``.metadata`` only (no tensors)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except FileNotFoundError as err:
+        raise ValueError(f"{path} holds no torch.distributed.checkpoint (.metadata missing)") from err
+    problems = []
+    for name, model in models.items():
+        for key, value in model.state_dict().items():  # DTensor.shape is the global shape
+            meta = saved.get(f"{name}.{key}")
+            if meta is None:
+                problems.append(f"{name}.{key} is missing")
+            elif tuple(getattr(meta, "size", ())) != tuple(value.shape):
+                problems.append(f"{name}.{key} is {list(meta.size)} there, {list(value.shape)} here")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise ValueError(f"checkpoint {path} was written for another model: " + "; ".join(problems[:3]) + more
+                         + " -- its model.* settings differ from this config's")
+
+
+def load_checkpoint(path, models: dict, optimizers: dict, stage: str | None = None) -> dict:
+    """Load a :func:`save_checkpoint` directory into ``models`` and ``optimizers`` (collective), whatever the
+    worker count and sharding it was written with; returns its counters. The stage (when given) and the shapes
+    are checked first."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    counters = read_counters(path)
+    if stage is not None and counters.get("stage") != stage:
+        raise ValueError(f"checkpoint {path} is a {counters.get('stage')!r} checkpoint, not a {stage!r} one")
+    check_checkpoint_shapes(path, models)
+    state = _checkpoint_state(models, optimizers)
+    single = not (dist.is_available() and dist.is_initialized())
+    dcp.load(state, checkpoint_id=str(path), no_dist=single)  # in place: each rank reads the pieces it holds
+    for name, model in models.items():
+        set_model_state_dict(model, state[name])
+    for name, (model, opt) in optimizers.items():
+        set_optimizer_state_dict(model, opt, state[name])
+    return counters
+
+
+def read_full_model(path, name: str) -> dict:
+    """One model's whole state dict from a checkpoint, in this process (no process group): for checks and
+    exports outside training."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefix = f"{name}."
+    state = {k[len(prefix):]: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+             for k, m in saved.items() if k.startswith(prefix) and hasattr(m, "size")}
+    if not state:
+        raise ValueError(f"checkpoint {path} holds no model {name!r}")
+    dcp.load({name: state}, checkpoint_id=str(path), no_dist=True)
+    return state
+
+
 __all__ = ["REAL_SCORE_SHARDING", "fsdp_enabled", "device_mesh", "mixed_precision_policy", "shard_model",
            "activation_checkpointing", "is_sharded", "local_param_bytes", "ema_update", "full_state_dict",
-           "load_full_state_dict", "full_optimizer_state_dict", "load_full_optimizer_state_dict", "unsharded_copy",
-           "optimizer_state_by_name", "optimizer_state_by_index"]
+           "unsharded_copy", "save_checkpoint", "load_checkpoint", "read_counters", "check_checkpoint_shapes",
+           "read_full_model", "TRAINER_STATE"]

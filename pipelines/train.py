@@ -97,6 +97,20 @@ def _sample_and_log(model, text, codec, cfg, step: int, tag: str) -> dict:
     return metrics
 
 
+def _fetched(uri: str, ctx) -> Path:
+    """A local copy of a checkpoint directory (local path or s3://, hiar.data.local_dir's per-node cache): the
+    first worker of each node fetches it, the others wait and then find it cached."""
+    import torch.distributed as dist
+
+    from hiar.data import local_dir
+
+    first = ctx.get_local_rank() == 0
+    path = local_dir(uri, "distill.resume_from") if first else None
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return path or local_dir(uri, "distill.resume_from")
+
+
 def train_loop_per_worker(c: dict) -> None:
     import mlflow
     import ray.train
@@ -143,10 +157,14 @@ def train_loop_per_worker(c: dict) -> None:
 
     print(f"[train:{stage}] rank {rank}/{world_size} pid {os.getpid()} on {device}", flush=True)
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
+    if ckpt is not None:  # this run's own last checkpoint: a restart after a failure, or a rerun of the command
         with ckpt.as_directory() as dr:
-            trainer.load_state_dict(torch.load(Path(dr) / "state.pt", weights_only=False, map_location=device))
+            trainer.load_checkpoint(dr)
         print(f"[train:{stage}] rank {rank}: resumed from checkpoint at step {step_of()}", flush=True)
+    elif stage == "distill" and c.get("resume_from"):
+        trainer.load_checkpoint(_fetched(c["resume_from"], ctx))
+        print(f"[train:{stage}] rank {rank}: resumed from checkpoint at step {step_of()} "
+              f"(distill.resume_from {c['resume_from']})", flush=True)
 
     if rank == 0:
         from hiar.bundle import load_model_codec
@@ -156,16 +174,12 @@ def train_loop_per_worker(c: dict) -> None:
         mlflow.start_run(run_id=c["run_id"])
 
     def report(metrics: dict) -> None:
-        # every rank reports the same number of times; rank 0 holds the state (with fsdp: gathered from the shards
-        # by every rank, whole tensors on rank 0 -- so a checkpoint resumes with any worker count)
-        state = trainer.state_dict()
+        # every rank reports the same number of times, each with a directory holding what it wrote of one sharded
+        # checkpoint (torch.distributed.checkpoint: its shards; rank 0 also the metadata): Ray Train merges them into
+        # one checkpoint directory under RunConfig.storage_path (local or s3://); it loads with any worker count
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                torch.save(state, Path(tmp) / "state.pt")
-                (Path(tmp) / "meta.json").write_text(json.dumps({"step": step_of(), "run_id": c["run_id"]}))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({"step": step_of(), **metrics}, checkpoint=checkpoint)
+            trainer.save_checkpoint(tmp)
+            ray.train.report({"step": step_of(), **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     batches = _batches(DATASET_OF[stage], "latents" if stage == "ode_init" else "states", micro)
     t0, steps0 = time.monotonic(), step_of()
@@ -224,7 +238,7 @@ def stage_identity(cfg, stage: str, inputs: dict) -> str:
     distill = {k: v for k, v in dd["distill"].items()
                if k not in ("sample_every", "sample_prompts", "checkpoint_every", "keep_checkpoints",
                             "max_failures", "storage_path", "num_workers", "cpus_per_worker", "use_gpu",
-                            "activation_checkpointing", "real_score_sharding")}
+                            "activation_checkpointing", "real_score_sharding", "resume_from")}
     if stage == "ode_init":
         distill = {k: distill[k] for k in ("ode_steps", "lr_ode", "ode_batch_size", "micro_batch_size", "betas",
                                            "grad_clip")}
@@ -291,8 +305,38 @@ def check_models(cfg, teacher: str):
     return teacher_dir, real_dir
 
 
+def check_resume_checkpoint(cfg, uri: str) -> dict:
+    """``distill.resume_from`` is a distillation checkpoint whose parameter shapes fit this config's model (read
+    from its ``trainer.json`` and DCP ``.metadata`` alone, fetched from s3:// when remote); returns what enters
+    the stage identity."""
+    import torch
+
+    from hiar.data import resolve_uri
+    from hiar.model import CausalWanTransformer3DModel
+    from hiar.sharding import TRAINER_STATE, check_checkpoint_shapes, read_counters
+
+    fs, path = resolve_uri(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in (TRAINER_STATE, ".metadata"):
+            try:
+                with fs.open_input_stream(f"{path}/{name}") as src:
+                    (Path(tmp) / name).write_bytes(src.read())
+            except (FileNotFoundError, OSError) as err:
+                raise ValueError(f"distill.resume_from {uri!r} is not a training checkpoint (no {name}: {err})") from err
+        counters = read_counters(tmp)
+        if counters.get("stage") != "distill":
+            raise ValueError(f"distill.resume_from {uri!r} is a {counters.get('stage')!r} checkpoint, not a "
+                             "distillation one")
+        with torch.device("meta"):
+            model = CausalWanTransformer3DModel(**cfg.model.kwargs())
+        check_checkpoint_shapes(tmp, {"generator": model, "critic": model, "ema": model})
+    return {"uri": uri, "iteration": counters["iteration"]}
+
+
 def plan_stage(cfg, stage: str, storage: str, teacher: str, init: str | None, output: str | None = None) -> dict:
     """Inputs checked, identity and output directory of a stage (no compute): errors come before training."""
+    from hiar.bundle import check_model_config, open_model_dir
+
     kind = DATASET_OF[stage]
     uri = f"{storage.rstrip('/')}/{kind}"
     manifest = check_dataset(cfg, kind, uri)
@@ -303,6 +347,9 @@ def plan_stage(cfg, stage: str, storage: str, teacher: str, init: str | None, ou
         if not init or not card_path.exists():
             raise ValueError(f"no ODE-init student at {init!r}; run `--stage ode_init` first or pass --init")
         inputs["init"] = json.loads(card_path.read_text()).get("identity")
+        check_model_config(open_model_dir(init, "--init"), cfg, key="--init")
+        if cfg.distill.resume_from:
+            inputs["resume_from"] = check_resume_checkpoint(cfg, resolve_path(cfg.distill.resume_from))
     identity = stage_identity(cfg, stage, inputs)
     out = Path(output) if output else Path(resolve_path(cfg.run_dir)) / "students" / f"{stage}-{identity}"
     card = out / "card.json"
@@ -344,6 +391,7 @@ def run_stage(cfg, args, stage: str, storage: str, teacher: str, init: str | Non
                            "init": init, "output": str(output), "tracking_uri": tracking_uri(str(run_dir)),
                            "real_score": resolve_path(cfg.teacher.real_score_path) if cfg.teacher.real_score_path else "",
                            "component_store": str(run_dir / "components"),
+                           "resume_from": resolve_path(cfg.distill.resume_from) if cfg.distill.resume_from else "",
                            "run_id": run_id, "identity": identity},
         scaling_config=ray.train.ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                                resources_per_worker={"CPU": d.cpus_per_worker}),

@@ -111,7 +111,7 @@ def test_fkl_regulariser_is_eq10_on_the_first_k_steps(setup):
                                              states[:, 0], states[:, 1], float(sigmas[0]), float(sigmas[1])))
 
 
-def test_distiller_updates_critic_every_iteration_and_generator_every_ratio(setup):
+def test_distiller_updates_critic_every_iteration_and_generator_every_ratio(setup, tmp_path):
     cfg, model, text = setup
     gen = copy.deepcopy(model)
     d = Distiller(cfg, gen, copy.deepcopy(model), text)
@@ -127,12 +127,14 @@ def test_distiller_updates_critic_every_iteration_and_generator_every_ratio(setu
     assert any(not torch.equal(a, b) for a, b in zip(c0, d.critic.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(t0, d.real_score.parameters()))  # the real score is frozen
     assert {"dmd_loss", "fkl_loss", "critic_loss", "generator_grad_norm"} <= set(logs[0].metrics)
-    # state round trip resumes exactly
-    state = d.state_dict()
+    # checkpoint round trip resumes exactly
+    d.save_checkpoint(tmp_path / "ckpt")
     d2 = Distiller(cfg, copy.deepcopy(model), copy.deepcopy(model), text)
-    d2.load_state_dict(state)
+    d2.load_checkpoint(tmp_path / "ckpt")
     assert d2.iteration == d.iteration
-    assert all(torch.equal(a, b) for a, b in zip(d2.ema.parameters(), d.ema.parameters()))
+    for name in ("generator", "critic", "ema"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(d2, name).parameters(), getattr(d, name).parameters()))
+    assert d2.opt_g.state_dict()["state"][0]["exp_avg"].equal(d.opt_g.state_dict()["state"][0]["exp_avg"])
 
 
 def test_ode_init_step_reduces_loss_on_a_fixed_batch(setup):

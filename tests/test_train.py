@@ -123,20 +123,84 @@ def _wait_for_committed_checkpoint(runs: Path, timeout: float = 120.0) -> bool:
     return False
 
 
+def _checkpoints(runs: Path) -> list[Path]:
+    return sorted(p for p in (runs / "train").glob("distill-*/checkpoint_*") if p.is_dir())
+
+
+def test_fsdp_checkpoints_are_sharded_resume_on_one_worker_and_export_the_ema(ray_head, world_dir):
+    """distill.sharding=fsdp on 2 Ray Train workers: each checkpoint is one torch.distributed.checkpoint directory
+    holding both ranks' shards (merged by Ray Train); the exported bundle loads with from_pretrained and equals the
+    EMA of the last checkpoint; distill.resume_from that checkpoint on 1 worker continues from its step."""
+    import torch
+
+    from hiar.model import CausalWanTransformer3DModel
+    from hiar.sharding import read_counters, read_full_model
+
+    root, base = world_dir
+    init = ode_init_student(ray_head, world_dir)
+    common = ["--stage", "distill", "--init", str(init), *set_args(DATA_FAST + base + TRAIN_FAST),
+              "--set", "distill.sharding=fsdp", "--set", "distill.sample_every=0"]
+    runs = root / "runs-fsdp"
+    r = run_train(ray_head, [*common, "--set", f"run_dir={runs}", "--set", "distill.steps=2"])
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    ckpt = _checkpoints(runs)[-1]
+    files = {f.name for f in ckpt.iterdir()}
+    assert {".metadata", "trainer.json"} <= files, files
+    assert sorted(f for f in files if f.endswith(".distcp")) == ["__0_0.distcp", "__1_0.distcp"]  # one per rank
+    assert not any(f.endswith(".pt") for f in files)  # nothing gathered on one rank
+    assert read_counters(ckpt)["world_size"] == 2 and read_counters(ckpt)["generator_steps"] == 2
+
+    bundle = next((runs / "students").glob("distill-*"))
+    exported = CausalWanTransformer3DModel.from_pretrained(bundle / "transformer").state_dict()
+    ema = read_full_model(ckpt, "ema")
+    assert exported.keys() == ema.keys() and all(torch.equal(exported[k], ema[k]) for k in ema)
+
+    # 2 -> 1: another run starts from that checkpoint on one worker (fsdp with one worker: unsharded, warned)
+    runs1 = root / "runs-fsdp-1"
+    r = run_train(ray_head, [*common, "--set", f"run_dir={runs1}", "--set", "distill.steps=4",
+                             "--set", "distill.num_workers=1", "--set", f"distill.resume_from={ckpt}"])
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert f"resumed from checkpoint at step 2 (distill.resume_from {ckpt})" in r.stdout
+    assert load_bundle(next((runs1 / "students").glob("distill-*"))).card["steps"] == 4
+    assert read_counters(_checkpoints(runs1)[-1])["world_size"] == 1
+
+
+def test_a_resume_checkpoint_of_another_shape_or_stage_is_refused_before_training(ray_head, world_dir, tmp_path):
+    from hiar.config import load_config
+    from hiar.model import CausalWanTransformer3DModel
+    from hiar.sharding import save_checkpoint
+
+    root, base = world_dir
+    init = ode_init_student(ray_head, world_dir)
+    kw = load_config("tiny").model.kwargs()
+    other = CausalWanTransformer3DModel(**{**kw, "ffn_dim": kw["ffn_dim"] * 2})
+    for stage in ("distill", "ode_init"):
+        save_checkpoint(tmp_path / stage, {"generator": other, "critic": other, "ema": other}, {},
+                        {"stage": stage, "iteration": 1})
+    for stage, message in (("distill", "written for another model: generator.blocks.0.ffn"),
+                           ("ode_init", "is a 'ode_init' checkpoint, not a distillation one")):
+        r = run_train(ray_head, ["--stage", "distill", "--init", str(init), *set_args(DATA_FAST + base + TRAIN_FAST),
+                                 "--set", f"distill.resume_from={tmp_path / stage}"])
+        assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+        assert message in r.stderr and "Traceback" not in r.stderr
+        assert "[train] distill:" not in r.stdout  # no MLflow run, no trainer
+
+
 @pytest.mark.slow
-def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint_in_the_same_run(ray_head, world_dir):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint_in_the_same_run(ray_head, world_dir, sharding):
     """SIGKILL rank 1 right after the first committed checkpoint: Ray Train restarts the group from it, the step counter
-    continues, MLflow keeps one run, and the final model loads."""
+    continues, MLflow keeps one run, and the final model loads -- with whole models per worker and with FSDP."""
     import re
 
     import mlflow
 
     root, base = world_dir
-    runs = root / "runs-ft"
+    runs = root / f"runs-ft-{sharding}"
     init = ode_init_student(ray_head, world_dir)
     cmd = [sys.executable, str(ROOT / "pipelines" / "train.py"), "--preset", "tiny", "--stage", "distill",
            "--init", str(init), *set_args(DATA_FAST + base + TRAIN_FAST), "--set", f"run_dir={runs}",
-           "--set", "distill.steps=16", "--set", "distill.sample_every=0"]
+           "--set", "distill.steps=8", "--set", "distill.sample_every=0", "--set", f"distill.sharding={sharding}"]
     proc = subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ray_head.address}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines, pids, killed = [], {}, []
@@ -162,9 +226,9 @@ def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint_in_the_same_run(ra
                     if x.data.tags.get("mlflow.runName", "").startswith("distill")]
     assert len(distill_runs) == 1  # no duplicate run after the restart
     history = client.get_metric_history(distill_runs[0].info.run_id, "critic_loss")
-    assert max(m.step for m in history) == 16
+    assert max(m.step for m in history) == 8
     bundle = load_bundle(next((runs / "students").glob("distill-*")))
-    assert bundle.card["steps"] == 16
+    assert bundle.card["steps"] == 8
 
 
 @pytest.mark.parametrize("override, message", [
