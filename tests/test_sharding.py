@@ -360,6 +360,9 @@ def test_bad_sharding_settings_are_clear_errors():
         load_config("tiny", ["distill.sharding=zero3"])
     with pytest.raises(ValueError, match="distill.mixed_precision"):
         load_config("tiny", ["distill.mixed_precision=fp8"])
+    for part in ("transformer", "text_encoder", "vae"):  # the frozen parts' precision: named, with the choices
+        with pytest.raises(ValueError, match=rf"precision\.{part} must be one of .*fp32.*bf16.*fp16.*got 'fp8'"):
+            load_config("tiny", [f"precision.{part}=fp8"])
 
 
 def test_mixed_precision_policy_is_bf16_with_fp32_reduce_only_on_cuda():
