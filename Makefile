@@ -70,12 +70,18 @@ ray-up: setup
 		echo "Ray head up (pid $$(cat $(RAY_TMP)/head.pid))"; \
 	fi
 
-# SIGTERM to the head's process group (Ray drains for up to ~30 s), SIGKILL after 60 s.
+# Serve first: `serve shutdown` deletes its apps (replicas stop gracefully) and its proxies and controller; a no-op
+# when Serve is not running. Then SIGTERM to the head's `ray start` alone, which drains the node and stops the
+# processes it started (not the whole group at once: the GCS would die with it and the drain would wait 30 s for it
+# in vain); SIGKILL to what is left of its process group after 60 s.
 stop:
 	@if [ -f $(RAY_TMP)/head.pid ]; then \
 		pid=$$(cat $(RAY_TMP)/head.pid); \
-		if kill -TERM -$$pid 2>/dev/null; then \
-			echo "stopping the Ray head $$pid (and the Serve app on it)"; \
+		if kill -0 $$pid 2>/dev/null; then \
+			echo "stopping the Serve app and the Ray head $$pid"; \
+			$(BIN)/serve shutdown --address $(DASHBOARD) --yes > $(RAY_TMP)/serve-shutdown.log 2>&1 \
+				|| echo "serve shutdown failed (see $(RAY_TMP)/serve-shutdown.log); stopping the head anyway"; \
+			kill -TERM $$pid; \
 			for i in $$(seq 60); do kill -0 $$pid 2>/dev/null || break; sleep 1; done; \
 			kill -KILL -$$pid 2>/dev/null || true; echo "stopped"; \
 		else echo "the Ray head $$pid was not running"; fi; \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 # No telemetry, no hub access: set before ray / mlflow / transformers are imported anywhere.
@@ -37,6 +38,22 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env=runtime_env)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C does: the process runs its own cleanup (ends
+    its child job and MLflow runs, takes down the Serve app it deployed) and exits with its own code.
+
+    Call it again after every ``ray.init``, which replaces the handler twice: with Ray's Python one
+    (``sys.exit(15)`` from inside the handler) and, in the driver's core worker, with a C++ failure-signal handler
+    in front of it. A SIGTERM then ends the process without any cleanup of ours: exit 15, or 134 when the
+    interpreter aborts in teardown after Serve was used (``full.py --deploy`` measured 134; a script with one
+    deployment 134 or 15 from run to run), and an app deployed on a shared cluster stays there with its replicas."""
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
 
 
 def _quiet_train_placement_group_cleaner():

@@ -64,7 +64,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.common import PROJECT_ROOT, mlflow_experiment, resolve_path, tracking_uri  # noqa: E402
+from pipelines.common import (PROJECT_ROOT, interrupt_on_sigterm, mlflow_experiment, resolve_path,  # noqa: E402
+                              tracking_uri)
 
 # The user's tracking server, read before MLflow runs here (set_tracking_uri exports MLFLOW_TRACKING_URI itself).
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
@@ -328,6 +329,7 @@ class Pipeline:
         import ray
 
         ctx = ray.init(include_dashboard=False, log_to_driver=False)  # the jobs relay their own workers
+        interrupt_on_sigterm()  # ray.init replaced it (pipelines.common)
         self.ray_address = ctx.address_info["gcs_address"]
         self.own_ray = True
         print(f"[full] no RAY_ADDRESS: started a local Ray cluster at {self.ray_address} for this run", flush=True)
@@ -681,6 +683,7 @@ class Pipeline:
 
             if not ray.is_initialized():
                 ray.init(address=self.ray_address, log_to_driver=False)
+                interrupt_on_sigterm()  # ray.init replaced it (pipelines.common)
             serve.start(http_options={"host": s.host, "port": s.port})
             print(f"[full] deploy: {uri} (= {want}) as Serve app {APP_NAME!r} at {url}", flush=True)
             serve.run(build_app({"preset": self.preset, "overrides": self.overrides, "model_uri": uri}),
@@ -825,14 +828,19 @@ class Pipeline:
         return "\n".join(lines)
 
     def serve_until_interrupted(self) -> None:
+        """Until Ctrl-C or SIGTERM; then Serve and this process's own Ray cluster are taken down (exit 0)."""
+        from serving.app import stop_serving
+
         s = self.cfg.serve
-        print(f"[full] serving at http://{s.host}:{s.port} on this process's own Ray cluster; Ctrl-C stops it "
-              f"(submit to a cluster -- RAY_ADDRESS / ray job submit -- to leave it running)", flush=True)
+        print(f"[full] serving at http://{s.host}:{s.port} on this process's own Ray cluster; Ctrl-C or SIGTERM "
+              f"stops it (submit to a cluster -- RAY_ADDRESS / ray job submit -- to leave it running)", flush=True)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+        print("[full] stopping: Serve and this process's Ray cluster", flush=True)
+        stop_serving(APP_NAME, owns_serve=True)
 
 
 def main(argv=None) -> int:
@@ -880,10 +888,7 @@ def main(argv=None) -> int:
     if cfg.data.storage and "://" not in cfg.data.storage:
         pipeline.storage = pipeline.derived["data.storage"]
 
-    def on_term(signum, frame):  # `ray job stop`: end the child and the MLflow runs cleanly
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
+    interrupt_on_sigterm()  # `ray job stop`, `kill`: end the child and the MLflow runs cleanly
     print(f"[full] preset {cfg.preset}, stages {', '.join(stages)}; run dir {run_dir}", flush=True)
     try:
         pipeline.start_tracking()

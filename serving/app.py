@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import base64
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -85,9 +86,12 @@ _ERRORS = {
 }
 
 
-def _error(err: RequestError) -> JSONResponse:
+def _error(err: RequestError) -> Response:
     headers = {"Retry-After": "1"} if err.status == 429 else None
-    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+    # ASCII-escaped, unlike JSONResponse's UTF-8: a key the client sent (named in the detail) may hold an unpaired
+    # surrogate, which UTF-8 cannot encode -- the rejection itself would become a 500
+    body = json.dumps(err.body(), ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+    return Response(body, status_code=err.status, headers=headers, media_type="application/json")
 
 
 class _Slot:
@@ -381,7 +385,20 @@ def build_app(args: dict | None = None):
     ).bind(decoder, model, serve_dict, names)
 
 
+def stop_serving(app_name: str, *, owns_serve: bool) -> None:
+    """Take down what a deploy process put up, then leave Ray: all of Serve (controller, proxies, every app) when
+    this process started Serve on the cluster, else only its own application, so that someone else's Serve keeps
+    running. ``ray.shutdown`` also stops the processes of a cluster that ``ray.init`` started here."""
+    if owns_serve:
+        serve.shutdown()
+    else:
+        serve.delete(app_name)
+    ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> None:
+    from pipelines.common import interrupt_on_sigterm
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None,
                         help="models:/name@alias, models:/name/<version>, runs:/... or a local bundle directory "
@@ -394,7 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                         help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)")
     parser.add_argument("--name", default=APP_NAME, help="Serve application name")
-    parser.add_argument("--no-block", action="store_true", help="deploy and return instead of serving until Ctrl-C")
+    parser.add_argument("--no-block", action="store_true",
+                        help="deploy and return instead of serving until Ctrl-C or SIGTERM")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.preset, args.overrides)
@@ -405,18 +423,21 @@ def main(argv: list[str] | None = None) -> None:
         ray.init(address=args.address)
     else:
         ray.init(include_dashboard=False)
-    serve.start(http_options={"host": host, "port": port})
-    app = build_app({"preset": args.preset, "overrides": args.overrides, "model_uri": args.model})
-    serve.run(app, name=args.name, route_prefix="/")
-    url = f"http://{host}:{port}"
-    print(f"HiAR serving at {url}  (POST {url}/v1/videos, OpenAPI page {url}/docs)", flush=True)
-    if args.no_block:
-        return
+    interrupt_on_sigterm()  # ray.init replaced it (pipelines.common): SIGTERM stops the app like Ctrl-C
+    owns_serve = not serve.status().proxies  # no Serve on this cluster yet: all of it will be ours
     try:
+        serve.start(http_options={"host": host, "port": port})
+        app = build_app({"preset": args.preset, "overrides": args.overrides, "model_uri": args.model})
+        serve.run(app, name=args.name, route_prefix="/")
+        url = f"http://{host}:{port}"
+        print(f"HiAR serving at {url}  (POST {url}/v1/videos, OpenAPI page {url}/docs)", flush=True)
+        if args.no_block:
+            return
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        serve.shutdown()
+        print(f"stopping: {'Serve' if owns_serve else f'the Serve app {args.name!r}'}", flush=True)
+        stop_serving(args.name, owns_serve=owns_serve)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,24 @@ Request: ``POST /v1/videos`` with ``Content-Type: application/json`` and a body 
      "return_latents": false}  # optional: add each block's clean latents (float32) to its chunk record
 
 Types are strict (``"8"`` or ``8.0`` is not an integer, ``true`` is not a number) and unknown fields are
-rejected. Errors are JSON ``{"error": <kind>, "detail": <message or pydantic errors>}`` with status:
+rejected. Everything is checked by :class:`VideoRequest` (given the served model's :class:`Limits` as pydantic
+validation context) before any compute. Errors are JSON ``{"error": <kind>, "detail": <message or pydantic
+errors>}``; pydantic errors are ``[{"loc": [field, ...], "type": ..., "msg": ...}]`` (the offending value is
+never echoed). Status and kind:
 
-    400 body is not valid JSON          413 body larger than serve.max_request_bytes
-    415 content type is not JSON        422 wrong types / values, too long (blocks, seconds, prompt
-                                            characters or tokens), words the text encoder does not know
-    429 serve.max_concurrent_streams streams are already running (retry later; nothing was queued)
-    503 the model is not loaded or a pipeline stage failed before the first chunk
+    400 invalid_json             the body is not JSON (bad syntax, not UTF-8/16/32 text, nested too deeply)
+    413 request_too_large        the body is larger than serve.max_request_bytes
+    415 unsupported_media_type   the content type is missing or not application/json
+    422 invalid_request          wrong types or values: NaN/Infinity, zero, negative or out-of-range numbers,
+                                 integers of thousands of digits, a blank prompt (only whitespace or invisible
+                                 format characters), control characters or unpaired surrogates in the prompt,
+                                 a key given twice, an unknown field, not exactly one of num_blocks/seconds
+    422 too_long                 num_blocks or seconds beyond the served length (``loc`` names which)
+    422 prompt_too_long          more than serve.max_prompt_chars characters
+    422 invalid_prompt           words the text encoder does not know, or more tokens than it takes
+    429 too_many_streams         serve.max_concurrent_streams streams are already running (retry later;
+                                 nothing was queued)
+    503 stream_failed            the model is not loaded or a pipeline stage failed before the first chunk
 
 Streamed response (``stream: true``, the default): ``200`` with ``Content-Type: application/x-ndjson``, one
 JSON object per line, in this order:
@@ -52,10 +63,13 @@ from __future__ import annotations
 import base64
 import json
 import math
+import sys
+import unicodedata
 from typing import Optional
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 __all__ = [
     "VideoRequest",
@@ -71,10 +85,59 @@ __all__ = [
 
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 20.0
+#: Control characters a prompt may hold (ordinary whitespace); any other (NUL, ESC, DEL, C1 ...) is rejected.
+_PROMPT_WHITESPACE_CONTROLS = frozenset("\t\n\r")
+#: Kinds of the length errors that keep their own ``error`` kind (the module docstring's table).
+_LENGTH_KINDS = ("too_long", "prompt_too_long")
+
+
+class _IntegerTooLong:
+    """An integer literal with more digits than Python converts (``sys.get_int_max_str_digits()``): json.loads
+    would raise a bare ValueError that names no field; this stand-in lets the model reject it by field."""
+
+    def __init__(self, digits: int):
+        self.digits = digits
+
+
+def _parse_int(literal: str):
+    digits = len(literal.lstrip("-"))
+    limit = sys.get_int_max_str_digits()
+    return _IntegerTooLong(digits) if limit and digits > limit else int(literal)
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list) -> dict:
+    """``object_pairs_hook``: a key given twice is ambiguous (json.loads would keep the last one silently)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _brief(number: int) -> str:
+    """An integer for an error message: a 4000-digit one (within the body limit) is named by its length."""
+    text = str(number)
+    return text if len(text) <= 24 else f"<an integer of {len(text)} digits>"
+
+
+def _limits_of(info: ValidationInfo) -> "Limits | None":
+    return (info.context or {}).get("limits")
 
 
 class VideoRequest(BaseModel):
-    """The body of ``POST /v1/videos`` (see the module docstring for the limits enforced on top)."""
+    """The body of ``POST /v1/videos``.
+
+    Validate with ``VideoRequest.model_validate(data, context={"limits": limits})`` to also check the served
+    model's :class:`Limits` (length in blocks or seconds, prompt characters); without them only the fixed
+    bounds below apply. Every failure is a pydantic error whose ``loc`` names the field.
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -87,6 +150,61 @@ class VideoRequest(BaseModel):
                                       description="classifier-free guidance scale (default: the model's)")
     stream: bool = Field(default=True, description="NDJSON chunks as blocks finish (true) or one MP4 (false)")
     return_latents: bool = Field(default=False, description="include each block's clean latents (float32)")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_huge_integer_literal(cls, value):
+        if isinstance(value, _IntegerTooLong):
+            raise PydanticCustomError("integer_too_long", "an integer of {digits} digits is far outside the "
+                                                          "allowed range", {"digits": value.digits})
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _printable_prompt(cls, prompt: str, info: ValidationInfo) -> str:
+        limits = _limits_of(info)
+        if limits is not None and len(prompt) > limits.max_prompt_chars:  # before scanning it character by character
+            raise PydanticCustomError("prompt_too_long", "the prompt has {chars} characters; the limit is {limit}",
+                                      {"chars": len(prompt), "limit": limits.max_prompt_chars})
+        visible = False
+        for position, char in enumerate(prompt):
+            category = unicodedata.category(char)
+            if category == "Cc" and char not in _PROMPT_WHITESPACE_CONTROLS:
+                raise PydanticCustomError("prompt_control_character",
+                                          "the prompt holds the control character U+{code} at position {position}",
+                                          {"code": f"{ord(char):04X}", "position": position})
+            # zero-width spaces, joiners, BOMs (category Cf) print nothing: a prompt of only those is blank too
+            visible = visible or not (char.isspace() or category == "Cf")
+        if not visible:
+            raise PydanticCustomError("prompt_blank", "the prompt is blank (only whitespace or invisible characters)")
+        return prompt
+
+    @field_validator("num_blocks")
+    @classmethod
+    def _num_blocks_within_limits(cls, num_blocks: Optional[int], info: ValidationInfo) -> Optional[int]:
+        limits = _limits_of(info)
+        if num_blocks is not None and limits is not None and num_blocks > limits.max_blocks:
+            raise PydanticCustomError("too_long", "num_blocks={num_blocks} exceeds the limit of {max_blocks} blocks "
+                                                  "({max_seconds} s)",
+                                      {"num_blocks": _brief(num_blocks), "max_blocks": limits.max_blocks,
+                                       "max_seconds": f"{limits.max_seconds:.3g}"})
+        return num_blocks
+
+    @field_validator("seconds")
+    @classmethod
+    def _seconds_within_limits(cls, seconds: Optional[float], info: ValidationInfo) -> Optional[float]:
+        limits = _limits_of(info)
+        if seconds is not None and limits is not None and limits.blocks_for_seconds(seconds) > limits.max_blocks:
+            raise PydanticCustomError("too_long", "seconds={seconds} exceeds the limit of {max_seconds} s "
+                                                  "({max_blocks} blocks)",
+                                      {"seconds": f"{seconds:.6g}", "max_blocks": limits.max_blocks,
+                                       "max_seconds": f"{limits.max_seconds:.3g}"})
+        return seconds
+
+    @field_validator("guidance")
+    @classmethod
+    def _no_negative_zero(cls, guidance: Optional[float]) -> Optional[float]:
+        return None if guidance is None else guidance + 0.0  # -0.0 -> 0.0: the start record echoes the scale
 
     @model_validator(mode="after")
     def _one_length(self):
@@ -124,10 +242,12 @@ class Limits:
         return self.frames(self.max_blocks) / self.fps
 
     def blocks_for_seconds(self, seconds: float) -> int:
-        """The fewest blocks whose decoded frames cover ``seconds``."""
-        needed = max(1, math.ceil(seconds * self.fps - 1e-9))
-        if needed > self.frames(self.max_blocks):
+        """The fewest blocks whose decoded frames cover ``seconds``; ``max_blocks + 1`` when none do."""
+        wanted = seconds * self.fps - 1e-9
+        # compared before math.ceil: 1e308 s is inf frames, which ceil cannot turn into an int
+        if not wanted <= self.frames(self.max_blocks):
             return self.max_blocks + 1
+        needed = max(1, math.ceil(wanted))
         n = 1
         while self.frames(n) < needed:
             n += 1
@@ -141,11 +261,10 @@ class Limits:
 
 
 def _json_safe_errors(err: ValidationError) -> list:
-    out = []
-    for e in err.errors(include_url=False):
-        item = {"loc": list(e.get("loc", ())), "type": e.get("type"), "msg": e.get("msg")}
-        out.append(item)
-    return out
+    """pydantic's errors without ``input`` and ``ctx``: the client's own value is never echoed back (it may be
+    NaN, 100 kB of text or an unpaired surrogate, none of which a JSON response can carry)."""
+    return [{"loc": list(e.get("loc", ())), "type": e.get("type"), "msg": e.get("msg")}
+            for e in err.errors(include_url=False)]
 
 
 def parse_request(body: bytes, content_type: str | None, limits: Limits) -> tuple[VideoRequest, int]:
@@ -158,30 +277,22 @@ def parse_request(body: bytes, content_type: str | None, limits: Limits) -> tupl
         raise RequestError(413, "request_too_large",
                            f"the body is {len(body)} bytes; the limit is {limits.max_request_bytes}")
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        data = json.loads(body, parse_int=_parse_int, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as err:
+        raise RequestError(422, "invalid_request", [{"loc": [err.key], "type": "duplicate_key",
+                                                     "msg": "the key is given more than once"}]) from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise RequestError(400, "invalid_json", f"the body is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise RequestError(422, "invalid_request", f"the body must be a JSON object, got {type(data).__name__}")
     try:
-        req = VideoRequest.model_validate(data)
+        req = VideoRequest.model_validate(data, context={"limits": limits})
     except ValidationError as err:
-        raise RequestError(422, "invalid_request", _json_safe_errors(err)) from None
-    if len(req.prompt) > limits.max_prompt_chars:
-        raise RequestError(422, "prompt_too_long",
-                           f"the prompt has {len(req.prompt)} characters; the limit is {limits.max_prompt_chars}")
-    if not req.prompt.strip():
-        raise RequestError(422, "invalid_request", "the prompt is blank")
-    if req.num_blocks is not None:
-        num_blocks = req.num_blocks
-        if num_blocks > limits.max_blocks:
-            raise RequestError(422, "too_long", f"num_blocks={num_blocks} exceeds the limit of {limits.max_blocks} "
-                                                f"blocks ({limits.max_seconds:.3g} s)")
-    else:
-        num_blocks = limits.blocks_for_seconds(req.seconds)
-        if num_blocks > limits.max_blocks:
-            raise RequestError(422, "too_long", f"seconds={req.seconds} exceeds the limit of "
-                                                f"{limits.max_seconds:.3g} s ({limits.max_blocks} blocks)")
+        errors = _json_safe_errors(err)
+        kinds = {e["type"] for e in errors}
+        kind = kinds.pop() if len(kinds) == 1 and kinds <= set(_LENGTH_KINDS) else "invalid_request"
+        raise RequestError(422, kind, errors) from None
+    num_blocks = req.num_blocks if req.num_blocks is not None else limits.blocks_for_seconds(req.seconds)
     return req, num_blocks
 
 

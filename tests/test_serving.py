@@ -315,6 +315,79 @@ def test_hundred_malformed_requests_get_clean_4xx_then_a_valid_one_works(service
     check_equal_to_offline(bundle, body, chunks, 3)
 
 
+def _post_raw(svc: Service, body: bytes, content_type: str | None) -> tuple[int, str | None]:
+    """POST raw bytes; (status, what is wrong with the answer or None). A 4xx must be our JSON error; a 200 (the
+    body happened to be valid) is read to its ``end`` record when it is one block, else closed after ``start``."""
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    with requests.post(f"{svc.url}/v1/videos", data=body, headers=headers, timeout=120, stream=True) as resp:
+        status = resp.status_code
+        if status >= 500:
+            return status, resp.text[:300]
+        if status in (400, 413, 415, 422):
+            answer = resp.json() if resp.headers.get("content-type", "").startswith("application/json") else {}
+            return status, None if answer.get("error") and answer.get("detail") else f"not a JSON error: {resp.text}"
+        if status != 200 or not resp.headers.get("content-type", "").startswith("application/x-ndjson"):
+            return status, None  # 429, or one MP4 (stream: false), already read whole by `with`
+        records = (json.loads(line) for line in resp.iter_lines() if line)
+        start = next(records)
+        if start["num_blocks"] > 1:
+            return status, None  # closing cancels it (test_client_disconnect_frees_the_stream_everywhere)
+        last = list(records)[-1]
+        return status, None if last["type"] == "end" else f"the stream ended with {last}"
+
+
+def test_no_body_or_content_type_gets_a_5xx_then_a_valid_request_streams_a_whole_video(service, bundle):
+    """Property (hypothesis, derandomized: the same examples every run): whatever the body (every JSON type in every
+    field, edge numbers, odd prompts, unknown fields, random bytes) and content type, the answer is not a 5xx; the
+    explicit examples are the 500s of issue 23. Then the service still streams a complete, correct video."""
+    from collections import Counter
+
+    from hypothesis import HealthCheck, example, given, settings
+
+    from tests.malformed_requests import JSON_TYPE, any_request
+
+    statuses: Counter = Counter()
+    wrong: list = []
+
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @example((f'{{"prompt": "{PROMPTS[0]}", "seconds": 1e308}}'.encode(), JSON_TYPE))
+    @example((f'{{"prompt": "{PROMPTS[0]}", "num_blocks": {"9" * 5000}}}'.encode(), JSON_TYPE))
+    @example((b'{"prompt": "a", "seconds": 1, "\\ud800": 1, "\\ud800": 2}', JSON_TYPE))  # named in the detail
+    @example((b'{"prompt": "a", "seconds": NaN}', JSON_TYPE))
+    @example((b"\xff\xfe\x00garbage", JSON_TYPE))
+    @example((b"{}", None))
+    @given(any_request())
+    def never_5xx(request):
+        status, problem = _post_raw(service, *request)
+        statuses[status] += 1
+        if problem is not None:
+            wrong.append((status, request[0][:200], request[1], problem))
+
+    never_5xx()
+    print(f"hypothesis: {sum(statuses.values())} requests, statuses {dict(sorted(statuses.items()))}")
+    assert not wrong, wrong
+    assert sum(statuses.values()) >= 200 and statuses[422] and statuses[400] and statuses[415], statuses
+
+    service.wait_idle()
+    body = {"prompt": PROMPTS[1], "num_blocks": 3, "seed": 2, "return_latents": True}
+    _, chunks, end, _ = read_stream(service, body)
+    assert end["type"] == "end" and end["num_blocks"] == 3
+    check_equal_to_offline(bundle, body, chunks, 3)
+
+
+def test_edge_values_that_validate_stream_a_correct_video(service, bundle):
+    """The largest seed, a guidance of -0.0 (echoed as 0.0) and the smallest positive number of seconds (one
+    block) pass validation; the video must then be whole and equal the offline rollout."""
+    from serving.schema import MAX_SEED
+
+    body = {"prompt": PROMPTS[0], "seconds": 5e-324, "seed": MAX_SEED, "guidance": -0.0, "return_latents": True}
+    start, chunks, end, _ = read_stream(service, body)
+    assert end["type"] == "end" and start["num_blocks"] == 1 and start["seed"] == MAX_SEED
+    assert start["guidance"] == 0.0 and np.copysign(1.0, start["guidance"]) == 1.0
+    check_equal_to_offline(bundle, {**body, "guidance": 0.0}, chunks, 1)
+
+
 def test_eight_concurrent_streams_complete_on_both_replicas(service, bundle):
     service.wait_idle()
     before = service.all_stats()
