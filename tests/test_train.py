@@ -127,6 +127,7 @@ def _checkpoints(runs: Path) -> list[Path]:
     return sorted(p for p in (runs / "train").glob("distill-*/checkpoint_*") if p.is_dir())
 
 
+@pytest.mark.slow  # two Ray Train runs (~5 min here); tests/test_sharding.py checks the same maths without Ray
 def test_fsdp_checkpoints_are_sharded_resume_on_one_worker_and_export_the_ema(ray_head, world_dir):
     """distill.sharding=fsdp on 2 Ray Train workers: each checkpoint is one torch.distributed.checkpoint directory
     holding both ranks' shards (merged by Ray Train); the exported bundle loads with from_pretrained and equals the
