@@ -165,6 +165,9 @@ class DistillConfig:
     # a distillation checkpoint (a Ray Train checkpoint directory, local or s3://) to start from when this run has
     # none of its own: move a run to another cluster, worker count or sharding; its model shapes must match
     resume_from: str = ""
+    # a worker keeps its dataset shard in memory after the first pass when it fits in this many MB (the tiny
+    # datasets always do), so later epochs do not execute the Ray dataset again; 0 = stream every epoch
+    dataset_cache_mb: int = 2048
     checkpoint_every: int = 20  # generator steps
     keep_checkpoints: int = 2
     max_failures: int = 3
@@ -231,11 +234,17 @@ class RegistryConfig:
     """MLflow registry and the promotion gate (``pipelines/promote.py``)."""
 
     model_name: str = "hiar-student"
-    max_drift_increase: float = 0.0  # gate: challenger Drift Score <= champion's + this
-    max_dynamics_drop: float = 0.05  # gate: dynamic degree not worse by more than this
-    max_quality_drop: float = 0.0  # gate: oracle caption consistency (tiny) not worse by more than this
-    max_alignment_drop: float = 0.0  # gate: CLIP text-video alignment not worse by more than this
-    max_degradation_increase: float = 0.0  # gate: one learned drift scorer's degradation (dinov2, lpips, ...)
+    # the gate's tolerated degradations (hiar.gate), in each metric's units: a check fails when the mean paired
+    # (prompt, seed) difference is worse than this
+    max_drift_increase: float = 0.0  # Drift Score
+    max_dynamics_drop: float = 0.05  # dynamic degree
+    max_quality_drop: float = 0.0  # oracle caption consistency (tiny)
+    max_alignment_drop: float = 0.0  # CLIP text-video alignment
+    max_degradation_increase: float = 0.0  # one learned drift scorer's degradation (dinov2, lpips, ...)
+    # an improvement counts only when the mean paired difference exceeds this many of its standard errors (> 0)
+    gate_margin_se: float = 3.0
+    # promote only when some gated check improved beyond noise; false: "not worse" suffices (never the default)
+    gate_require_improvement: bool = True
     gate_rollout: str = "hierarchical"  # the rollout mode whose evaluation metrics the gate compares
     # the checks that gate this preset (hiar.gate.GATE_CHECKS: drift, dynamics, quality, alignment, dinov2, lpips,
     # clip_iqa, musiq); drift and dynamics always; a check whose scorer was skipped (no weights) is reported, not gated
@@ -313,15 +322,25 @@ def validate(cfg: HiarConfig) -> None:
     choice("distill.real_score_sharding", cfg.distill.real_score_sharding, ("shard", "replicate"))
     for part in ("transformer", "text_encoder", "vae"):
         choice(f"precision.{part}", getattr(cfg.precision, part), ("fp32", "bf16", "fp16"))
+    if cfg.distill.dataset_cache_mb < 0:
+        raise ValueError(f"distill.dataset_cache_mb must be >= 0 (0 = no cache), got {cfg.distill.dataset_cache_mb}")
     if not 0.0 <= cfg.distill.min_t < cfg.distill.max_t <= 1.0:
         raise ValueError(f"need 0 <= distill.min_t < distill.max_t <= 1, got {cfg.distill.min_t}, {cfg.distill.max_t}")
     choice("data.dtype", cfg.data.dtype, ("float16", "float32"))
-    from hiar.gate import validate_checks
+    from hiar.gate import MARGIN_FIELDS, validate_checks, validate_margin_se
 
     try:
         validate_checks(cfg.registry.gate_metrics)
     except ValueError as err:
         raise ValueError(f"registry.gate_metrics: {err}") from None
+    try:
+        validate_margin_se(cfg.registry.gate_margin_se)
+    except ValueError as err:
+        raise ValueError(f"registry.{err}") from None
+    for name in MARGIN_FIELDS:
+        value = getattr(cfg.registry, name)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"registry.{name} must be a finite number, got {value!r}")
     if cfg.data.heldout_prompts < 1:
         raise ValueError(f"data.heldout_prompts must be >= 1, got {cfg.data.heldout_prompts}")
     for mode in cfg.eval.rollouts:

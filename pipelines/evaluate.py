@@ -28,6 +28,14 @@ and ``eval.json``.  Tags ``hiar.eval_identity`` (hash of everything that determi
 weights) and ``hiar.model_checksum`` let ``--reuse`` (and ``promote.py``) find a finished evaluation of the same
 weights under the same settings instead of recomputing it.
 
+Noise.  Every one of those metrics is a mean over the ``n = eval/num_videos`` (prompt, seed) samples, and each
+carries its standard error ``<key>_se`` (sample standard deviation / sqrt(n), ``hiar.gate.mean_se``; absent for
+n = 1) -- plus ``<key>_n`` when fewer samples had a value (a scorer that failed on some videos).  The per-sample
+values themselves are the artifact ``per_sample.json`` (``{"keys": [[prompt, seed], ...], "values": {metric key:
+[one value per key, null where none]}}``, :func:`sample_values`): the gate pairs the challenger's and the
+champion's samples by (prompt, seed) (``hiar.gate``).  Only runs that have it (tag ``hiar.per_sample``) are
+reused.
+
 Errors about the model (unknown directory, alias or version, not a bundle) or the settings come before any
 compute: ``error: ...`` on stderr, exit code 2.
 """
@@ -59,6 +67,10 @@ GENERATION_TAG = "hiar.generation_hash"
 NAME_TAG = "hiar.model_name"
 VERSION_TAG = "hiar.model_version"
 URI_TAG = "hiar.model_uri"
+SAMPLES_TAG = "hiar.per_sample"  # the per-sample artifact's format version, on runs that logged it
+SAMPLES_FORMAT = "1"
+SAMPLES_ARTIFACT = "per_sample.json"
+NOT_MEANS = ("drift/num_metrics",)  # per-sample values that are counts, reported as such: no standard error
 ORACLE_KEYS = ("caption_consistency", "motion_accuracy", "color_ok", "direction_ok", "background_ok",
                "shape_present", "shape_ok", "speed_ok", "motion", "mean_saturation")
 SUMMARY_KEYS = ("drift/score", "drift/num_metrics", "drift/saturation_slope", "drift/sharpness_slope",
@@ -373,8 +385,46 @@ class EvalActor:
 
 
 # ---------------------------------------------------------------------------------------------- driver side
-def summarize(rows: list[dict], modes: list[str]) -> tuple[dict, dict, dict]:
-    """``(metrics, aggregated DriftReport per mode, sample frames per mode [N, T, H, W, 3] uint8)`` from actor rows."""
+def sample_values(rows: list[dict], modes: list[str]) -> dict:
+    """The per-sample table (``hiar.gate.SampleTable``) of actor rows: ``{"keys": [[prompt, seed], ...],
+    "values": {"<mode>/<metric>": [value or None per sample]}}`` in item order, each sample's metrics as
+    ``DriftReport.to_metrics`` of its own report plus its oracle scores."""
+    from hiar.drift import DriftReport
+
+    rows = sorted(rows, key=lambda r: int(r["index"]))
+    per: list[dict] = []
+    for r in rows:
+        result = json.loads(r["result"])
+        one: dict = {}
+        for mode in modes:
+            one.update({f"{mode}/{k}": float(v) for k, v in DriftReport(**result[mode]["report"]).to_metrics().items()})
+            one.update({f"{mode}/oracle/{k}": float(v) for k, v in result[mode].get("oracle", {}).items()})
+        per.append(one)
+    names = list(dict.fromkeys(k for one in per for k in one))
+    return {"keys": [[str(r["prompt"]), int(r["seed"])] for r in rows],
+            "values": {k: [one.get(k) for one in per] for k in names}}
+
+
+def standard_errors(metrics: dict, table: dict) -> dict:
+    """``<key>_se`` (n >= 2) for every metric of ``metrics`` that is a mean of ``table``'s per-sample values, and
+    ``<key>_n`` where fewer samples than the table's had a value."""
+    from hiar.gate import mean_se
+
+    out: dict[str, float] = {}
+    for key, values in table["values"].items():
+        if key not in metrics or key.split("/", 1)[-1] in NOT_MEANS:
+            continue
+        _, se, n = mean_se([v for v in values if v is not None])
+        if n >= 2:
+            out[f"{key}_se"] = se
+        if n < len(values):
+            out[f"{key}_n"] = float(n)
+    return out
+
+
+def summarize(rows: list[dict], modes: list[str]) -> tuple[dict, dict, dict, dict]:
+    """``(metrics, aggregated DriftReport per mode, sample frames per mode [N, T, H, W, 3] uint8, per-sample table)``
+    from actor rows; ``metrics`` holds each mean's standard error (:func:`standard_errors`)."""
     import numpy as np
 
     from hiar.drift import DriftReport, aggregate
@@ -400,17 +450,27 @@ def summarize(rows: list[dict], modes: list[str]) -> tuple[dict, dict, dict]:
                     if mode in z:
                         samples[mode].append(z[mode])
     samples = {m: np.stack(v) for m, v in samples.items() if v}
+    table = sample_values(rows, modes)
+    metrics.update(standard_errors(metrics, table))
     metrics["eval/num_videos"] = float(len(rows))
-    return metrics, reports, samples
+    return metrics, reports, samples, table
+
+
+def _cell(metrics: dict, key: str) -> str:
+    if key not in metrics:
+        return "-"
+    se = metrics.get(f"{key}_se")
+    return f"{metrics[key]:.5g}" + (f" ± {se:.2g}" if se is not None else "")
 
 
 def summary_table(metrics: dict, modes: list[str]) -> str:
+    """Means (± standard error over the samples) of the headline metrics, one column per mode."""
     keys = [k for k in SUMMARY_KEYS if any(f"{m}/{k}" in metrics for m in modes)]
     width = max(len(k) for k in keys) + 2
-    lines = [f"{'metric':<{width}}" + "".join(f"{m:>16}" for m in modes)]
+    lines = [f"{'metric':<{width}}" + "".join(f"{m:>24}" for m in modes)]
     for k in keys:
-        cells = "".join(f"{metrics[f'{m}/{k}']:>16.5g}" if f"{m}/{k}" in metrics else f"{'-':>16}" for m in modes)
-        lines.append(f"{k:<{width}}" + cells)
+        lines.append(f"{k:<{width}}" + "".join(f"{_cell(metrics, f'{m}/{k}'):>24}" for m in modes))
+    lines.append(f"(mean ± standard error over n = {metrics.get('eval/num_videos', 0):g} (prompt, seed) samples)")
     return "\n".join(lines)
 
 
@@ -433,7 +493,8 @@ def find_existing(plan: EvalPlan):
     runs = MlflowClient().search_runs(
         [exp.experiment_id],
         filter_string=f"tags.`{IDENTITY_TAG}` = '{plan.identity()}' and tags.`{CHECKSUM_TAG}` = '{plan.checksum}' "
-                      f"and tags.`{GENERATION_TAG}` = '{plan.generation_hash()}' and attributes.status = 'FINISHED'",
+                      f"and tags.`{GENERATION_TAG}` = '{plan.generation_hash()}' and attributes.status = 'FINISHED' "
+                      f"and tags.`{SAMPLES_TAG}` = '{SAMPLES_FORMAT}'",
         order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
 
@@ -483,13 +544,13 @@ def run_evaluation(plan: EvalPlan, parent_run_id: str | None = None, run_name: s
     seconds = time.monotonic() - t0
     if len(rows) != len(items):
         raise RuntimeError(f"evaluation returned {len(rows)} results for {len(items)} items")
-    metrics, reports, samples = summarize(rows, plan.modes)
+    metrics, reports, samples, table = summarize(rows, plan.modes)
     metrics["eval/seconds"] = seconds
     metrics["eval/videos_per_s"] = len(items) / seconds if seconds > 0 else 0.0
     metrics["eval/latent_frames"] = float(plan.latent_frames)
 
     tags = {IDENTITY_TAG: plan.identity(), CHECKSUM_TAG: plan.checksum, GENERATION_TAG: plan.generation_hash(),
-            URI_TAG: plan.model_uri}
+            URI_TAG: plan.model_uri, SAMPLES_TAG: SAMPLES_FORMAT}
     if plan.model_name:
         tags.update({NAME_TAG: plan.model_name, VERSION_TAG: str(plan.model_version)})
     name = run_name or f"eval-{plan.model_name + '-v' + str(plan.model_version) if plan.model_name else Path(plan.bundle_path).name}"
@@ -519,11 +580,24 @@ def run_evaluation(plan: EvalPlan, parent_run_id: str | None = None, run_name: s
                                  Path(tmp) / f"{mode}.mp4", fps=plan.fps)
                 mlflow.log_artifact(str(path), "samples")
         mlflow.log_dict({"prompts": plan.prompts, "seeds": plan.seeds}, "prompts.json")
+        mlflow.log_dict(table, SAMPLES_ARTIFACT)
         result = _result(plan, run.info.run_id, metrics, False)
         mlflow.log_dict({**result, "skipped": skipped}, "eval.json")
     log(f"[evaluate] done in {seconds:.1f} s ({metrics['eval/videos_per_s']:.2f} videos/s); MLflow run "
         f"{run.info.run_id}\n" + summary_table(metrics, plan.modes))
     return result
+
+
+def load_sample_values(run_id: str) -> dict:
+    """The per-sample table an evaluation run logged (:data:`SAMPLES_ARTIFACT`); ``FileNotFoundError`` for a run
+    without one (from before per-sample values were kept)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{SAMPLES_ARTIFACT}")
+    except (MlflowException, OSError) as err:
+        raise FileNotFoundError(f"evaluation run {run_id} has no {SAMPLES_ARTIFACT}: {err}") from None
 
 
 def evaluate(cfg, model_uri: str, overrides=(), parent_run_id: str | None = None, run_name: str | None = None,

@@ -19,14 +19,19 @@ Registered model ``registry.model_name`` (default ``hiar-student``); aliases, ne
   ``pipelines/evaluate.py`` on the same held-out prompts, seeds and horizon (a finished evaluation of the same
   weights and settings is reused), and the gate (``hiar.gate.decide``: the checks ``registry.gate_metrics`` names
   -- Drift Score and dynamic degree always, the tiny oracle's caption consistency, CLIP text-video alignment, a
-  learned scorer's drift -- on the ``registry.gate_rollout`` mode, thresholds ``registry.max_*``; a check whose
-  scorer was skipped in both evaluations is reported as skipped, not gated) decides.  ``champion``
-  moves only when it passes.  Every decision, pass or fail, is recorded: model-version tags
-  ``promotion.decision`` / ``promotion.reason`` / ``promotion.metrics`` (JSON: both sides' gate metrics, the
-  thresholds, each check, the evaluation run ids) / ``promotion.against`` / ``promotion.time``, the
-  registered-model tag ``promotion.last``, a line appended to the registered model's description, and a run in
-  ``hiar-registry`` with both sides' metrics.  The same rejection is not re-recorded on a rerun (same champion,
-  thresholds and evaluation settings); a version that was rolled back is not promoted again without ``--force``.
+  learned scorer's drift -- on the ``registry.gate_rollout`` mode) decides on the two evaluations' per-sample
+  values (``per_sample.json``) paired by (prompt, seed): no check worse than its tolerated degradation
+  (``registry.max_*``) and at least one better by more than ``registry.gate_margin_se`` standard errors of the
+  paired difference (unless ``registry.gate_require_improvement`` is false); a check whose scorer was skipped in
+  both evaluations is reported as skipped, not gated.  ``champion`` moves only when it passes.  Every decision,
+  pass or fail, is recorded: model-version tags ``promotion.decision`` / ``promotion.reason`` (each check's
+  numbers in words) / ``promotion.metrics`` (JSON: both sides' gate metrics, the thresholds, each check with its
+  mean paired difference, standard error, n, threshold and verdict, the evaluation run ids) /
+  ``promotion.against`` / ``promotion.time``, the registered-model tag ``promotion.last``, a line appended to the
+  registered model's description, and a run in ``hiar-registry`` with both sides' metrics, each check's
+  ``gate/<check>/diff|se|n|threshold|passed|improved`` and ``decision.json``.  The same rejection is not
+  re-recorded on a rerun (same champion, thresholds and evaluation settings); a version that was rolled back is
+  not promoted again without ``--force``.
 * ``rollback`` moves ``champion`` to the previous holder (registered-model tag ``champion.history``, a JSON list
   of the versions that held it, oldest first) and records the reason on both versions
   (``champion.demoted`` / ``champion.restored``), in ``rollback.last`` and in the description.
@@ -48,8 +53,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.common import resolve_path  # noqa: E402
-from pipelines.evaluate import (EvalInputError, _print, experiment_id, new_run,  # noqa: E402
-                                plan_evaluation, run_evaluation, setup_tracking)
+from pipelines.evaluate import (EvalInputError, _print, experiment_id, load_sample_values,  # noqa: E402
+                                new_run, plan_evaluation, run_evaluation, setup_tracking)
 
 EXPERIMENT = "hiar-registry"
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -245,6 +250,7 @@ def _gate_settings(cfg) -> dict:
     return {"checks": list(r.gate_metrics), "max_drift_increase": r.max_drift_increase,
             "max_dynamics_drop": r.max_dynamics_drop, "max_quality_drop": r.max_quality_drop,
             "max_alignment_drop": r.max_alignment_drop, "max_degradation_increase": r.max_degradation_increase,
+            "gate_margin_se": r.gate_margin_se, "require_improvement": r.gate_require_improvement,
             "rollout": r.gate_rollout}
 
 
@@ -348,9 +354,10 @@ def promote(cfg, version: str | None = None, overrides=(), parent_run_id: str | 
                            f"decided: {type(err).__name__}: {err}") from err
     keys = gate_metric_keys(gate["rollout"], gate["checks"])
     try:
-        result = decide(results["challenger"]["metrics"], results["champion"]["metrics"], **gate,
+        tables = {s: load_sample_values(results[s]["run_id"]) for s in results}
+        result = decide(tables["challenger"], tables["champion"], **gate,
                         skip_reasons=_skip_reasons(client, [results[s]["run_id"] for s in results], gate["rollout"]))
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         client.set_terminated(run.info.run_id, "FAILED")
         raise RuntimeError(f"cannot compare the evaluations: {err}") from None
     decision = "promoted" if result.passed else "rejected"
@@ -364,6 +371,8 @@ def promote(cfg, version: str | None = None, overrides=(), parent_run_id: str | 
         mlflow.log_params({"challenger_version": version, "champion_version": champion, **gate})
         for side in ("challenger", "champion"):
             mlflow.log_metrics({f"{side}/{k}": float(v) for k, v in details[side].items() if v is not None})
+        mlflow.log_metrics({f"gate/{c.name}/{f}": float(getattr(c, f)) for c in result.checks
+                            for f in ("diff", "se", "n", "threshold", "passed", "improved")})
         mlflow.set_tags({"promotion.decision": decision, "promotion.reason": result.reason[:5000]})
         mlflow.log_dict(details, "decision.json")
     history = None

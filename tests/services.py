@@ -35,6 +35,15 @@ def set_args(overrides) -> list[str]:
     return [arg for o in overrides for arg in ("--set", o)]
 
 
+def sample_table(means: dict, n: int = 4, offsets=None) -> dict:
+    """An evaluation's per-sample table (``hiar.gate.SampleTable``) over ``n`` (prompt, seed) keys whose every
+    metric is ``means[key]`` plus ``offsets[i]`` (default 0: every sample equal, so a paired difference has no
+    spread)."""
+    offsets = [0.0] * n if offsets is None else list(offsets)
+    return {"keys": [[f"prompt {i}", 0] for i in range(n)],
+            "values": {k: [float(v) + float(o) for o in offsets] for k, v in means.items()}}
+
+
 def stop_process_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:
     """SIGTERM a server started with ``start_new_session=True`` and everything it spawned; SIGKILL if it lingers."""
     try:

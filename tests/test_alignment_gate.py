@@ -210,23 +210,31 @@ def test_non_tiny_preset_gets_no_oracle_and_the_actor_reports_alignment(clip_wei
     actor = EvalActor(str(bundle), load_config("tiny").to_dict(), ["hierarchical"], num_blocks=4, segments=5,
                       use_oracle=plan.use_oracle, weights_dir=str(clip_weights))
     out = actor({"index": [0, 1], "prompt": list(plan.prompts), "seed": [0, 0], "sample": [False, False]})
-    metrics, reports, _ = summarize([{k: v[i] for k, v in out.items()} for i in (0, 1)], ["hierarchical"])
+    metrics, reports, _, table = summarize([{k: v[i] for k, v in out.items()} for i in (0, 1)], ["hierarchical"])
     assert -1.0 <= metrics["hierarchical/alignment/clip_text"] <= 1.0
+    per_video = table["values"]["hierarchical/alignment/clip_text"]  # the gate pairs these
+    assert metrics["hierarchical/alignment/clip_text"] == pytest.approx(np.mean(per_video))
+    assert metrics["hierarchical/alignment/clip_text_se"] == pytest.approx(abs(per_video[0] - per_video[1]) / 2)
     assert "hierarchical/alignment/clip_text_seg4" in metrics
     assert not any("/oracle/" in k for k in metrics)
     assert "dinov2_similarity" in reports["hierarchical"].skipped and "clip_text" not in reports["hierarchical"].skipped
 
 
 # ---------------------------------------------------------------------------------------------- the gate
-def _m(drift, dyn, align=None, mode="hierarchical"):
-    out = {f"{mode}/drift/score": drift, f"{mode}/dynamics/dynamic_degree": dyn, f"{mode}/drift/num_metrics": 3}
+def _m(drift, dyn, align=None, mode="hierarchical", **extra):
+    """Per-sample table of 4 samples with these values (no spread: tests/test_gate.py tests the statistics);
+    ``extra``: more metrics, by their name under the mode."""
+    from tests.services import sample_table
+
+    out = {f"{mode}/drift/score": drift, f"{mode}/dynamics/dynamic_degree": dyn, f"{mode}/drift/num_metrics": 3,
+           **{f"{mode}/drift/{k}": v for k, v in extra.items()}}
     if align is not None:
         out[f"{mode}/alignment/clip_text"] = align
-    return out
+    return sample_table(out)
 
 
 WAN = ["drift", "dynamics", "alignment"]
-TH = dict(max_drift_increase=0.0, max_dynamics_drop=0.05)
+TH = dict(max_drift_increase=0.0, max_dynamics_drop=0.05, gate_margin_se=3.0)
 
 
 def test_gate_with_alignment_gated_but_skipped_decides_on_the_other_checks():
@@ -252,8 +260,8 @@ def test_gate_with_alignment_present_gates_it_and_one_sided_is_an_error():
 
 
 def test_gate_learned_scorer_checks_and_names():
-    ch = {**_m(0.1, 0.5), "hierarchical/drift/dinov2_similarity_degradation": 0.3}
-    cp = {**_m(0.2, 0.5), "hierarchical/drift/dinov2_similarity_degradation": 0.1}
+    ch = _m(0.1, 0.5, dinov2_similarity_degradation=0.3)
+    cp = _m(0.2, 0.5, dinov2_similarity_degradation=0.1)
     r = decide(ch, cp, checks=["drift", "dynamics", "dinov2", "lpips"], **TH)
     assert not r.passed and [c.name for c in r.checks if not c.passed] == ["dinov2"]
     assert [s.split(" ")[0] for s in r.skipped] == ["lpips"]

@@ -38,7 +38,9 @@ def _env(ray_head):
 
 def test_actor_and_summary_without_ray(bundle, tmp_path):
     """The actor's per-item work and the driver's aggregation, called directly: every mode gets drift slopes,
-    the Drift Score, dynamics and oracle scores; sample frames come back as uint8 for the flagged items only."""
+    the Drift Score, dynamics and oracle scores; sample frames come back as uint8 for the flagged items only.
+    Every mean comes with its standard error over the samples, and the per-sample table holds the values it is
+    the mean of, keyed by (prompt, seed)."""
     from hiar.pretrain import eval_prompts
     from pipelines.evaluate import EvalActor, summarize
 
@@ -48,7 +50,7 @@ def test_actor_and_summary_without_ray(bundle, tmp_path):
     out = actor({"index": [0, 1], "prompt": [eval_prompts(1)[0]] * 2,
                  "seed": [0, 1], "sample": [True, False]})
     assert out["frames"][1] == b"" and len(out["frames"][0]) > 0
-    metrics, reports, samples = summarize([{k: v[i] for k, v in out.items()} for i in (1, 0)], list(MODES))
+    metrics, reports, samples, table = summarize([{k: v[i] for k, v in out.items()} for i in (1, 0)], list(MODES))
     for mode in MODES:
         for key in ("drift/score", "drift/saturation_slope", "drift/sharpness_slope", "drift/pixel_similarity_slope",
                     "drift/saturation_seg4", "dynamics/dynamic_degree", "oracle/caption_consistency",
@@ -59,6 +61,17 @@ def test_actor_and_summary_without_ray(bundle, tmp_path):
         assert "musiq" in reports[mode].skipped and f"{mode}/drift/musiq_slope" not in metrics
         assert samples[mode].shape == (1, 12, 16, 16, 3) and samples[mode].dtype.name == "uint8"
     assert metrics["eval/num_videos"] == 2
+
+    prompt = eval_prompts(1)[0]
+    assert table["keys"] == [[prompt, 0], [prompt, 1]]  # item order, whatever order the rows came back in
+    means = [k for k in table["values"] if not k.endswith("/drift/num_metrics")]
+    assert {f"{m}/drift/score" for m in MODES} <= set(means) and all(f"{k}_se" in metrics for k in means)
+    for key in means:
+        a, b = table["values"][key]
+        assert metrics[key] == pytest.approx((a + b) / 2, rel=1e-9, abs=1e-12), key  # the logged mean ...
+        assert metrics[f"{key}_se"] == pytest.approx(abs(a - b) / 2, rel=1e-9, abs=1e-12), key  # ... and its se
+    assert not any(k.endswith("_n") or k.endswith("num_metrics_se") for k in metrics)  # every sample has every value
+    assert metrics["hierarchical/drift/score_se"] > 0  # two seeds, two videos
 
 
 def test_plan_defaults_to_four_times_the_training_horizon_on_held_out_prompts(bundle, tmp_path):
@@ -130,9 +143,14 @@ def test_registry_uri_end_to_end_on_the_cluster_then_reuse(ray_head, bundle, tmp
     for mode in MODES:
         for key in ("drift/score", "drift/saturation_slope", "drift/sharpness_slope", "drift/pixel_similarity_slope",
                     "dynamics/dynamic_degree", "oracle/caption_consistency", "oracle/motion_accuracy"):
-            assert f"{mode}/{key}" in m, (mode, key)
+            assert f"{mode}/{key}" in m and f"{mode}/{key}_se" in m, (mode, key)
             assert m[f"{mode}/{key}"] == pytest.approx(result["metrics"][f"{mode}/{key}"])
     assert m["eval/num_videos"] == 2
+    from pipelines.evaluate import load_sample_values
+
+    table = load_sample_values(result["run_id"])  # the per-sample artifact the gate pairs
+    assert [k[1] for k in table["keys"]] == [0, 0] and len({k[0] for k in table["keys"]}) == 2
+    assert m["hierarchical/drift/score"] == pytest.approx(sum(table["values"]["hierarchical/drift/score"]) / 2)
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     arts |= {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert arts == {"plots/drift_segments.png", "samples/hierarchical.mp4", "samples/block_first.mp4"}

@@ -13,34 +13,43 @@ import pytest
 from hiar.config import load_config
 from hiar.data import checksum_dir
 from hiar.gate import append_line, decide, gate_metric_keys, push_history, rollback_target
-from tests.services import random_bundle, set_args
+from tests.services import random_bundle, sample_table, set_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["eval.num_prompts=2", "video.eval_horizon_factor=2", "eval.sample_videos=1"]
 REJECT = ["registry.max_drift_increase=-1e9"]  # no challenger can pass: forces a rejection on real metrics
-PASS = ["registry.max_drift_increase=1e9", "registry.max_dynamics_drop=1e9", "registry.max_quality_drop=1e9"]
+# every degradation tolerated and no improvement required: any challenger passes (the real evaluations of two
+# random students cannot be relied on to differ beyond noise)
+PASS = ["registry.max_drift_increase=1e9", "registry.max_dynamics_drop=1e9", "registry.max_quality_drop=1e9",
+        "registry.gate_require_improvement=false"]
 NAME = "hiar-student"
 
 
 
 # ---------------------------------------------------------------------------------------------- the gate, pure
-def _m(drift, dyn, cc=None, mode="hierarchical", n=3):
-    out = {f"{mode}/drift/score": drift, f"{mode}/dynamics/dynamic_degree": dyn, f"{mode}/drift/num_metrics": n}
-    if cc is not None:
-        out[f"{mode}/oracle/caption_consistency"] = cc
-    return out
+def _m(drift=None, dyn=None, cc=None, mode="hierarchical", n=3):
+    """One evaluation's per-sample table: 4 samples, each with these values (paired differences without spread;
+    the statistics themselves are tests/test_gate.py's)."""
+    out = {f"{mode}/drift/score": drift, f"{mode}/dynamics/dynamic_degree": dyn, f"{mode}/drift/num_metrics": n,
+           f"{mode}/oracle/caption_consistency": cc}
+    return sample_table({k: v for k, v in out.items() if v is not None})
 
 
 TINY_CHECKS = ["drift", "dynamics", "quality"]  # the tiny preset's registry.gate_metrics
-TH = dict(checks=TINY_CHECKS, max_drift_increase=0.0, max_dynamics_drop=0.05, max_quality_drop=0.0)
+TH = dict(checks=TINY_CHECKS, max_drift_increase=0.0, max_dynamics_drop=0.05, max_quality_drop=0.0, gate_margin_se=3.0)
 
 
 def test_gate_passes_a_better_challenger_and_names_every_check():
     r = decide(_m(0.10, 0.50, 0.80), _m(0.20, 0.50, 0.70), **TH)
     assert r.passed and r.reason.startswith("gate passed")
     assert [c.name for c in r.checks] == ["drift", "dynamics", "quality"] and all(c.passed for c in r.checks)
-    # equal is "not worse"; dynamics may drop by the margin
-    assert decide(_m(0.2, 0.46, 0.7), _m(0.2, 0.5, 0.7), **TH).passed
+    assert [c.name for c in r.checks if c.improved] == ["drift", "quality"]
+    # equal is "not worse" and dynamics may drop by the margin, but nothing improved: not promoted ...
+    same = decide(_m(0.2, 0.46, 0.7), _m(0.2, 0.5, 0.7), **TH)
+    assert not same.passed and all(c.passed for c in same.checks) and not any(c.improved for c in same.checks)
+    assert same.reason.startswith("gate failed: within noise: no gated check improved by more than 3 standard")
+    # ... unless the gate only asks for "not worse"
+    assert decide(_m(0.2, 0.46, 0.7), _m(0.2, 0.5, 0.7), require_improvement=False, **TH).passed
 
 
 @pytest.mark.parametrize("challenger, failing", [
@@ -59,8 +68,10 @@ def test_gate_rejects_a_worse_challenger_with_the_reason(challenger, failing):
 
 def test_gate_thresholds_modes_and_incomparable_inputs():
     worse = _m(0.30, 0.30, 0.50)
-    assert decide(worse, _m(0.2, 0.5, 0.7), checks=TINY_CHECKS, max_drift_increase=0.2, max_dynamics_drop=0.3,
-                  max_quality_drop=0.3).passed
+    wide = dict(checks=TINY_CHECKS, max_drift_increase=0.2, max_dynamics_drop=0.3, max_quality_drop=0.3,
+                gate_margin_se=3.0)
+    assert decide(worse, _m(0.2, 0.5, 0.7), require_improvement=False, **wide).passed  # tolerated, not better
+    assert not decide(worse, _m(0.2, 0.5, 0.7), **wide).passed
     assert not decide(_m(0.1, 0.5, 0.8), _m(0.2, 0.5, 0.7), **{**TH, "max_drift_increase": -1e9}).passed
     # without the oracle (a Wan model) quality is skipped, said so in the reason
     r = decide(_m(0.1, 0.5), _m(0.2, 0.5), **TH)
@@ -69,7 +80,7 @@ def test_gate_thresholds_modes_and_incomparable_inputs():
     assert gate_metric_keys("block_first")["drift"] == "block_first/drift/score"
     assert decide(_m(0.1, 0.5, mode="block_first"), _m(0.2, 0.5, mode="block_first"), rollout="block_first", **TH).passed
     with pytest.raises(ValueError, match="missing from the challenger"):
-        decide({}, _m(0.2, 0.5), **TH)
+        decide(_m(), _m(0.2, 0.5), **TH)
     with pytest.raises(ValueError, match="caption_consistency.*missing from the champion"):
         decide(_m(0.1, 0.5, 0.8), _m(0.2, 0.5), **TH)
     with pytest.raises(ValueError, match="not comparable"):
@@ -223,12 +234,30 @@ def test_gate_decides_on_real_evaluations_rollback_and_serving_resolution(ray_he
     same = [json.loads(Path(client.download_artifacts(evals[s], "prompts.json", str(tmp_path))).read_text())
             for s in ("challenger", "champion")]
     assert same[0] == same[1] and len(same[0]["prompts"]) == 2  # the same held-out prompts and seeds
+    # the gate paired the two evaluations' per-sample values: each check's numbers are in the record
+    tables = {s: json.loads(Path(client.download_artifacts(evals[s], "per_sample.json", str(tmp_path / s)))
+                            .read_text()) for s in evals}
+    assert tables["challenger"]["keys"] == tables["champion"]["keys"] == [[p, 0] for p in same[0]["prompts"]]
+    import numpy as np
+
+    for check in metrics["checks"]:
+        key, sign = check["metric"], (1.0 if check["better"] == "higher" else -1.0)
+        d = sign * (np.array(tables["challenger"]["values"][key]) - np.array(tables["champion"]["values"][key]))
+        assert check["n"] == 2 and check["diff"] == pytest.approx(d.mean(), abs=1e-12)
+        assert check["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(2), abs=1e-12)
+        assert check["threshold"] == pytest.approx(3.0 * check["se"], abs=1e-12)
+        assert check["challenger"] == pytest.approx(ev["challenger"].data.metrics[key])
+        assert ev["challenger"].data.metrics[f"{key}_se"] == pytest.approx(
+            np.std(tables["challenger"]["values"][key], ddof=1) / np.sqrt(2))
+    assert [c["passed"] for c in metrics["checks"]][0] is False and metrics["thresholds"]["gate_margin_se"] == 3.0
     assert "promote v2 vs champion v1: REJECTED: gate failed" in client.get_registered_model(NAME).description
     promote_run = client.get_run(decision["run_id"])
     assert promote_run.data.tags["mlflow.parentRunId"] == parent
     assert {ev[s].data.tags["mlflow.parentRunId"] for s in ev} == {decision["run_id"]}
     assert promote_run.data.tags["promotion.decision"] == "rejected"
     assert "challenger/drift" in promote_run.data.metrics and "champion/drift" in promote_run.data.metrics
+    assert promote_run.data.metrics["gate/drift/diff"] == pytest.approx(metrics["checks"][0]["diff"])
+    assert promote_run.data.metrics["gate/drift/n"] == 2 and promote_run.data.metrics["gate/drift/passed"] == 0
 
     # a rerun of the same decision changes nothing
     description = client.get_registered_model(NAME).description
