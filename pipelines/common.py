@@ -97,10 +97,12 @@ def mlflow_experiment(name: str, run_dir: str) -> str:
     import mlflow
 
     global _DEFAULT_WE_SET
+    env = os.environ.get("MLFLOW_TRACKING_URI", "")
+    users = bool(env) and env != _DEFAULT_WE_SET  # the user's store (a server, or a SQLite file of theirs)
     uri = tracking_uri(run_dir)
     server = not uri.startswith("sqlite:")
     mlflow.set_tracking_uri(uri)
-    if not server:
+    if not users:  # only our own default: a user's SQLite URI must stay the user's for later tracking_uri() calls
         _DEFAULT_WE_SET = uri
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:

@@ -43,24 +43,50 @@ IDENTITY_TAG = "hiar.train_identity"
 
 
 # ---------------------------------------------------------------------------------------------- worker side
-def _batches(dataset_name: str, column: str, micro_batch: int):
-    """Endless (prompts, states [b, S + 1, C, F, H, W]) micro-batches from this worker's dataset shard."""
+def _batches(dataset_name: str, column: str, micro_batch: int, cache_mb: int, verbose: bool = False):
+    """Endless (prompts, states [b, S + 1, C, F, H, W]) micro-batches from this worker's dataset shard.
+
+    The first pass streams the shard through Ray Data; when the whole shard fits in ``cache_mb`` MB (as stored,
+    float16 for the default ``data.dtype``) it is kept in memory and later epochs replay it in the same order
+    instead of executing the dataset again. A shard over the budget streams every epoch.
+    """
     import numpy as np
     import ray.train
     import torch
 
     from hiar.data import tensor_column
 
+    def to_model(arr):  # [b, S + 1, F, C, H, W] -> the model's [b, S + 1, C, F, H, W], float32
+        return torch.from_numpy(np.ascontiguousarray(arr)).float().permute(0, 1, 3, 2, 4, 5).contiguous()
+
+    def log(message: str) -> None:
+        if verbose:
+            print(message, flush=True)
+
     shard = ray.train.get_dataset_shard(dataset_name)
+    cache: list | None = [] if cache_mb > 0 else None
+    cached_bytes = 0
     while True:
         seen = 0
         for table in shard.iter_batches(batch_size=micro_batch, batch_format="pyarrow", drop_last=True):
-            arr = tensor_column(table, column)  # [b, S + 1, F, C, H, W] -> the model's [b, S + 1, C, F, H, W]
-            states = torch.from_numpy(np.ascontiguousarray(arr)).float().permute(0, 1, 3, 2, 4, 5).contiguous()
+            prompts, arr = [str(p) for p in table.column("prompt").to_pylist()], tensor_column(table, column)
+            if cache is not None:
+                cached_bytes += arr.nbytes
+                if cached_bytes > cache_mb * 2**20:
+                    log(f"[train] {dataset_name} shard over distill.dataset_cache_mb={cache_mb}: streamed every epoch")
+                    cache = None
+                else:
+                    cache.append((prompts, arr))
             seen += 1
-            yield [str(p) for p in table.column("prompt").to_pylist()], states
+            yield prompts, to_model(arr)
         if seen == 0:
             raise RuntimeError(f"worker got no {dataset_name} rows (fewer rows than workers x micro_batch_size?)")
+        if cache is not None:
+            log(f"[train] {dataset_name}: {seen} micro-batches ({cached_bytes / 2**20:.1f} MB) kept in memory; "
+                "later epochs replay them")
+            while True:
+                for prompts, arr in cache:
+                    yield prompts, to_model(arr)
 
 
 def _sample_and_log(model, text, codec, cfg, step: int, tag: str) -> dict:
@@ -181,7 +207,8 @@ def train_loop_per_worker(c: dict) -> None:
             trainer.save_checkpoint(tmp)
             ray.train.report({"step": step_of(), **metrics}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    batches = _batches(DATASET_OF[stage], "latents" if stage == "ode_init" else "states", micro)
+    batches = _batches(DATASET_OF[stage], "latents" if stage == "ode_init" else "states", micro,
+                       d.dataset_cache_mb, verbose=rank == 0)
     t0, steps0 = time.monotonic(), step_of()
     metrics: dict = {}
     while step_of() < total:
@@ -238,7 +265,8 @@ def stage_identity(cfg, stage: str, inputs: dict) -> str:
     distill = {k: v for k, v in dd["distill"].items()
                if k not in ("sample_every", "sample_prompts", "checkpoint_every", "keep_checkpoints",
                             "max_failures", "storage_path", "num_workers", "cpus_per_worker", "use_gpu",
-                            "activation_checkpointing", "real_score_sharding", "resume_from")}
+                            "activation_checkpointing", "real_score_sharding", "resume_from",
+                            "dataset_cache_mb")}
     if stage == "ode_init":
         distill = {k: distill[k] for k in ("ode_steps", "lr_ode", "ode_batch_size", "micro_batch_size", "betas",
                                            "grad_clip")}

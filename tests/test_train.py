@@ -3,6 +3,7 @@ and the errors that must come before the first step."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,10 +40,16 @@ def world_dir(tmp_path_factory, ray_head):
     return root, base
 
 
+def job_env(ray_head, env=None) -> dict:
+    """The job's environment: this cluster, and no MLFLOW_TRACKING_URI (mlflow.set_tracking_uri in this test
+    process exports it; each job tracks into its own run dir's SQLite store)."""
+    base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**base, "RAY_ADDRESS": ray_head.address, **(env or {})}
+
+
 def run_train(ray_head, args, env=None, **kw):
     cmd = [sys.executable, str(ROOT / "pipelines" / "train.py"), "--preset", "tiny", *args]
-    return subprocess.run(cmd, env={**os.environ, "RAY_ADDRESS": ray_head.address, **(env or {})},
-                          capture_output=True, text=True, timeout=900, **kw)
+    return subprocess.run(cmd, env=job_env(ray_head, env), capture_output=True, text=True, timeout=900, **kw)
 
 
 def ode_init_student(ray_head, world_dir) -> Path:
@@ -88,6 +95,8 @@ def test_two_workers_end_to_end_logs_checkpoints_and_resumes_as_a_skip(ray_head,
     assert modes == {"samples/hierarchical", "samples/block_first"}
     ckpts = list((root / "runs" / "train").glob("distill-*/checkpoint_*"))
     assert ckpts, "no Ray Train checkpoints written"
+    # 4 steps over 2 micro-batches per worker and epoch: epochs 2.. replay the shard from memory
+    assert "ode_pairs: 2 micro-batches" in r.stdout and "trajectories: 2 micro-batches" in r.stdout, r.stdout[-3000:]
 
     # the same command again: both stages are recognised as done, nothing retrains
     t0 = time.monotonic()
@@ -166,6 +175,60 @@ def test_fsdp_checkpoints_are_sharded_resume_on_one_worker_and_export_the_ema(ra
     assert read_counters(_checkpoints(runs1)[-1])["world_size"] == 1
 
 
+def _uniform_copy(src: Path, dst: Path) -> None:
+    """A copy of a dataset whose every row is its first sample: however Ray Data splits it over workers, every
+    micro-batch holds the same data, so runs with different worker counts see the same global batches."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(src, dst)
+    first = pq.read_table(sorted(dst.glob("shard-*.parquet"))[0]).slice(0, 1)
+    for shard in dst.glob("shard-*.parquet"):
+        pq.write_table(pa.concat_tables([first] * pq.read_metadata(shard).num_rows), shard)
+
+
+@pytest.mark.slow  # two Ray Train runs (~4 min here)
+def test_fsdp_on_two_ray_train_workers_matches_one_unsharded_worker(ray_head, world_dir):
+    """The same data and seed through Ray Train: distill.sharding=fsdp on 2 workers (1 micro-batch each) vs one
+    unsharded worker with the whole batch (2 micro-batches): the losses MLflow records at the last generator step
+    within 1e-5, the generator weights of the final checkpoints within 1e-6 (different rollout noise would move
+    them ~1e-5 apart at this learning rate)."""
+    import mlflow
+
+    from hiar.sharding import read_full_model
+
+    root, base = world_dir
+    init = ode_init_student(ray_head, world_dir)
+    data = root / "data-uniform"
+    _uniform_copy(root / "data" / "trajectories", data / "trajectories")
+    results = {}
+    for name, extra in (("fsdp2", ["distill.sharding=fsdp", "distill.num_workers=2"]),
+                        ("single", ["distill.sharding=ddp", "distill.num_workers=1"])):
+        runs = root / f"runs-equal-{name}"
+        r = run_train(ray_head, ["--stage", "distill", "--init", str(init),
+                                 *set_args(DATA_FAST + base + TRAIN_FAST + extra + [
+                                     f"data.storage={data}", f"run_dir={runs}", "distill.steps=3",
+                                     "distill.checkpoint_every=3", "distill.sample_every=0"])])
+        assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+        mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
+        client = mlflow.MlflowClient()
+        run = next(x for x in client.search_runs([client.get_experiment_by_name("hiar-train").experiment_id])
+                   if x.data.tags.get("mlflow.runName", "").startswith("distill"))
+        losses = {k: client.get_metric_history(run.info.run_id, k) for k in ("dmd_loss", "fkl_loss", "critic_loss")}
+        assert all(h[-1].step == 3 for h in losses.values())
+        results[name] = ({k: h[-1].value for k, h in losses.items()},
+                         read_full_model(_checkpoints(runs)[-1], "generator"))
+    (loss_f, gen_f), (loss_s, gen_s) = results["fsdp2"], results["single"]
+    print("\nlast-step losses fsdp x2 vs one worker:", {k: (loss_f[k], loss_s[k]) for k in loss_f})
+    for k in loss_f:
+        assert abs(loss_f[k] - loss_s[k]) <= 1e-5 * max(1.0, abs(loss_s[k])), k
+    gap = max((gen_f[k] - gen_s[k]).abs().max().item() for k in gen_s)
+    start = load_bundle(init).transformer.state_dict()
+    moved = max((gen_s[k] - start[k]).abs().max().item() for k in gen_s)
+    print(f"generator: max |fsdp - single| = {gap:.2e}; moved from the init by up to {moved:.2e}")
+    assert gap <= 1e-6 < 10 * 1e-6 <= moved  # the tolerance is far below what training moved
+
+
 def test_a_resume_checkpoint_of_another_shape_or_stage_is_refused_before_training(ray_head, world_dir, tmp_path):
     from hiar.config import load_config
     from hiar.model import CausalWanTransformer3DModel
@@ -202,7 +265,7 @@ def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint_in_the_same_run(ra
     cmd = [sys.executable, str(ROOT / "pipelines" / "train.py"), "--preset", "tiny", "--stage", "distill",
            "--init", str(init), *set_args(DATA_FAST + base + TRAIN_FAST), "--set", f"run_dir={runs}",
            "--set", "distill.steps=8", "--set", "distill.sample_every=0", "--set", f"distill.sharding={sharding}"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ray_head.address}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=job_env(ray_head), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines, pids, killed = [], {}, []
     for line in proc.stdout:
@@ -251,3 +314,17 @@ def test_s3_path_with_no_data_is_a_clear_error(ray_head, world_dir, s3_server):
                              "--set", "data.storage=s3://hiar-train-empty/nothing-here"], env=s3_server.env)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "no ode_pairs dataset" in r.stderr
+
+
+def test_a_users_sqlite_tracking_uri_stays_the_users_for_the_workers(tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI=sqlite:///<their file>: the experiment is created there, and the URI the driver hands
+    the Ray Train workers (tracking_uri after mlflow_experiment) is that same store, not the run dir's default
+    (the workers then could not find the run the driver created)."""
+    import pipelines.common as common
+
+    theirs = f"sqlite:///{tmp_path / 'theirs.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", theirs)
+    monkeypatch.setattr(common, "_DEFAULT_WE_SET", "")
+    common.mlflow_experiment("hiar-train", str(tmp_path / "run"))
+    assert common.tracking_uri(str(tmp_path / "run")) == theirs
+    assert (tmp_path / "theirs.db").exists() and not (tmp_path / "run" / "mlflow.db").exists()
