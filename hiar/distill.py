@@ -176,12 +176,6 @@ def autocast(cfg: HiarConfig, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
 
 
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for e, w in zip(ema.parameters(), model.parameters()):
-            e.lerp_(w, 1.0 - decay)
-
-
 def accumulation_steps(total_batch: int, micro_batch: int, world_size: int) -> int:
     per_step = micro_batch * world_size
     if total_batch % per_step:
@@ -363,7 +357,7 @@ class Distiller:
                 average_gradients(self.generator)  # FSDP reduce-scatters the gradients in backward
             metrics["generator_grad_norm"] = clip_gradients(self.generator, d.grad_clip)
             self.opt_g.step()
-            (sharding.ema_update if self.fsdp else ema_update)(self.ema, self.generator, d.ema_decay)
+            sharding.ema_update(self.ema, self.generator, d.ema_decay)  # local shards, or whole tensors
 
         # Critic: flow matching on the generator's (detached) samples -- the fake score tracks the generator.
         self.opt_c.zero_grad(set_to_none=True)

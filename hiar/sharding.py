@@ -238,6 +238,16 @@ def check_checkpoint_shapes(path, models: dict) -> None:
                          + " -- its model.* settings differ from this config's")
 
 
+def check_checkpoint(path, models: dict, stage: str | None = None) -> dict:
+    """A checkpoint's counters, after checking its stage (when given) and that every parameter of ``models`` is in
+    it with the same shape; reads ``trainer.json`` and ``.metadata`` only (``models`` may live on the meta device)."""
+    counters = read_counters(path)
+    if stage is not None and counters.get("stage") != stage:
+        raise ValueError(f"checkpoint {path} is a {counters.get('stage')!r} checkpoint, not a {stage!r} one")
+    check_checkpoint_shapes(path, models)
+    return counters
+
+
 def load_checkpoint(path, models: dict, optimizers: dict, stage: str | None = None) -> dict:
     """Load a :func:`save_checkpoint` directory into ``models`` and ``optimizers`` (collective), whatever the
     worker count and sharding it was written with; returns its counters. The stage (when given) and the shapes
@@ -245,10 +255,7 @@ def load_checkpoint(path, models: dict, optimizers: dict, stage: str | None = No
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    counters = read_counters(path)
-    if stage is not None and counters.get("stage") != stage:
-        raise ValueError(f"checkpoint {path} is a {counters.get('stage')!r} checkpoint, not a {stage!r} one")
-    check_checkpoint_shapes(path, models)
+    counters = check_checkpoint(path, models, stage)
     state = _checkpoint_state(models, optimizers)
     single = not (dist.is_available() and dist.is_initialized())
     dcp.load(state, checkpoint_id=str(path), no_dist=single)  # in place: each rank reads the pieces it holds
@@ -277,5 +284,6 @@ def read_full_model(path, name: str) -> dict:
 
 __all__ = ["REAL_SCORE_SHARDING", "fsdp_enabled", "device_mesh", "mixed_precision_policy", "shard_model",
            "activation_checkpointing", "is_sharded", "local_param_bytes", "ema_update", "full_state_dict",
-           "unsharded_copy", "save_checkpoint", "load_checkpoint", "read_counters", "check_checkpoint_shapes",
+           "unsharded_copy", "save_checkpoint", "load_checkpoint", "check_checkpoint", "read_counters",
+           "check_checkpoint_shapes",
            "read_full_model", "TRAINER_STATE"]

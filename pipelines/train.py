@@ -341,7 +341,7 @@ def check_resume_checkpoint(cfg, uri: str) -> dict:
 
     from hiar.data import resolve_uri
     from hiar.model import CausalWanTransformer3DModel
-    from hiar.sharding import TRAINER_STATE, check_checkpoint_shapes, read_counters
+    from hiar.sharding import TRAINER_STATE, check_checkpoint
 
     fs, path = resolve_uri(uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -351,13 +351,12 @@ def check_resume_checkpoint(cfg, uri: str) -> dict:
                     (Path(tmp) / name).write_bytes(src.read())
             except (FileNotFoundError, OSError) as err:
                 raise ValueError(f"distill.resume_from {uri!r} is not a training checkpoint (no {name}: {err})") from err
-        counters = read_counters(tmp)
-        if counters.get("stage") != "distill":
-            raise ValueError(f"distill.resume_from {uri!r} is a {counters.get('stage')!r} checkpoint, not a "
-                             "distillation one")
         with torch.device("meta"):
             model = CausalWanTransformer3DModel(**cfg.model.kwargs())
-        check_checkpoint_shapes(tmp, {"generator": model, "critic": model, "ema": model})
+        try:
+            counters = check_checkpoint(tmp, {"generator": model, "critic": model, "ema": model}, stage="distill")
+        except ValueError as err:  # name the setting and the URI, not the temporary copy
+            raise ValueError(f"distill.resume_from {uri!r}: {str(err).replace(f'checkpoint {tmp} ', '')}") from None
     return {"uri": uri, "iteration": counters["iteration"]}
 
 

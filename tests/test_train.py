@@ -242,7 +242,7 @@ def test_a_resume_checkpoint_of_another_shape_or_stage_is_refused_before_trainin
         save_checkpoint(tmp_path / stage, {"generator": other, "critic": other, "ema": other}, {},
                         {"stage": stage, "iteration": 1})
     for stage, message in (("distill", "written for another model: generator.blocks.0.ffn"),
-                           ("ode_init", "is a 'ode_init' checkpoint, not a distillation one")):
+                           ("ode_init", "is a 'ode_init' checkpoint, not a 'distill' one")):
         r = run_train(ray_head, ["--stage", "distill", "--init", str(init), *set_args(DATA_FAST + base + TRAIN_FAST),
                                  "--set", f"distill.resume_from={tmp_path / stage}"])
         assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
