@@ -45,7 +45,7 @@ run: setup ray-up submit
 
 submit:
 	$(BIN)/ray job submit --address $(DASHBOARD) --working-dir . --runtime-env-json '$(RUNTIME_ENV)' \
-		-- python pipelines/full.py --preset $(PRESET) --deploy --run-dir $(RUN_DIR) $(ARGS)
+		-- python -m hiar.pipeline.full --preset $(PRESET) --deploy --run-dir $(RUN_DIR) $(ARGS)
 
 # Start a head on 127.0.0.1 unless a cluster already answers at DASHBOARD_PORT. `--block` under setsid: its PID
 # is the process group `make stop` ends (never `ray stop`, which stops every Ray cluster on the machine). Ready

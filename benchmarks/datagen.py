@@ -1,9 +1,9 @@
 """Data generation: samples/s with 1 and 2 teacher actors (one torch thread each) in one run, their ratio, and
 Parquet bytes per sample against the raw fp16 tensor bytes.
 
-    python benchmarks/datagen.py [--count 24] [--teacher assets/tiny-teacher]
+    python benchmarks/datagen.py [--count 24] [--teacher hiar/assets/tiny-teacher]
 
-Each configuration runs the real job (pipelines/generate.py) on an in-process local Ray cluster into a fresh
+Each configuration runs the real job (hiar/jobs/generate.py) on an in-process local Ray cluster into a fresh
 directory. Sampling uses the preset's teacher settings (48 steps, CFG) unless --steps is given.
 """
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(actors: int, count: int, teacher: str, steps: int | None, out: Path) -> float:
-    cmd = [sys.executable, str(ROOT / "pipelines" / "generate.py"), "--preset", "tiny", "--kind", "ode_pairs",
+    cmd = [sys.executable, "-m", "hiar.jobs.generate", "--preset", "tiny", "--kind", "ode_pairs",
            "--count", str(count), "--output", str(out), "--teacher", teacher, "--actors", str(actors),
            "--set", "data.shard_size=4", "--set", "data.threads_per_actor=1", "--set", "data.cpus_per_actor=0.5",
            "--set", f"run_dir={out.parent / 'run'}"]

@@ -14,10 +14,9 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hiar.config import add_config_args, config_from_args  # noqa: E402
-from hiar.demo import run_orders  # noqa: E402
+from hiar.core.demo import run_orders  # noqa: E402
 
 
 def main() -> None:

@@ -29,7 +29,6 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -49,9 +48,9 @@ def free_port() -> int:
 
 
 def random_tiny_bundle(directory: Path, preset: str) -> Path:
-    from hiar.bundle import save_bundle
-    from hiar.model import CausalWanTransformer3DModel
-    from hiar.pretrain import build_world_components
+    from hiar.io.bundle import save_bundle
+    from hiar.core.model import CausalWanTransformer3DModel
+    from hiar.methods.pretrain import build_world_components
 
     cfg = load_config(preset)
     _, text, codec = build_world_components(cfg)
@@ -65,9 +64,9 @@ def random_tiny_bundle(directory: Path, preset: str) -> Path:
 @torch.no_grad()
 def block_first_stream(bundle, prompt: str, seed: int, num_blocks: int):
     """Self-Forcing's order, one block at a time: yields (block, clean latents, mp4 bytes, model calls so far)."""
-    from hiar.generation import block_shape, student_velocity
-    from hiar.rollout import advance, initial_block_noise
-    from hiar.video import encode_mp4, to_uint8
+    from hiar.core.generation import block_shape, student_velocity
+    from hiar.core.rollout import advance, initial_block_noise
+    from hiar.io.video import encode_mp4, to_uint8
 
     cfg = bundle.config
     r = cfg.rollout
@@ -100,8 +99,8 @@ def run_block_first(bundle, num_blocks: int, seed: int) -> dict:
 
 @torch.no_grad()
 def run_hierarchical(bundle, num_blocks: int, seed: int) -> dict:
-    from hiar.generation import generate_latents
-    from hiar.video import encode_mp4, to_uint8
+    from hiar.core.generation import generate_latents
+    from hiar.io.video import encode_mp4, to_uint8
 
     cfg, k = bundle.config, bundle.config.rollout.frames_per_block
     t0 = time.perf_counter()
@@ -117,7 +116,7 @@ def run_hierarchical(bundle, num_blocks: int, seed: int) -> dict:
 # ---------------------------------------------------------------------- the Serve graph
 def run_serve(url: str, num_blocks: int, seeds: list[int]) -> dict:
     """``len(seeds)`` concurrent streams; wall time until the last ends, mean time to first chunk."""
-    from serving.client import stream_video
+    from hiar.serving.client import stream_video
 
     results, errors = [None] * len(seeds), []
 
@@ -154,8 +153,8 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from hiar.bundle import load_bundle
-    from serving.app import build_app
+    from hiar.io.bundle import load_bundle
+    from hiar.serving.app import build_app
 
     tmp = tempfile.TemporaryDirectory(prefix="hiar-bench-")
     model = args.model or str(random_tiny_bundle(Path(tmp.name) / "student", args.preset))
@@ -172,17 +171,17 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     print(f"deployed in {time.time() - t0:.0f} s", flush=True)
 
-    from pipelines.registry import resolve_bundle
+    from hiar.platform.registry import resolve_bundle
 
     torch.set_num_threads(max(1, cfg.serve.stage_torch_threads))  # the baseline gets what one replica gets
     bundle = load_bundle(resolve_bundle(model))
     S, N, k = bundle.config.schedule.num_steps, args.blocks, bundle.config.rollout.frames_per_block
     # sanity: the incremental baseline is hiar's block-first rollout
-    from hiar.generation import generate_latents
+    from hiar.core.generation import generate_latents
 
     ref = generate_latents(bundle.transformer, bundle.text, bundle.config, [PROMPT], [0], 2, "block_first")
     got = torch.cat([x for _, x, _, _ in block_first_stream(bundle, PROMPT, 0, 2)], dim=2)
-    assert torch.equal(ref, got), "the benchmark's block-first loop differs from hiar.rollout.block_first_rollout"
+    assert torch.equal(ref, got), "the benchmark's block-first loop differs from hiar.core.rollout.block_first_rollout"
 
     for _ in range(2):  # warm-up: lazy imports and first-call costs in every replica and here
         run_serve(url, 2, [0, 1])

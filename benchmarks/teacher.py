@@ -1,6 +1,6 @@
 """Tiny teacher throughput: samples/s at 48 Euler steps with CFG, and training steps/s, in one run.
 
-    python benchmarks/teacher.py [--teacher assets/tiny-teacher] [--batch 8] [--train-steps 10]
+    python benchmarks/teacher.py [--teacher hiar/assets/tiny-teacher] [--batch 8] [--train-steps 10]
 
 Uses the shipped teacher when present (a random one otherwise: the speed is the same). Run on an otherwise idle
 machine; the numbers are per process with all cores' threads.
@@ -15,14 +15,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hiar.config import load_config  # noqa: E402
-from hiar.model import CausalWanTransformer3DModel  # noqa: E402
-from hiar.pretrain import TeacherPretraining, build_world_components, load_teacher  # noqa: E402
-from hiar.rollout import initial_noise  # noqa: E402
-from hiar.teacher import sample_teacher  # noqa: E402
-from hiar.world import heldout_prompts  # noqa: E402
+from hiar.core.model import CausalWanTransformer3DModel  # noqa: E402
+from hiar.methods.pretrain import TeacherPretraining, build_world_components, load_teacher  # noqa: E402
+from hiar.core.rollout import initial_noise  # noqa: E402
+from hiar.core.teacher import sample_teacher  # noqa: E402
+from hiar.tiny.world import heldout_prompts  # noqa: E402
 
 
 def main() -> None:

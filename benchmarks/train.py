@@ -4,7 +4,7 @@
 
 Each mode runs in its own fresh subprocess (so peak RSS is that mode's own), one after the other, on random
 tiny models with the preset's shapes: an iteration = one critic update, a generator update every
-``critic_ratio``-th iteration (hiar.distill.Distiller).  Prints both rows and the ratios in one run, since this
+``critic_ratio``-th iteration (hiar.methods.distill.Distiller).  Prints both rows and the ratios in one run, since this
 machine is shared and noisy.  Peak memory is the process's max RSS (``resource.getrusage``), which on CPU is
 where the tensors live.
 """
@@ -19,17 +19,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run_one(preset: str, overrides: list[str], mode: str, iterations: int, threads: int) -> dict:
     import torch
 
     from hiar.config import load_config
-    from hiar.distill import Distiller
-    from hiar.model import CausalWanTransformer3DModel
-    from hiar.text import TextEncoder
-    from hiar.world import train_prompts, vocabulary
+    from hiar.methods.distill import Distiller
+    from hiar.core.model import CausalWanTransformer3DModel
+    from hiar.io.text import TextEncoder
+    from hiar.tiny.world import train_prompts, vocabulary
 
     torch.set_num_threads(threads)
     cfg = load_config(preset, [*overrides, f"distill.rollout={mode}"])

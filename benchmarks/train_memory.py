@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bytes(tensors) -> int:
-    from hiar.sharding import local_tensor
+    from hiar.methods.sharding import local_tensor
 
     return sum(local_tensor(t).numel() * t.element_size() for t in tensors if t is not None)
 
@@ -51,16 +51,15 @@ def _measure(d) -> dict:
 def _worker(rank: int, world: int, port: int, mode: str, overrides: list[str], out: str) -> None:
     import torch.distributed as dist
 
-    sys.path.insert(0, str(ROOT))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from hiar.config import load_config
-        from hiar.distill import Distiller
-        from hiar.model import CausalWanTransformer3DModel
-        from hiar.text import TextEncoder
-        from hiar.world import train_prompts, vocabulary
+        from hiar.methods.distill import Distiller
+        from hiar.core.model import CausalWanTransformer3DModel
+        from hiar.io.text import TextEncoder
+        from hiar.tiny.world import train_prompts, vocabulary
 
         cfg = load_config("tiny", [*overrides, f"distill.sharding={mode}", f"distill.batch_size={world}",
                                    "distill.micro_batch_size=1", "distill.critic_ratio=2"])

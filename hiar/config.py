@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from hiar.schedule import student_sigmas, teacher_sigmas
+from hiar.core.schedule import student_sigmas, teacher_sigmas
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -49,7 +49,7 @@ class ModelConfig:
 
 @dataclass
 class ScheduleConfig:
-    """The student's few-step grid (see ``hiar.schedule``)."""
+    """The student's few-step grid (see ``hiar.core.schedule``)."""
 
     student_timesteps: list[float] = field(default_factory=lambda: [1000.0, 750.0, 500.0, 250.0])
     shift: float = 5.0
@@ -89,7 +89,7 @@ class VideoConfig:
 @dataclass
 class TeacherConfig:
     path: str = ""  # data teacher and critic init: a Wan2.1 diffusers repository (or its transformer/), or a bundle;
-    # local or s3:// (hiar.bundle.open_model_dir)
+    # local or s3:// (hiar.io.bundle.open_model_dir)
     real_score_path: str = ""  # DMD real score (paper: Wan2.1-T2V-14B), its own model; empty = the teacher itself
     num_steps: int = 48  # Euler steps for ODE pairs (public code: 48)
     shift: float = 8.0
@@ -119,10 +119,10 @@ class DataConfig:
     storage: str = ""  # local directory or s3://bucket/prefix; empty = <run_dir>/data
     dtype: str = "float16"  # stored tensor precision ("float16" | "float32")
     batch_size: int = 4  # samples per teacher call inside a shard
-    # prompt dataset (hiar.prompts): a .txt/.jsonl/.parquet file or a directory/prefix of them, local or s3://;
+    # prompt dataset (hiar.io.prompts): a .txt/.jsonl/.parquet file or a directory/prefix of them, local or s3://;
     # required for every non-tiny preset (tiny without it: the synthetic world's captions)
     prompts: str = ""
-    heldout_prompts: int = 64  # distinct prompts held out for evaluation, never trained on (hiar.prompts rule)
+    heldout_prompts: int = 64  # distinct prompts held out for evaluation, never trained on (hiar.io.prompts rule)
     actors: int = 2  # teacher actors in the Ray Data pool
     cpus_per_actor: float = 0.5  # fractional, so the pool never takes every CPU (DESIGN §8)
     gpus_per_actor: float = 0.0
@@ -155,7 +155,7 @@ class DistillConfig:
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # fractional: a worker that reserves every CPU deadlocks Ray Data (DESIGN §8)
-    # "ddp": every worker holds whole models, gradients all-reduced | "fsdp": FSDP2 (hiar.sharding) shards the
+    # "ddp": every worker holds whole models, gradients all-reduced | "fsdp": FSDP2 (hiar.methods.sharding) shards the
     # generator, critic, EMA and (real_score_sharding) the real score per transformer block over the workers (gloo
     # on CPU, NCCL on GPUs). fsdp with one worker warns and runs unsharded (the same as ddp with one worker).
     sharding: str = "ddp"
@@ -177,13 +177,13 @@ class DistillConfig:
 
 @dataclass
 class WorldConfig:
-    """The tiny preset's synthetic world (``hiar.world``)."""
+    """The tiny preset's synthetic world (``hiar.tiny.world``)."""
 
     frame_size: int = 32
     seed: int = 0
-    start_jitter: int | None = None  # None: shapes start anywhere; k: within k px of the centre (hiar.world)
-    frames_per_latent: int = 1  # video frames packed into one latent frame by the pixel codec (hiar.codec)
-    history_frames: int = 0  # earlier video frames the pixel codec adds to each latent frame (hiar.codec)
+    start_jitter: int | None = None  # None: shapes start anywhere; k: within k px of the centre (hiar.tiny.world)
+    frames_per_latent: int = 1  # video frames packed into one latent frame by the pixel codec (hiar.io.codec)
+    history_frames: int = 0  # earlier video frames the pixel codec adds to each latent frame (hiar.io.codec)
     text_max_length: int = 16
 
 
@@ -199,7 +199,7 @@ class PretrainConfig:
     weight_decay: float = 0.01
     ema_decay: float = 0.995
     caption_dropout: float = 0.1  # empty prompt instead of the caption, so CFG has an unconditional branch
-    sigma_sampling: str = "uniform"  # training noise levels: "uniform" | "logit_normal" (hiar.losses)
+    sigma_sampling: str = "uniform"  # training noise levels: "uniform" | "logit_normal" (hiar.methods.losses)
     sigma_shift: float = 1.0  # eq. 1 shift applied to the sampled times
     grad_clip: float = 1.0
     checkpoint_every: int = 100
@@ -208,13 +208,13 @@ class PretrainConfig:
     num_workers: int = 1
     threads_per_worker: int = 0  # 0 = cores / workers
     # start from another teacher instead of random weights: a teacher bundle directory, or a trainer state file
-    # (state.pt of a pretrain checkpoint); a model with fewer latent channels is widened (hiar.pretrain.widen_channels)
+    # (state.pt of a pretrain checkpoint); a model with fewer latent channels is widened (hiar.methods.pretrain.widen_channels)
     init_from: str = ""
 
 
 @dataclass
 class EvalConfig:
-    """Long-rollout evaluation (``pipelines/evaluate.py``): the paper's drift suite on held-out prompts."""
+    """Long-rollout evaluation (``hiar/jobs/evaluate.py``): the paper's drift suite on held-out prompts."""
 
     num_prompts: int = 8  # evenly spread over the held-out prompts (tiny) or the first N held-out of data.prompts
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -231,10 +231,10 @@ class EvalConfig:
 
 @dataclass
 class RegistryConfig:
-    """MLflow registry and the promotion gate (``pipelines/promote.py``)."""
+    """MLflow registry and the promotion gate (``hiar/jobs/promote.py``)."""
 
     model_name: str = "hiar-student"
-    # the gate's tolerated degradations (hiar.gate), in each metric's units: a check fails when the mean paired
+    # the gate's tolerated degradations (hiar.eval.gate), in each metric's units: a check fails when the mean paired
     # (prompt, seed) difference is worse than this
     max_drift_increase: float = 0.0  # Drift Score
     max_dynamics_drop: float = 0.05  # dynamic degree
@@ -246,7 +246,7 @@ class RegistryConfig:
     # promote only when some gated check improved beyond noise; false: "not worse" suffices (never the default)
     gate_require_improvement: bool = True
     gate_rollout: str = "hierarchical"  # the rollout mode whose evaluation metrics the gate compares
-    # the checks that gate this preset (hiar.gate.GATE_CHECKS: drift, dynamics, quality, alignment, dinov2, lpips,
+    # the checks that gate this preset (hiar.eval.gate.GATE_CHECKS: drift, dynamics, quality, alignment, dinov2, lpips,
     # clip_iqa, musiq); drift and dynamics always; a check whose scorer was skipped (no weights) is reported, not gated
     gate_metrics: list[str] = field(default_factory=lambda: ["drift", "dynamics", "alignment"])
 
@@ -327,7 +327,7 @@ def validate(cfg: HiarConfig) -> None:
     if not 0.0 <= cfg.distill.min_t < cfg.distill.max_t <= 1.0:
         raise ValueError(f"need 0 <= distill.min_t < distill.max_t <= 1, got {cfg.distill.min_t}, {cfg.distill.max_t}")
     choice("data.dtype", cfg.data.dtype, ("float16", "float32"))
-    from hiar.gate import MARGIN_FIELDS, validate_checks, validate_margin_se
+    from hiar.eval.gate import MARGIN_FIELDS, validate_checks, validate_margin_se
 
     try:
         validate_checks(cfg.registry.gate_metrics)

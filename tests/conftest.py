@@ -7,7 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from hiar.model import CausalWanTransformer3DModel
+from hiar.core.model import CausalWanTransformer3DModel
 
 TINY_KW = dict(
     patch_size=(1, 2, 2),

@@ -4,7 +4,7 @@ of thousands of digits, NaN/Infinity literals), odd prompts (unpaired surrogates
 characters, blank, empty, longer than the body limit), random bytes and random content types.
 
 Each example is ``(body bytes, Content-Type header or None for no header)``. Shared by the schema's unit test
-(``tests/test_schema.py``, no Ray) and the HTTP test against the running app (``tests/test_serving.py``).
+(``tests/unit/serving/test_schema.py``, no Ray) and the HTTP test against the running app (``tests/integration/serving/test_serving.py``).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def set_args(overrides) -> list[str]:
 
 
 def sample_table(means: dict, n: int = 4, offsets=None) -> dict:
-    """An evaluation's per-sample table (``hiar.gate.SampleTable``) over ``n`` (prompt, seed) keys whose every
+    """An evaluation's per-sample table (``hiar.eval.gate.SampleTable``) over ``n`` (prompt, seed) keys whose every
     metric is ``means[key]`` plus ``offsets[i]`` (default 0: every sample equal, so a paired difference has no
     spread)."""
     offsets = [0.0] * n if offsets is None else list(offsets)
@@ -62,10 +62,10 @@ def random_bundle(directory: Path, seed: int = 0, card: dict | None = None) -> P
     suites that must not depend on a trained teacher or student."""
     import torch
 
-    from hiar.bundle import save_bundle
+    from hiar.io.bundle import save_bundle
     from hiar.config import load_config
-    from hiar.model import CausalWanTransformer3DModel
-    from hiar.pretrain import build_world_components
+    from hiar.core.model import CausalWanTransformer3DModel
+    from hiar.methods.pretrain import build_world_components
 
     cfg = load_config("tiny")
     _, text, codec = build_world_components(cfg)

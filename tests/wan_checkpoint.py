@@ -9,7 +9,7 @@ saved by ``WanPipeline.save_pretrained`` itself, with tiny random (seeded) weigh
 
 The tokenizer is a SentencePiece-style Unigram over whole words (``"▁red"``), built offline: in transformers 5
 ``T5TokenizerFast`` *is* ``T5Tokenizer``, which always rebuilds a Unigram backend from ``tokenizer.json``, so the
-WordLevel tokenizer of ``hiar.text.build_word_tokenizer`` cannot be loaded under that class name.
+WordLevel tokenizer of ``hiar.io.text.build_word_tokenizer`` cannot be loaded under that class name.
 
 A second checkpoint can share the first one's ``tokenizer/``, ``text_encoder/`` and ``vae/`` byte for byte
 (``share_from``), like the public 14B repository ships the same UMT5 and VAE as the 1.3B.

@@ -1,0 +1,473 @@
+"""CausalWanTransformer3DModel: the Wan2.1 DiT with block-causal attention, per-frame timesteps and a KV cache.
+
+The constructor, parameter names and config are those of diffusers' ``WanTransformer3DModel`` (text-to-video
+variant), so ``from_pretrained`` reads a diffusers Wan2.1 ``transformer/`` directory and ``save_pretrained``
+writes one diffusers loads back. Everything causal is a *forward* argument, not config, for the same reason:
+
+* ``attention_mode="bidirectional"`` (the teacher, the critic, the FKL term) or ``"block_causal"`` (the
+  student), with ``frames_per_block`` latent frames per block (3 in the paper);
+* ``timestep`` of shape ``[B]`` (one level per sample, as diffusers) or ``[B, F]`` (one per latent frame);
+* ``kv_cache`` + ``frame_offset``: the call's frames sit at absolute positions
+  ``[frame_offset, frame_offset + F)``; their K/V are written into the cache (replacing any block already
+  cached there) and every query attends to the cached blocks before it plus the call's own blocks under a
+  block-causal mask. Passing ``[context block n at t_{j+1}, block n+1 at t_j]`` with per-frame timesteps is
+  the paper's *fused* call: one forward writes block n's context and denoises block n+1, and block n's keys
+  never see block n+1.
+
+With ``attention_mode="bidirectional"``, one timestep and no cache, the output equals diffusers' to float32
+round-off (tested). Image-to-video inputs (``image_dim`` / ``added_kv_proj_dim``) are not supported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.modeling_utils import ModelMixin
+
+from hiar.core.kv_cache import KVCache
+
+ATTENTION_MODES = ("bidirectional", "block_causal")
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the activation dtype (as Wan does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Wan's timestep features: [cos, sin] of ``t * 10000^(-i/half)`` (flip_sin_to_cos, no freq shift)."""
+    half = dim // 2
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    angles = t.float()[:, None] * torch.exp(exponent)[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class TimestepMLP(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class TextProjection(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+class ConditionEmbedder(nn.Module):
+    """Timestep -> (temb, 6-way modulation); text -> model width. Names follow diffusers."""
+
+    def __init__(self, dim: int, freq_dim: int, text_dim: int):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.time_embedder = TimestepMLP(freq_dim, dim)
+        self.time_proj = nn.Linear(dim, 6 * dim)
+        self.text_embedder = TextProjection(text_dim, dim)
+
+    def time(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = sinusoidal_embedding(timestep.reshape(-1), self.freq_dim)
+        dtype = self.time_embedder.linear_1.weight.dtype
+        # the time embedder stays fp32 (_keep_in_fp32_modules); its output enters the rest in the model's dtype
+        temb = self.time_embedder(feats.to(dtype)).to(self.time_proj.weight.dtype)
+        return temb, self.time_proj(F.silu(temb))
+
+
+class GELUProjection(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate="tanh")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.net = nn.ModuleList([GELUProjection(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+def rope_tables(
+    head_dim: int, frames: torch.Tensor, height: int, width: int, theta: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wan's 3-axis RoPE (cos, sin) for absolute frame indices ``frames`` and an ``height x width`` grid.
+
+    Computed from positions rather than sliced from a fixed table, so a stream can go past any length.
+    float64 like diffusers, hence bit-identical to its table for the same positions.
+    """
+    h_dim = w_dim = 2 * (head_dim // 6)
+    t_dim = head_dim - h_dim - w_dim
+
+    def axis(dim: int, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        ang = torch.outer(pos.to(torch.float64), inv)
+        return ang.cos().repeat_interleave(2, dim=1).float(), ang.sin().repeat_interleave(2, dim=1).float()
+
+    ct, st = axis(t_dim, frames.cpu())
+    ch, sh = axis(h_dim, torch.arange(height))
+    cw, sw = axis(w_dim, torch.arange(width))
+    nf = frames.numel()
+
+    def grid(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return torch.cat(
+            [
+                a.view(nf, 1, 1, -1).expand(nf, height, width, -1),
+                b.view(1, height, 1, -1).expand(nf, height, width, -1),
+                c.view(1, 1, width, -1).expand(nf, height, width, -1),
+            ],
+            dim=-1,
+        ).reshape(1, 1, nf * height * width, head_dim)
+
+    return grid(ct, ch, cw), grid(st, sh, sw)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of ``x`` ``[B, heads, L, D]``."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * c - x2 * s
+    out[..., 1::2] = x1 * s + x2 * c
+    return out.type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with RMS-normalised q/k across heads (Wan's ``rms_norm_across_heads``)."""
+
+    def __init__(self, dim: int, heads: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.norm_q = nn.RMSNorm(dim, eps=eps, elementwise_affine=True)
+        self.norm_k = nn.RMSNorm(dim, eps=eps, elementwise_affine=True)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, dim] -> [B, heads, L, head_dim]
+        return x.unflatten(2, (self.heads, -1)).transpose(1, 2)
+
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split(self.norm_k(self.to_k(context))), self.split(self.to_v(context))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).flatten(2).type_as(q)
+        return self.to_out[1](self.to_out[0](out))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int, heads: int, cross_attn_norm: bool, eps: float):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.attn1 = Attention(dim, heads, eps)
+        self.attn2 = Attention(dim, heads, eps)
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True) if cross_attn_norm else nn.Identity()
+        self.ffn = FeedForward(dim, ffn_dim)
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        mod: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        self_attention: "SelfAttentionPlan",
+        layer: int,
+    ) -> torch.Tensor:
+        # mod: [B, L, 6, dim] per token (per-frame timesteps expanded) or [B, 1, 6, dim]
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table.unsqueeze(0) + mod.float()).unbind(2)
+
+        h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+        a = self.attn1
+        q = apply_rope(a.split(a.norm_q(a.to_q(h))), *rope)
+        k = apply_rope(a.split(a.norm_k(a.to_k(h))), *rope)
+        v = a.split(a.to_v(h))
+        k, v, mask = self_attention.keys(layer, k, v)
+        x = (x.float() + a.attend(q, k, v, mask) * gate).type_as(x)
+
+        h = self.norm2(x.float()).type_as(x)
+        ck, cv = self_attention.cross_kv(layer, self.attn2, context)
+        x = x + self.attn2.attend(self.attn2.split(self.attn2.norm_q(self.attn2.to_q(h))), ck, cv, None)
+
+        h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
+        return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
+
+
+class SelfAttentionPlan:
+    """Decides, for one forward call, which keys each query sees, and talks to the KV cache.
+
+    Kept out of the blocks so the math above reads like diffusers' and all causal bookkeeping is here.
+    """
+
+    def __init__(
+        self,
+        mode: str,
+        frames_per_block: int | None,
+        tokens_per_frame: int,
+        frame_offset: int,
+        num_frames: int,
+        cache: KVCache | None,
+        device: torch.device,
+    ):
+        self.mode, self.k, self.tpf = mode, frames_per_block, tokens_per_frame
+        self.offset, self.num_frames, self.cache, self.device = frame_offset, num_frames, cache, device
+        self.query_frames = torch.arange(frame_offset, frame_offset + num_frames, device=device).repeat_interleave(
+            tokens_per_frame
+        )
+        self._static_mask = None
+        if mode == "block_causal" and cache is None:
+            self._static_mask = self.mask_for(self.query_frames)
+
+    def mask_for(self, key_frames: torch.Tensor) -> torch.Tensor:
+        qb = (self.query_frames // self.k)[:, None]
+        kb = (key_frames // self.k)[None, :]
+        visible = kb <= qb
+        cache = self.cache
+        if cache is not None and cache.window_frames is not None:
+            q_end = (qb + 1) * self.k
+            in_window = key_frames[None, :] >= q_end - cache.window_frames
+            visible = visible & (in_window | (key_frames[None, :] < cache.sink_frames))
+        return visible
+
+    def keys(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        if self.cache is None:
+            return k, v, self._static_mask
+        ck, cv, key_frames = self.cache.gather(layer, self.offset, self.num_frames, k, v)
+        self.cache.write(layer, self.offset, k, v)
+        return ck, cv, self.mask_for(key_frames)
+
+    def cross_kv(self, layer: int, attn: Attention, context: torch.Tensor):
+        if self.cache is None:
+            return attn.project_kv(context)
+        cached = self.cache.cross_kv(layer)
+        if cached is None or _fresh_cross_kv(self.cache):
+            fresh = attn.project_kv(context)
+            if cached is None:
+                self.cache.set_cross_kv(layer, *fresh)
+            return fresh
+        return cached
+
+
+def _fresh_cross_kv(cache) -> bool:
+    return torch.is_grad_enabled() and cache.detach
+
+
+class CausalWanTransformer3DModel(ModelMixin, ConfigMixin):
+    """Wan2.1 text-to-video DiT; see the module docstring for what is added to diffusers' forward."""
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["TransformerBlock"]
+    _keep_in_fp32_modules = ["time_embedder", "scale_shift_table", "norm1", "norm2", "norm3"]
+    _keys_to_ignore_on_load_unexpected = ["norm_added_q"]
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: tuple[int, ...] = (1, 2, 2),
+        num_attention_heads: int = 40,
+        attention_head_dim: int = 128,
+        in_channels: int = 16,
+        out_channels: int = 16,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        ffn_dim: int = 13824,
+        num_layers: int = 40,
+        cross_attn_norm: bool = True,
+        qk_norm: str | None = "rms_norm_across_heads",
+        eps: float = 1e-6,
+        image_dim: int | None = None,
+        added_kv_proj_dim: int | None = None,
+        rope_max_seq_len: int = 1024,
+        pos_embed_seq_len: int | None = None,
+    ) -> None:
+        super().__init__()
+        if image_dim is not None or added_kv_proj_dim is not None or pos_embed_seq_len is not None:
+            raise ValueError(
+                "CausalWanTransformer3DModel supports the text-to-video Wan2.1 DiT only; this config has "
+                f"image_dim={image_dim}, added_kv_proj_dim={added_kv_proj_dim} (an image-to-video checkpoint)"
+            )
+        if qk_norm != "rms_norm_across_heads":
+            raise ValueError(f"only qk_norm='rms_norm_across_heads' (Wan2.1) is supported, got {qk_norm!r}")
+        dim = num_attention_heads * attention_head_dim
+        out_channels = out_channels or in_channels
+        self.patch_embedding = nn.Conv3d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.condition_embedder = ConditionEmbedder(dim, freq_dim, text_dim)
+        self.blocks = nn.ModuleList(
+            [TransformerBlock(dim, ffn_dim, num_attention_heads, cross_attn_norm, eps) for _ in range(num_layers)]
+        )
+        self.norm_out = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.proj_out = nn.Linear(dim, out_channels * math.prod(patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        self.gradient_checkpointing = False
+
+    # ------------------------------------------------------------------ helpers
+    def new_kv_cache(
+        self, frames_per_block: int, window_frames: int | None = None, sink_frames: int = 0, detach: bool = True
+    ) -> KVCache:
+        return KVCache(len(self.blocks), frames_per_block, window_frames, sink_frames, detach)
+
+    def tokens_per_frame(self, height: int, width: int) -> int:
+        _, ph, pw = self.config.patch_size
+        return (height // ph) * (width // pw)
+
+    def _validate(self, hidden_states, timestep, encoder_hidden_states, attention_mode, frames_per_block, kv_cache):
+        cfg = self.config
+        if hidden_states.ndim != 5:
+            raise ValueError(f"hidden_states must be [B, C, F, H, W], got shape {tuple(hidden_states.shape)}")
+        b, c, f, h, w = hidden_states.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"hidden_states has {c} channels, the model expects in_channels={cfg.in_channels}")
+        pt, ph, pw = cfg.patch_size
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"latent size F={f}, H={h}, W={w} is not divisible by patch_size={tuple(cfg.patch_size)}")
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b:
+            raise ValueError(
+                f"encoder_hidden_states must be [B={b}, tokens, {cfg.text_dim}], got {tuple(encoder_hidden_states.shape)}"
+            )
+        if encoder_hidden_states.shape[-1] != cfg.text_dim:
+            raise ValueError(
+                f"encoder_hidden_states has width {encoder_hidden_states.shape[-1]}, the model expects text_dim={cfg.text_dim}"
+            )
+        if timestep.ndim == 0:
+            raise ValueError("timestep must have shape [B] or [B, F], got a scalar")
+        if timestep.shape[0] != b or timestep.ndim > 2 or (timestep.ndim == 2 and timestep.shape[1] != f):
+            raise ValueError(f"timestep must have shape [B]=[{b}] or [B, F]=[{b}, {f}], got {tuple(timestep.shape)}")
+        if attention_mode not in ATTENTION_MODES:
+            raise ValueError(f"attention_mode must be one of {ATTENTION_MODES}, got {attention_mode!r}")
+        if attention_mode == "block_causal" or kv_cache is not None:
+            if attention_mode != "block_causal":
+                raise ValueError("a kv_cache only makes sense with attention_mode='block_causal'")
+            if pt != 1:
+                raise ValueError("block-causal attention needs a temporal patch size of 1")
+            k = kv_cache.frames_per_block if kv_cache is not None else frames_per_block
+            if k is None:
+                raise ValueError("attention_mode='block_causal' needs frames_per_block (or a kv_cache)")
+            if frames_per_block is not None and kv_cache is not None and frames_per_block != kv_cache.frames_per_block:
+                raise ValueError(
+                    f"frames_per_block={frames_per_block} differs from the cache's {kv_cache.frames_per_block}"
+                )
+            if f % k:
+                raise ValueError(f"num_frames ({f}) must be divisible by frames_per_block ({k})")
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_image: torch.Tensor | None = None,
+        return_dict: bool = True,
+        attention_kwargs: dict[str, Any] | None = None,
+        *,
+        attention_mode: str = "bidirectional",
+        frames_per_block: int | None = None,
+        kv_cache: KVCache | None = None,
+        frame_offset: int = 0,
+    ):
+        if encoder_hidden_states_image is not None:
+            raise ValueError("image conditioning is not supported (text-to-video only)")
+        timestep = torch.as_tensor(timestep, device=hidden_states.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(hidden_states.shape[0])
+        self._validate(hidden_states, timestep, encoder_hidden_states, attention_mode, frames_per_block, kv_cache)
+        b, _, f, h, w = hidden_states.shape
+        pt, ph, pw = self.config.patch_size
+        pf, pph, ppw = f // pt, h // ph, w // pw
+        tpf = pph * ppw
+        if kv_cache is not None:
+            kv_cache.check_call(b, tpf, frame_offset, pf)
+            kv_cache.tokens_per_frame = tpf
+            if kv_cache.bind_context(encoder_hidden_states):
+                pass  # cross K/V get recomputed lazily layer by layer below
+        k = kv_cache.frames_per_block if kv_cache is not None else frames_per_block
+
+        frames = torch.arange(frame_offset, frame_offset + pf)
+        rope = tuple(t.to(hidden_states.device) for t in rope_tables(self.config.attention_head_dim, frames, pph, ppw))
+
+        x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+
+        temb, mod = self.condition_embedder.time(timestep)
+        dim = x.shape[-1]
+        if timestep.ndim == 2:  # per frame -> per token
+            temb = temb.view(b, pf, 1, dim).expand(b, pf, tpf, dim).reshape(b, pf * tpf, dim)
+            mod = mod.view(b, pf, 1, 6, dim).expand(b, pf, tpf, 6, dim).reshape(b, pf * tpf, 6, dim)
+        else:
+            temb = temb.view(b, 1, dim)
+            mod = mod.view(b, 1, 6, dim)
+        temb = temb.type_as(x)
+
+        # With grad on and a detached cache (training), the prompt path is recomputed every call: "no gradient
+        # through the cache" is about temporal context, and the text projections must still learn.
+        need_context = kv_cache is None or kv_cache.cross_kv(0) is None or _fresh_cross_kv(kv_cache)
+        context = self.condition_embedder.text_embedder(encoder_hidden_states) if need_context else None
+
+        plan = SelfAttentionPlan(attention_mode, k, tpf, frame_offset, pf, kv_cache, x.device)
+        for i, block in enumerate(self.blocks):
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, x, context, mod, rope, plan, i)
+            else:
+                x = block(x, context, mod, rope, plan, i)
+
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)
+        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        x = self.proj_out(x)
+        x = x.reshape(b, pf, pph, ppw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        out = x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        if not return_dict:
+            return (out,)
+        return Transformer2DModelOutput(sample=out)
+
+    # ------------------------------------------------------------------ I/O
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a diffusers-format directory. Local paths only: nothing is fetched from a hub."""
+        path = os.fspath(pretrained_model_name_or_path)
+        subfolder = kwargs.get("subfolder")
+        where = os.path.join(path, subfolder) if subfolder else path
+        if not os.path.isdir(where):
+            raise FileNotFoundError(
+                f"no model directory at {where!r}: expected a diffusers-format Wan transformer directory "
+                "(config.json + diffusion_pytorch_model*.safetensors)"
+            )
+        if not os.path.isfile(os.path.join(where, "config.json")):
+            raise FileNotFoundError(f"{where!r} has no config.json: not a diffusers-format model directory")
+        kwargs.setdefault("local_files_only", True)
+        return super().from_pretrained(path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Write a diffusers-format directory that ``diffusers.WanTransformer3DModel`` loads as-is."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        cfg_path = os.path.join(save_directory, "config.json")
+        with open(cfg_path) as fh:
+            cfg = json.load(fh)
+        # Name the diffusers class so WanPipeline / model_index.json tooling recognise the directory.
+        cfg["_class_name"] = "WanTransformer3DModel"
+        with open(cfg_path, "w") as fh:
+            json.dump(cfg, fh, indent=2, sort_keys=True)

@@ -1,0 +1,2 @@
+"""The orchestrator: ``python -m hiar.pipeline.full`` runs the jobs as a table of stages.
+"""

@@ -1,0 +1,372 @@
+"""The per-denoising-step stage deployments and the decoder of the HiAR Serve graph.
+
+A stream is one call through the chain ``Decoder -> StepS -> ... -> Step1``: each deployment's ``__call__``
+is an async generator that calls its upstream with ``.options(stream=True)``, takes the upstream's block
+outputs as they arrive, processes each and yields its own (Ray Serve cannot pass a response generator into
+another deployment -- ray issue 57098 -- so every stage iterates and re-yields). ``Step1`` has no upstream: it
+draws block n's starting noise itself, seeded per (seed, block) exactly like the offline rollout.
+
+Stream affinity: one whole stream is one call on one replica of each stage. The ``StepStage`` (this stream's
+KV cache for this step) is a local of that call, created when the stream starts and dropped when the call
+ends for any reason (finished, failed, cancelled because the client went away), so a stream's cache can never
+be looked up on another replica, however many replicas a stage has. Bit-identity with the offline
+``hierarchical_rollout``: each stage runs ``StepStage(velocity, sigmas, j, [seed], ...)`` with the velocity
+built like ``hiar.core.generation.student_velocity`` and processes blocks 0, 1, 2, ... in order with batch size
+one -- the same calls with the same inputs as Alg. 1's sweep (``hiar.core.rollout``: the pipelined order equals
+it exactly). The fused schedule makes N calls per stage for N blocks (one plain denoise, N - 1 fused
+[context of n-1, block n] calls; the trailing context write of the last block is skipped: nothing reads it).
+
+Compute runs on one executor thread per replica (torch intra-op threads: ``serve.stage_torch_threads``), so
+the replica's event loop keeps receiving upstream blocks, answering health checks and serving other streams
+while a block is being denoised; streams sharing a replica take turns on that thread.
+
+Block payloads between deployments are small contiguous float32 numpy arrays ([1, C, k, H, W]); the prompt
+embeddings travel once per stream as an object-store reference. Every item carries per-stage timing
+(wall-clock start/end of the model call, replica, model calls so far) for the stream records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+import resource
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from ray import serve
+
+from hiar.io.bundle import CONFIG_FILE
+from hiar.config import HiarConfig, ServeConfig
+from hiar.serving.flow import CANCELLED, Producer, StreamClosed, report_taken
+
+log = logging.getLogger("ray.serve")
+
+
+# ---------------------------------------------------------------------- model loading
+def resolve_model_dir(model: dict) -> Path:
+    """The local bundle directory for ``model`` (``{"uri", "pinned", "path"}`` from the app builder).
+
+    The builder's download is used when this node can see it (same machine or shared storage); otherwise this
+    replica downloads the *pinned* version (never re-resolves an alias, so every replica serves one version).
+    """
+    path = Path(model["path"])
+    if (path / "transformer").is_dir():
+        return path
+    from hiar.platform.registry import resolve_bundle  # MLflow, loading only
+
+    return resolve_bundle(model["pinned"])
+
+
+def bundle_config(root: Path, fallback: HiarConfig | None = None) -> HiarConfig:
+    """The bundle's own config, parsed like evaluation parses it (``hiar.io.bundle.bundle_config``)."""
+    from hiar.io.bundle import bundle_config as read_config, open_model_dir
+
+    cfg = read_config(open_model_dir(root, "served model"))
+    if cfg is not None:
+        return cfg
+    if fallback is None:
+        raise FileNotFoundError(f"the model bundle {str(root)!r} has no {CONFIG_FILE}")
+    return fallback
+
+
+def _load(part: str, root: Path, device: str, cfg: HiarConfig | None):
+    """One part of the model directory at ``root`` on ``device`` in its configured dtype (``hiar.io.bundle``)."""
+    from hiar.io import bundle
+
+    md = bundle.open_model_dir(root, "served model")
+    dtypes = bundle.runtime_dtypes(cfg, device)
+    if part == "transformer":
+        return bundle.load_transformer(md, device, dtypes["transformer"]).requires_grad_(False)
+    if part == "text":
+        return bundle.load_text(md, device, dtypes["text_encoder"])
+    return bundle.load_model_codec(md, device, dtypes["vae"])
+
+
+def load_transformer(root: Path, device: str, cfg: HiarConfig | None = None):
+    return _load("transformer", root, device, cfg)
+
+
+def load_codec(root: Path, device: str = "cpu", cfg: HiarConfig | None = None):
+    return _load("codec", root, device, cfg)
+
+
+def load_text(root: Path, device: str = "cpu", cfg: HiarConfig | None = None):
+    return _load("text", root, device, cfg)
+
+
+def replica_setup(serve_cfg: ServeConfig) -> tuple[str, str]:
+    """Torch threads for this replica; returns (deployment name, replica actor name)."""
+    torch.set_num_threads(max(1, int(serve_cfg.stage_torch_threads)))
+    ctx = serve.get_replica_context()
+    return ctx.deployment, ctx.replica_id.to_full_id_str()
+
+
+def rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def as_tensor(a: np.ndarray, device: str = "cpu") -> torch.Tensor:
+    """A tensor from an object-store array (read-only there: copied, so torch never writes into it)."""
+    return torch.from_numpy(np.array(a, dtype=np.float32, copy=True)).to(device)
+
+
+def device_for(num_gpus: float) -> str:
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+class _StreamBook:
+    """Per-replica bookkeeping the tests and ``/v1/stats`` read: active streams and how streams ended."""
+
+    def __init__(self, deployment: str, replica: str):
+        self.deployment, self.replica = deployment, replica
+        self.active: dict[str, float] = {}
+        self.ended = {"completed": 0, "cancelled": 0, "failed": 0, "closed": 0}
+        self.max_lead = 0
+        self.streams = 0
+
+    def begin(self, stream: str) -> None:
+        self.active[stream] = time.time()
+        self.streams += 1
+
+    def end(self, stream: str, err: BaseException | None) -> None:
+        self.active.pop(stream, None)
+        outcome = _outcome(err)
+        self.ended[outcome] += 1
+        if outcome == "failed":
+            log.warning("%s: stream %s failed: %r", self.deployment, stream, err)
+
+    def stats(self) -> dict:
+        return {"deployment": self.deployment, "replica": self.replica, "active": sorted(self.active),
+                **self.ended, "max_lead": self.max_lead, "rss_mb": round(rss_mb(), 1), "streams": self.streams}
+
+
+def _outcome(err: BaseException | None) -> str:
+    if err is None:
+        return "completed"
+    if isinstance(err, CANCELLED):
+        return "cancelled"
+    if isinstance(err, StreamClosed):
+        return "closed"
+    return "failed"
+
+
+async def _cancel(gen) -> None:
+    if gen is None:
+        return
+    cancel = getattr(gen, "cancel", None)
+    if cancel is not None:
+        try:
+            cancel()
+        except Exception:  # noqa: BLE001 - best effort: the upstream may be gone already
+            pass
+
+
+# ---------------------------------------------------------------------- step stages
+@serve.deployment
+class StepDeployment:
+    """One denoising step ``sigmas[step] -> sigmas[step + 1]`` for every stream routed to this replica."""
+
+    def __init__(self, model: dict, step: int, serve_cfg: dict, upstream=None):
+        self.serve_cfg = ServeConfig(**serve_cfg)
+        self.name, self.replica = replica_setup(self.serve_cfg)
+        self.step, self.upstream = int(step), upstream
+        root = resolve_model_dir(model)
+        self.cfg = bundle_config(root)
+        self.device = device_for(self.serve_cfg.stage_num_gpus)
+        self.transformer = load_transformer(root, self.device, self.cfg)
+        self.sigmas = self.cfg.schedule.sigmas().to(self.device)
+        v, r = self.cfg.video, self.cfg.rollout
+        self.block_shape = (v.latent_channels, r.frames_per_block, v.latent_height, v.latent_width)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-compute")
+        self.book = _StreamBook(self.name, self.replica)
+        log.info("%s (%s) ready: step %d on %s", self.name, self.replica, self.step, self.device)
+
+    # -- compute (executor thread)
+    def _make_stage(self, embeds: np.ndarray, negative: np.ndarray | None, guidance: float, seed: int):
+        from hiar.core.generation import student_velocity
+        from hiar.core.rollout import StepStage
+
+        cfg = copy.deepcopy(self.cfg)
+        cfg.rollout.guidance_scale = float(guidance)
+        neg = None if negative is None else as_tensor(negative, self.device)
+        velocity = student_velocity(self.transformer, as_tensor(embeds, self.device), cfg, neg)
+        r = cfg.rollout
+        return StepStage(velocity, self.sigmas, self.step, [seed], step_rule=r.step_rule,
+                         context_noise=r.context_noise, fused=True)
+
+    @staticmethod
+    def _process(stage, block: int, x: np.ndarray, device: str) -> tuple[np.ndarray, float, float]:
+        with torch.no_grad():
+            start = time.time()
+            out = stage.process(block, as_tensor(x, device))
+            out = out.to("cpu").numpy()
+            return out, start, time.time()
+
+    def _noise(self, seed: int, block: int) -> np.ndarray:
+        from hiar.core.rollout import initial_block_noise  # the offline rollout's starting noise, per (seed, block)
+
+        return initial_block_noise([seed], block, self.block_shape).numpy()
+
+    # -- the stream
+    async def __call__(self, req: dict):
+        stream, loop = req["stream_id"], asyncio.get_running_loop()
+        self.book.begin(stream)
+        flow = req["flow"]
+        producer = Producer(flow, stream, self.step, req["window"], self.serve_cfg.stall_timeout_s)
+        upstream_gen = None
+        stage, err = None, None
+        try:
+            embeds = await req["embeds"]
+            negative = await req["negative"] if req["negative"] is not None else None
+            stage = await loop.run_in_executor(self.executor, self._make_stage, embeds, negative,
+                                               req["guidance"], req["seed"])
+            if self.upstream is not None:
+                upstream_gen = self.upstream.options(stream=True).remote(req)
+            source = self._iterate(req, upstream_gen)
+            async for item in source:
+                n = item["block"]
+                if self.upstream is not None:
+                    report_taken(flow, stream, self.step - 1, n + 1)
+                await producer.acquire(n)
+                self.book.max_lead = max(self.book.max_lead, producer.max_lead)
+                x, start, end = await loop.run_in_executor(self.executor, self._process, stage, n, item["x"],
+                                                           self.device)
+                timing = {"stage": self.name, "replica": self.replica, "start": start, "end": end,
+                          "calls": stage.calls}
+                yield {"block": n, "x": x, "timings": item["timings"] + [timing]}
+        except BaseException as e:  # noqa: BLE001 - classified and re-raised
+            err = e
+            raise
+        finally:
+            if err is not None:
+                await _cancel(upstream_gen)
+            self.book.end(stream, err)
+            stage = None  # the stream's KV cache for this step goes with it
+
+    async def _iterate(self, req: dict, upstream_gen):
+        if upstream_gen is None:
+            for n in range(req["num_blocks"]):
+                yield {"block": n, "x": self._noise(req["seed"], n), "timings": []}
+        else:
+            async for item in upstream_gen:
+                yield item
+
+    def stats(self) -> dict:
+        return self.book.stats()
+
+
+# ---------------------------------------------------------------------- decoder
+class StreamingDecoder:
+    """Latent blocks -> their decoded frames, block by block.
+
+    A frame-local codec (the tiny preset's ``PixelCodec``) decodes each block on its own: the same numbers as
+    decoding the whole video at once. Any other codec (Wan's causal 3-D VAE) decodes the growing prefix and
+    keeps the new frames -- exact for a causal decoder, but quadratic in the stream length; a streaming decode
+    with the VAE's causal feature cache is the upgrade (left open).
+    """
+
+    def __init__(self, codec):
+        from hiar.io.codec import PixelCodec
+
+        self.codec, self.local = codec, isinstance(codec, PixelCodec)
+        self.latents: list[torch.Tensor] = []
+        self.frames_done = 0
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        """Decode one block: uint8 frames ``[T_n, H, W, 3]``."""
+        from hiar.io.video import to_uint8
+
+        lat = as_tensor(x)
+        with torch.no_grad():
+            if self.local:
+                frames = self.codec.decode(lat).clamp(0, 1)[0]
+            else:
+                self.latents.append(lat)
+                video = self.codec.decode(torch.cat(self.latents, dim=2)).clamp(0, 1)[0]
+                frames = video[self.frames_done:]
+        self.frames_done += frames.shape[0]
+        return to_uint8(frames.cpu().numpy())
+
+
+@serve.deployment
+class DecoderDeployment:
+    """Codec decode + H.264 encoding of each block as it leaves the last step stage."""
+
+    def __init__(self, model: dict, serve_cfg: dict, upstream):
+        self.serve_cfg = ServeConfig(**serve_cfg)
+        self.name, self.replica = replica_setup(self.serve_cfg)
+        self.upstream = upstream
+        root = resolve_model_dir(model)
+        self.cfg = bundle_config(root)
+        self.device = device_for(self.serve_cfg.decoder_num_gpus)
+        self.codec = load_codec(root, self.device, self.cfg)
+        self.fps = self.cfg.video.fps
+        self.num_steps = self.cfg.schedule.num_steps
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
+        self.book = _StreamBook(self.name, self.replica)
+
+    def _encode_block(self, dec: StreamingDecoder, x: np.ndarray, mode: str):
+        from hiar.io.video import encode_mp4
+
+        start = time.time()
+        frames = dec.push(x)
+        mp4 = encode_mp4(frames, self.fps) if mode == "segments" else None
+        return frames, mp4, start, time.time()
+
+    def _encode_whole(self, frames: list[np.ndarray]) -> bytes:
+        from hiar.io.video import encode_mp4
+
+        return encode_mp4(np.concatenate(frames), self.fps)
+
+    async def __call__(self, req: dict):
+        """Yields per block ``{"block", "mp4", "frames": (start, end), "latents"?, "timings"}``; with
+        ``mode == "whole"`` the per-block items carry no MP4 and a last item ``{"final": True, "mp4"}`` holds
+        the whole video."""
+        stream, loop, flow = req["stream_id"], asyncio.get_running_loop(), req["flow"]
+        self.book.begin(stream)
+        producer = Producer(flow, stream, self.num_steps, req["window"], self.serve_cfg.stall_timeout_s)
+        dec, mode = StreamingDecoder(self.codec), req.get("mode", "segments")
+        upstream_gen, err, kept = None, None, []
+        try:
+            upstream_gen = self.upstream.options(stream=True).remote(req)
+            async for item in upstream_gen:
+                n = item["block"]
+                report_taken(flow, stream, self.num_steps - 1, n + 1)
+                await producer.acquire(n)
+                self.book.max_lead = max(self.book.max_lead, producer.max_lead)
+                first = dec.frames_done
+                frames, mp4, start, end = await loop.run_in_executor(self.executor, self._encode_block, dec,
+                                                                     item["x"], mode)
+                if mode != "segments":
+                    kept.append(frames)
+                timing = {"stage": self.name, "replica": self.replica, "start": start, "end": end, "calls": n + 1}
+                out = {"block": n, "mp4": mp4, "frames": (first, dec.frames_done),
+                       "timings": item["timings"] + [timing]}
+                if req.get("return_latents"):
+                    out["latents"] = item["x"]
+                yield out
+            if mode != "segments":
+                yield {"final": True, "mp4": await loop.run_in_executor(self.executor, self._encode_whole, kept)}
+        except BaseException as e:  # noqa: BLE001
+            err = e
+            raise
+        finally:
+            if err is not None:
+                await _cancel(upstream_gen)
+            self.book.end(stream, err)
+
+    def stats(self) -> dict:
+        return self.book.stats()
+
+
+__all__ = ["StepDeployment", "DecoderDeployment", "StreamingDecoder", "resolve_model_dir", "bundle_config",
+           "load_text", "load_codec", "load_transformer"]

@@ -1,0 +1,2 @@
+"""The tiny world: a synthetic captioned video domain and its analytic oracle.
+"""

@@ -1,0 +1,174 @@
+"""Ray Data generation of teacher data into Parquet shards, on local disk and on a real S3 server (moto)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hiar.config import load_config
+from hiar.io.storage import committed_shards, load_manifest, read_rows
+from hiar.methods.datagen import TeacherSampler, load_teacher_components, merged_grid, prompt_source
+from hiar.core.schedule import teacher_sigmas
+from hiar.core.teacher import sample_teacher
+from tests.services import random_bundle, set_args
+
+ROOT = Path(__file__).resolve().parents[3]
+FAST = ["teacher.num_steps=6", "data.trajectory_steps=7", "data.shard_size=3", "data.batch_size=2",
+        "data.threads_per_actor=1"]
+
+
+@pytest.fixture(scope="module")
+def random_teacher(tmp_path_factory) -> Path:
+    """A randomly initialised tiny teacher in the shipped layout (the data path must not depend on training)."""
+    return random_bundle(tmp_path_factory.mktemp("teacher"))
+
+
+def latent_chw() -> tuple[int, int, int]:
+    """The tiny preset's latent channels, height and width (what a stored latent frame holds)."""
+    v = load_config("tiny").video
+    return v.latent_channels, v.latent_height, v.latent_width
+
+
+def run_generate(args, env=None, **kw):
+    cmd = [sys.executable, "-m", "hiar.jobs.generate", "--preset", "tiny", *set_args(FAST)]
+    return subprocess.run(cmd + args, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+def direct_states(teacher: Path, kind: str, index: int) -> torch.Tensor:
+    cfg = load_config("tiny", FAST)
+    transformer, text = load_teacher_components(cfg, str(teacher))
+    sampler = TeacherSampler(cfg, kind, transformer, text, prompt_source(cfg))
+    return sampler.states([sampler.prompt(index)], [sampler.seed(index)])[0]
+
+
+def check_roundtrip(uri: str, teacher: Path, kind: str, count: int, column: str) -> None:
+    rows = list(read_rows(uri))
+    assert sorted(r["sample_id"] for r in rows) == list(range(count))
+    for r in rows:
+        assert r[column].dtype == torch.float16 and r[column].shape == (5, 12, *latent_chw())
+    for index in (0, count - 1):
+        row = next(r for r in rows if r["sample_id"] == index)
+        expected = direct_states(teacher, kind, index)
+        assert torch.equal(row[column], expected.half()), "stored tensor differs from a direct sampler call"
+    manifest = load_manifest(uri)
+    assert manifest["count"] == count and manifest["kind"] == kind and manifest["schema_version"] == 1
+    assert manifest["teacher_checksum"] and manifest["config_hash"]
+
+
+def test_local_roundtrip_is_bit_identical_to_direct_sampling(ray_head, random_teacher, tmp_path):
+    out = tmp_path / "ode"
+    proc = run_generate(["--kind", "ode_pairs", "--count", "5", "--output", str(out), "--teacher", str(random_teacher),
+                         "--actors", "1"], env={"RAY_ADDRESS": ray_head.address})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "5 samples committed" in proc.stdout
+    check_roundtrip(str(out), random_teacher, "ode_pairs", 5, "latents")
+    # a rerun skips every committed shard
+    again = run_generate(["--kind", "ode_pairs", "--count", "5", "--output", str(out), "--teacher", str(random_teacher)],
+                         env={"RAY_ADDRESS": ray_head.address})
+    assert again.returncode == 0 and "2 already committed, 0 to compute" in again.stdout
+
+
+def test_s3_roundtrip_trajectories(ray_head, s3_server, random_teacher):
+    s3_server.client().create_bucket(Bucket="hiar-data")
+    uri = "s3://hiar-data/runs/trajectories"
+    proc = run_generate(["--kind", "trajectories", "--count", "4", "--output", uri, "--teacher", str(random_teacher),
+                         "--actors", "1"], env={"RAY_ADDRESS": ray_head.address, **s3_server.env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    objects = s3_server.client().list_objects_v2(Bucket="hiar-data")["Contents"]
+    keys = [o["Key"] for o in objects if not o["Key"].endswith("/")]  # pyarrow may add a prefix marker
+    assert sorted(keys) == ["runs/trajectories/manifest.json", "runs/trajectories/shard-00000.parquet",
+                            "runs/trajectories/shard-00001.parquet"]
+    env_backup = dict(os.environ)
+    os.environ.update(s3_server.env)
+    try:
+        check_roundtrip(uri, random_teacher, "trajectories", 4, "states")
+        assert all(r["num_steps"] == 7 for r in read_rows(uri, columns=["num_steps"]))
+    finally:
+        os.environ.clear()
+        os.environ.update(env_backup)
+    for secret in ("testing",):
+        assert f"secret_key={secret}" not in proc.stdout + proc.stderr
+
+
+def test_killed_driver_resumes_without_recomputing(ray_head, random_teacher, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "hiar.jobs.generate", "--preset", "tiny", "--kind", "ode_pairs",
+           "--count", "12", "--output", str(out), "--teacher", str(random_teacher), "--actors", "1", *set_args(FAST)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "RAY_ADDRESS": ray_head.address}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(committed_shards(str(out))) < 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = committed_shards(str(out))
+    assert 1 <= len(first) < 4, f"kill came too late or too early: {first}"
+    assert load_manifest(str(out)) is None  # not finished, so no manifest
+    time.sleep(2)  # let the orphaned actor (if still running) finish its current shard or die with the job
+    first = committed_shards(str(out))
+    mtimes = {s: (out / f"shard-{s:05d}.parquet").stat().st_mtime_ns for s in first}
+    again = run_generate(["--kind", "ode_pairs", "--count", "12", "--output", str(out), "--teacher", str(random_teacher),
+                          "--actors", "1"], env={"RAY_ADDRESS": ray_head.address})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{len(first)} already committed, {4 - len(first)} to compute" in again.stdout
+    rows = list(read_rows(str(out)))
+    ids = [r["sample_id"] for r in rows]
+    assert sorted(ids) == list(range(12)) and len(set(ids)) == 12
+    assert {s: (out / f"shard-{s:05d}.parquet").stat().st_mtime_ns for s in first} == mtimes  # not rewritten
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name]  # no partial files left behind
+
+
+def test_trajectory_states_sit_on_the_student_schedule(random_teacher):
+    cfg = load_config("tiny", FAST)
+    transformer, text = load_teacher_components(cfg, str(random_teacher))
+    sampler = TeacherSampler(cfg, "trajectories", transformer, text, prompt_source(cfg))
+    student = cfg.schedule.sigmas()
+    assert torch.allclose(sampler.grid[sampler.keep], student, atol=1e-12)
+    assert sampler.timesteps == pytest.approx((student * 1000).tolist())
+    # the grid is the teacher's 7-step grid with the student's points inserted
+    grid, _ = merged_grid(teacher_sigmas(7, cfg.teacher.shift), student)
+    assert torch.equal(grid, sampler.grid)
+    # compare against the full trajectory of the sampler
+    states = sampler.states([sampler.prompt(2)], [sampler.seed(2)])[0]
+    from hiar.core.rollout import initial_noise
+
+    c, h, w = latent_chw()
+    noise = initial_noise([sampler.seed(2)], 4, (c, 3, h, w))
+    embeds, null = text.encode([sampler.prompt(2)]), text.null_embedding(1)
+    _, full = sample_teacher(transformer, noise, embeds, sampler.grid, negative_embeds=null,
+                             guidance_scale=cfg.teacher.guidance_scale, keep=range(sampler.grid.numel()))
+    for j, idx in enumerate(sampler.keep):
+        assert torch.equal(states[j], full[idx][0].permute(1, 0, 2, 3))
+    assert torch.equal(states[0], noise[0].permute(1, 0, 2, 3))  # noise first
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--count", "0"], "must be > 0"),
+    (["--output", "/proc/hiar-cannot-write"], "cannot write"),
+    (["--teacher", "/nonexistent/teacher"], "does not exist"),
+])
+def test_bad_input_fails_fast(random_teacher, tmp_path, args, message):
+    base = ["--kind", "ode_pairs", "--count", "3", "--output", str(tmp_path / "x"), "--teacher", str(random_teacher)]
+    t0 = time.monotonic()
+    proc = run_generate(base + args)
+    assert proc.returncode != 0 and message in proc.stderr
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "x" / "shard-00000.parquet").exists()
+
+
+def test_s3_bad_bucket_and_unreachable_endpoint(s3_server, random_teacher):
+    common = ["--kind", "ode_pairs", "--count", "3", "--teacher", str(random_teacher)]
+    proc = run_generate(common + ["--output", "s3://no-such-bucket/x"], env=s3_server.env)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr
+    dead = {**s3_server.env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "HIAR_S3_CONNECT_TIMEOUT": "1",
+            "HIAR_S3_REQUEST_TIMEOUT": "2", "AWS_EC2_METADATA_DISABLED": "true"}
+    proc = run_generate(common + ["--output", "s3://hiar-data/x"], env=dead)
+    assert proc.returncode != 0 and ("cannot reach" in proc.stderr or "cannot write" in proc.stderr)

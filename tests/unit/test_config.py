@@ -1,0 +1,76 @@
+import subprocess
+import sys
+
+import pytest
+
+from hiar.config import HiarConfig, available_presets, load_config
+
+
+def test_presets_load_with_the_papers_numbers():
+    assert {"tiny", "wan2.1-1.3b"} <= set(available_presets())
+    wan = load_config("wan2.1-1.3b")
+    assert wan.rollout.frames_per_block == 3 and wan.schedule.num_steps == 4 and wan.schedule.shift == 5.0
+    assert wan.video.train_latent_frames == 21 and wan.rollout.window_frames == 21
+    d = wan.distill
+    assert (d.fkl_weight, d.fkl_steps, d.critic_ratio) == (0.1, 1, 5)
+    assert (d.lr_generator, d.lr_critic, d.betas, d.batch_size, d.ema_decay) == (2e-6, 3e-7, [0.0, 0.999], 64, 0.99)
+    assert (wan.data.num_ode_pairs, wan.data.num_trajectories) == (16000, 20000)
+    assert wan.model.num_layers == 30 and wan.model.num_attention_heads * wan.model.attention_head_dim == 1536
+    tiny = load_config("tiny")
+    assert tiny.model.in_channels == tiny.video.latent_channels
+
+
+def test_overrides_are_typed_and_change_the_hash():
+    base = load_config("tiny")
+    c = load_config("tiny", ["rollout.window_frames=null", "schedule.student_timesteps=[1000, 500]", "distill.fkl_weight=1"])
+    assert c.rollout.window_frames is None and c.schedule.num_steps == 2 and c.distill.fkl_weight == 1.0
+    assert isinstance(c.distill.fkl_weight, float)
+    assert c.config_hash() != base.config_hash()
+    assert load_config("tiny").config_hash() == base.config_hash()  # deterministic
+    assert c.config_hash("model") == base.config_hash("model")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rollout.step_rule=heun", "step_rule must be one of"),
+        ("rollout.context_noise=half", "context_noise must be one of"),
+        ("rolout.window_frames=3", "unknown field"),
+        ("rollout.frames_per_block=two", "must be int"),
+        ("rollout.window_frames=2", "window_frames"),
+        ("video.train_latent_frames=13", "divisible"),
+        ("distill.fkl_steps=9", "fkl_steps"),
+        ("schedule.student_timesteps=[250, 500]", "decreasing"),
+        ("no_equals_sign", "section.field=value"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_valid_choices(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("tiny", [override])
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"valid presets: \['tiny', 'wan2.1-1.3b'\]"):
+        load_config("wan9")
+
+
+def test_yaml_path_and_defaults(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("rollout:\n  frames_per_block: 2\nvideo:\n  train_latent_frames: 8\n")
+    c = load_config(str(p))
+    assert c.preset == "mine" and c.rollout.frames_per_block == 2
+    assert c.to_dict()["schedule"]["shift"] == HiarConfig().schedule.shift
+
+
+def test_demo_cli_runs_and_reports_bit_identical_orders():
+    out = subprocess.run(
+        [sys.executable, "-m", "hiar.core.demo", "--preset", "tiny", "--blocks", "3"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout
+    assert "pipelined calls per stage: [4, 4, 4, 4]" in out
+    assert "bit-identical: True" in out
+
+
+def test_demo_cli_rejects_unknown_preset():
+    proc = subprocess.run([sys.executable, "-m", "hiar.core.demo", "--preset", "nope"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "valid presets" in proc.stderr
