@@ -22,7 +22,7 @@ RUN_DIR ?= $(CURDIR)/runs/tiny
 PRESET ?= tiny
 ARGS ?=
 # The working_dir upload leaves out what the cluster does not need (runs, the venv, git objects).
-RUNTIME_ENV := {"excludes": [".venv", ".git", "runs", "mlruns", ".pytest_cache", "**/__pycache__", "*.egg-info"]}
+RUNTIME_ENV := {"excludes": [".venv", ".git", "runs", "mlruns", ".pytest_cache", "**/__pycache__", "*.egg-info"], "env_vars": {"HIAR_PROGRESS": "live"}}
 
 .PHONY: setup run ray-up stop submit test test-slow bench clean
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from pathlib import Path
 
 
 from hiar.config import add_config_args, config_from_args  # noqa: E402

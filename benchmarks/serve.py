@@ -23,7 +23,6 @@ is: pipelining pays off when every stage has a core (or GPU) of its own; the rep
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time

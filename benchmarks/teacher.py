@@ -9,7 +9,6 @@ machine; the numbers are per process with all cores' threads.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from hiar.core.model import CausalWanTransformer3DModel  # noqa: E402
 from hiar.methods.pretrain import TeacherPretraining, build_world_components, load_teacher  # noqa: E402
 from hiar.core.rollout import initial_noise  # noqa: E402
 from hiar.core.teacher import sample_teacher  # noqa: E402
-from hiar.tiny.world import heldout_prompts  # noqa: E402
+from hiar.tiny.captions import heldout_prompts  # noqa: E402
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 
 
@@ -28,7 +27,7 @@ def run_one(preset: str, overrides: list[str], mode: str, iterations: int, threa
     from hiar.methods.distill import Distiller
     from hiar.core.model import CausalWanTransformer3DModel
     from hiar.io.text import TextEncoder
-    from hiar.tiny.world import train_prompts, vocabulary
+    from hiar.tiny.captions import train_prompts, vocabulary
 
     torch.set_num_threads(threads)
     cfg = load_config(preset, [*overrides, f"distill.rollout={mode}"])
@@ -68,7 +67,9 @@ def main() -> int:
         print(json.dumps(run_one(args.preset, args.overrides, args.worker, args.iterations, args.threads)))
         return 0
     rows = []
-    for mode in ("hierarchical", "block_first"):
+    from hiar.core.rollout import ROLLOUT_MODES
+
+    for mode in ROLLOUT_MODES:
         cmd = [sys.executable, __file__, "--preset", args.preset, "--iterations", str(args.iterations),
                "--threads", str(args.threads), "--worker", mode]
         for o in args.overrides:

@@ -59,7 +59,7 @@ def _worker(rank: int, world: int, port: int, mode: str, overrides: list[str], o
         from hiar.methods.distill import Distiller
         from hiar.core.model import CausalWanTransformer3DModel
         from hiar.io.text import TextEncoder
-        from hiar.tiny.world import train_prompts, vocabulary
+        from hiar.tiny.captions import train_prompts, vocabulary
 
         cfg = load_config("tiny", [*overrides, f"distill.sharding={mode}", f"distill.batch_size={world}",
                                    "distill.micro_batch_size=1", "distill.critic_ratio=2"])

@@ -1,5 +1,8 @@
 """One typed config for the whole platform: dataclasses, YAML presets, command-line overrides.
 
+Over 400 lines because it is the one typed config: every section's dataclass, its validation and its parsing
+from YAML and overrides belong together, so a field is declared, checked and documented in one place.
+
 A preset is a YAML file in ``hiar/presets/`` (or any path) that sets some fields; everything else keeps the
 defaults below. Overrides are ``section.field=value`` strings whose values are parsed as YAML
 (``rollout.window_frames=null``, ``schedule.student_timesteps=[1000,500]``). Unknown sections or fields and
@@ -10,8 +13,6 @@ values of the wrong type are errors that list the valid choices, so a typo never
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from hiar.core.rollout import CONTEXT_NOISE, ROLLOUT_MODES, STEP_RULES
 from hiar.core.schedule import student_sigmas, teacher_sigmas
+from hiar.identity import identity
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -218,7 +221,7 @@ class EvalConfig:
 
     num_prompts: int = 8  # evenly spread over the held-out prompts (tiny) or the first N held-out of data.prompts
     seeds: list[int] = field(default_factory=lambda: [0])
-    rollouts: list[str] = field(default_factory=lambda: ["hierarchical", "block_first"])
+    rollouts: list[str] = field(default_factory=lambda: list(ROLLOUT_MODES))
     segments: int = 5  # drift suite: equal temporal segments (paper: 5)
     actors: int = 1
     cpus_per_actor: float = 0.5  # fractional: an actor taking a whole CPU starves Ray Data on a small box (DESIGN §8)
@@ -300,11 +303,9 @@ class HiarConfig:
         return dataclasses.asdict(self)
 
     def config_hash(self, *sections: str) -> str:
-        """sha256 (16 hex) of the whole config, or of the named sections only."""
+        """The identity (``hiar.identity.identity``) of the whole config, or of the named sections only."""
         d = self.to_dict()
-        if sections:
-            d = {s: d[s] for s in sections}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return identity({s: d[s] for s in sections} if sections else d)
 
 
 def validate(cfg: HiarConfig) -> None:
@@ -313,9 +314,9 @@ def validate(cfg: HiarConfig) -> None:
             raise ValueError(f"{name} must be one of {list(options)}, got {value!r}")
 
     r = cfg.rollout
-    choice("rollout.step_rule", r.step_rule, ("euler", "x0_renoise"))
-    choice("rollout.context_noise", r.context_noise, ("next", "current", "clean"))
-    choice("distill.rollout", cfg.distill.rollout, ("hierarchical", "block_first"))
+    choice("rollout.step_rule", r.step_rule, STEP_RULES)
+    choice("rollout.context_noise", r.context_noise, CONTEXT_NOISE)
+    choice("distill.rollout", cfg.distill.rollout, ROLLOUT_MODES)
     choice("distill.fkl_attention", cfg.distill.fkl_attention, ("bidirectional", "block_causal"))
     choice("distill.mixed_precision", cfg.distill.mixed_precision, ("auto", "bf16", "no"))
     choice("distill.sharding", cfg.distill.sharding, ("ddp", "fsdp"))
@@ -344,7 +345,7 @@ def validate(cfg: HiarConfig) -> None:
     if cfg.data.heldout_prompts < 1:
         raise ValueError(f"data.heldout_prompts must be >= 1, got {cfg.data.heldout_prompts}")
     for mode in cfg.eval.rollouts:
-        choice("eval.rollouts[]", mode, ("hierarchical", "block_first"))
+        choice("eval.rollouts[]", mode, ROLLOUT_MODES)
     if r.frames_per_block < 1:
         raise ValueError(f"rollout.frames_per_block must be >= 1, got {r.frames_per_block}")
     if r.window_frames is not None and r.window_frames < r.frames_per_block:

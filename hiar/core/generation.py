@@ -13,11 +13,8 @@ from typing import Sequence
 import torch
 
 from hiar.config import HiarConfig
-from hiar.core.rollout import block_first_rollout, hierarchical_rollout, initial_noise
+from hiar.core.rollout import ROLLOUT_MODES, block_first_rollout, hierarchical_rollout, initial_noise
 from hiar.core.velocity import GuidedVelocity
-
-MODES = ("hierarchical", "block_first")
-
 
 def student_velocity(transformer, prompt_embeds: torch.Tensor, cfg: HiarConfig,
                      negative_embeds: torch.Tensor | None = None) -> GuidedVelocity:
@@ -37,8 +34,8 @@ def block_shape(cfg: HiarConfig) -> tuple[int, int, int, int]:
 def generate_latents(transformer, text, cfg: HiarConfig, prompts: Sequence[str], seeds: Sequence[int],
                      num_blocks: int, mode: str = "hierarchical") -> torch.Tensor:
     """Clean latents ``[B, C, num_blocks * k, H, W]`` for one prompt and seed per sample."""
-    if mode not in MODES:
-        raise ValueError(f"unknown rollout mode {mode!r}; valid: {list(MODES)}")
+    if mode not in ROLLOUT_MODES:
+        raise ValueError(f"unknown rollout mode {mode!r}; valid: {list(ROLLOUT_MODES)}")
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     if num_blocks < 1:
@@ -66,4 +63,4 @@ def generate_frames(bundle, prompts: Sequence[str], seeds: Sequence[int], num_bl
     return bundle.codec.decode(latents).clamp(0, 1).cpu().numpy()
 
 
-__all__ = ["MODES", "student_velocity", "block_shape", "generate_latents", "generate_frames"]
+__all__ = ["student_velocity", "block_shape", "generate_latents", "generate_frames"]

@@ -1,5 +1,8 @@
 """CausalWanTransformer3DModel: the Wan2.1 DiT with block-causal attention, per-frame timesteps and a KV cache.
 
+Over 400 lines because it is one model in diffusers' one-file-per-model style: the transformer and the blocks,
+attention, embeddings and RoPE that only it uses, whose parameter names must match diffusers' checkpoints.
+
 The constructor, parameter names and config are those of diffusers' ``WanTransformer3DModel`` (text-to-video
 variant), so ``from_pretrained`` reads a diffusers Wan2.1 ``transformer/`` directory and ``save_pretrained``
 writes one diffusers loads back. Everything causal is a *forward* argument, not config, for the same reason:
@@ -54,24 +57,24 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-class TimestepMLP(nn.Module):
-    def __init__(self, in_dim: int, dim: int):
+#: The activations between the two linears of a :class:`TwoLayerMLP`.
+MLP_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class TwoLayerMLP(nn.Module):
+    """``linear_2(activation(linear_1(x)))``: diffusers' ``TimestepEmbedding`` (``"silu"``) and
+    ``PixArtAlphaTextProjection`` (``"gelu_tanh"``), with their parameter names."""
+
+    def __init__(self, in_dim: int, dim: int, activation: str):
         super().__init__()
+        if activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(MLP_ACTIVATIONS)}, got {activation!r}")
+        self.activation = activation
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
-
-
-class TextProjection(nn.Module):
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+        return self.linear_2(MLP_ACTIVATIONS[self.activation](self.linear_1(x)))
 
 
 class ConditionEmbedder(nn.Module):
@@ -80,9 +83,9 @@ class ConditionEmbedder(nn.Module):
     def __init__(self, dim: int, freq_dim: int, text_dim: int):
         super().__init__()
         self.freq_dim = freq_dim
-        self.time_embedder = TimestepMLP(freq_dim, dim)
+        self.time_embedder = TwoLayerMLP(freq_dim, dim, "silu")
         self.time_proj = nn.Linear(dim, 6 * dim)
-        self.text_embedder = TextProjection(text_dim, dim)
+        self.text_embedder = TwoLayerMLP(text_dim, dim, "gelu_tanh")
 
     def time(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = sinusoidal_embedding(timestep.reshape(-1), self.freq_dim)

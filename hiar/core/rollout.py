@@ -39,6 +39,8 @@ import torch
 from hiar.core.schedule import x0_from_velocity
 from hiar.seeding import seeded_generator
 
+#: The rollout modes: HiAR's hierarchical sweep (Alg. 1) and Self-Forcing's block-first order (the baseline).
+ROLLOUT_MODES = ("hierarchical", "block_first")
 STEP_RULES = ("euler", "x0_renoise")
 CONTEXT_NOISE = ("next", "current", "clean")
 

@@ -1,5 +1,8 @@
 """What a model directory is: the one module that decides, checks and loads both layouts the platform reads.
 
+Over 400 lines because it is the one bundle module: opening, the components a bundle references, saving, the
+bundle config's one parser and loading all decide together what a model directory is, and nothing else may.
+
 **The public Wan2.1 layout** (a diffusers repository exactly as published, e.g. ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``)::
 
     model_index.json  transformer/  vae/  text_encoder/  tokenizer/  scheduler/
@@ -42,10 +45,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from hiar.io.codec import CODEC_FILE, load_codec
 from hiar.config import HiarConfig, _build
-from hiar.io.storage import LOCATIONS, cache_root, local_dir, tree_sha256
 from hiar.core.model import CausalWanTransformer3DModel
+from hiar.identity import identity
+from hiar.io.codec import CODEC_FILE, load_codec
+from hiar.io.storage import LOCATIONS, cache_root, local_dir, tree_sha256
 from hiar.io.text import TextEncoder
 
 CARD_FILE = "card.json"
@@ -145,11 +149,9 @@ def open_model_dir(uri: str | Path, what: str = "model directory") -> ModelDir:
                 f"model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/)")
         comps = {name: (root, parts, "") for name, parts in WAN_COMPONENT_PARTS.items()}
         return ModelDir(source, root, "wan", comps)
-    if not (root / "transformer").is_dir():
+    if not holds_model(root):
         raise FileNotFoundError(f"{what} {source!r} holds no model: missing ['transformer/'] ({EXPECTED})")
-    refs = json.loads((root / COMPONENTS_FILE).read_text()).get("components", {}) \
-        if (root / COMPONENTS_FILE).is_file() else {}
-    locations = json.loads((root / LOCATIONS_FILE).read_text()) if (root / LOCATIONS_FILE).is_file() else {}
+    refs, locations = component_refs(root)
     comps = {}
     for name in COMPONENTS:
         if name in refs:
@@ -168,11 +170,25 @@ def open_model_dir(uri: str | Path, what: str = "model directory") -> ModelDir:
     return ModelDir(source, root, "bundle", comps)
 
 
+def component_refs(root: str | Path) -> tuple[dict, dict]:
+    """``(references, locations)`` of a bundle directory: ``components.json``'s ``{name: {sha256, parts}}`` and
+    ``locations.json``'s ``{name: [where to fetch it]}``; empty for a bundle that embeds its components."""
+    root = Path(root)
+    refs = json.loads((root / COMPONENTS_FILE).read_text()).get("components", {}) \
+        if (root / COMPONENTS_FILE).is_file() else {}
+    locations = json.loads((root / LOCATIONS_FILE).read_text()) if (root / LOCATIONS_FILE).is_file() else {}
+    return refs, locations
+
+
+def holds_model(path: str | Path) -> bool:
+    """Whether the local directory ``path`` holds a model (its ``transformer/``): the cheap test of "is this already a
+    model directory here" before resolving or downloading one; :func:`open_model_dir` is the full check."""
+    return (Path(path) / "transformer").is_dir()
+
+
 # ---------------------------------------------------------------------------------------------- components
 def _verified_marker(where: Path, parts) -> Path:
-    import hashlib
-
-    key = hashlib.sha256(json.dumps([str(where.resolve()), list(parts)]).encode()).hexdigest()[:24]
+    key = identity([str(where.resolve()), list(parts)])
     return cache_root() / "verified" / f"{key}.json"
 
 
@@ -331,8 +347,10 @@ def config_from_dict(data: dict) -> HiarConfig:
     return _build(HiarConfig, _known_fields(HiarConfig, data), "")
 
 
-def bundle_config(md: ModelDir) -> HiarConfig | None:
-    path = md.root / CONFIG_FILE
+def bundle_config(md: ModelDir | str | Path) -> HiarConfig | None:
+    """The config a bundle was trained with (``hiar_config.yaml``, parsed by :func:`config_from_dict`), or None for a
+    directory without one (a Wan2.1 repository)."""
+    path = (md.root if isinstance(md, ModelDir) else Path(md)) / CONFIG_FILE
     return config_from_dict(yaml.safe_load(path.read_text())) if path.is_file() else None
 
 
@@ -417,7 +435,7 @@ def load_bundle(directory: str | Path | ModelDir, device: str = "cpu",
     return ModelBundle(transformer, text, codec, card, bundle_config(md), md.root, md)
 
 
-__all__ = ["ModelDir", "ModelBundle", "open_model_dir", "save_bundle", "load_bundle", "load_transformer", "load_text",
-           "load_model_codec", "render_card", "check_model_config", "check_real_score", "runtime_dtypes",
+__all__ = ["ModelDir", "ModelBundle", "open_model_dir", "holds_model", "save_bundle", "load_bundle", "load_transformer",
+           "load_text", "load_model_codec", "render_card", "check_model_config", "check_real_score", "runtime_dtypes",
            "resolve_component", "component_cache", "component_sha256", "config_from_dict", "bundle_config",
-           "CARD_FILE", "CONFIG_FILE", "COMPONENTS_FILE", "LOCATIONS_FILE"]
+           "CARD_FILE", "CONFIG_FILE", "COMPONENTS_FILE", "LOCATIONS_FILE", "component_refs", "holds_model"]

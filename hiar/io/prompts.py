@@ -200,9 +200,9 @@ def load_prompts(uri: str, heldout: int) -> PromptSet:
 
 # ---------------------------------------------------------------------------------------------------- from a config
 def tiny_prompt_set(cfg=None) -> PromptSet:
-    """The tiny world's captions: train = ``hiar.tiny.world.train_prompts()``, held-out = every held-out caption in the
+    """The tiny world's captions: train = ``hiar.tiny.captions.train_prompts()``, held-out = every held-out caption in the
     order ``hiar.methods.pretrain.eval_prompts`` spreads over (so ``heldout[0]`` is ``eval_prompts(1)[0]``)."""
-    from hiar.tiny.world import heldout_prompts, train_prompts
+    from hiar.tiny.captions import heldout_prompts, train_prompts
 
     train, held = tuple(train_prompts()), tuple(heldout_prompts())
     return PromptSet(source="world:tiny", train=train, heldout=held, sha256=_list_sha256(train + held),

@@ -39,6 +39,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from hiar.identity import identity
 from hiar.seeding import derive_seed
 
 SCHEMA_VERSION = 1
@@ -198,9 +199,8 @@ def write_shard(uri: str, shard: int, table: pa.Table) -> int:
 
 # ---------------------------------------------------------------------------------------------------- manifest
 def dataset_identity(kind: str, settings: dict, teacher_checksum: str) -> str:
-    blob = json.dumps({"kind": kind, "settings": settings, "teacher": teacher_checksum, "schema": SCHEMA_VERSION},
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """What a dataset is (``hiar.identity.identity`` of its kind, settings, teacher and schema version)."""
+    return identity({"kind": kind, "settings": settings, "teacher": teacher_checksum, "schema": SCHEMA_VERSION})
 
 
 def load_manifest(uri: str) -> dict | None:
@@ -289,7 +289,7 @@ def cache_root() -> Path:
 
 def local_dir(uri: str, what: str = "directory") -> Path:
     """A local directory holding the files under ``uri``: a local path as it is; an ``s3://bucket/prefix`` fetched
-    once per node into the cache (``cache_root()/s3/<sha256 of the URI>``).
+    once per node into the cache (``cache_root()/s3/<identity of the URI>``).
 
     A fetch lists every object under the prefix first (an empty prefix is an error naming ``what`` and the URI),
     downloads into a temporary directory, writes ``.hiar-fetch.json`` (the URI, each object's size and the sha256
@@ -310,7 +310,7 @@ def local_dir(uri: str, what: str = "directory") -> Path:
     objects = sorted((i.path[len(prefix):].lstrip("/"), i.size) for i in infos if i.type == pafs.FileType.File)
     if not objects:
         raise FileNotFoundError(f"{what} {uri!r}: no objects under this S3 prefix")
-    key = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+    key = identity(uri.rstrip("/"))
     final = cache_root() / "s3" / key
     record_name = ".hiar-fetch.json"
     listing = [[name, size] for name, size in objects]

@@ -21,9 +21,11 @@ import time
 from pathlib import Path
 
 
+from hiar.io.storage import resolve_path
+from hiar.jobs.results import DatasetResult, write_result
+from hiar.platform.progress import report
 from hiar.platform.ray_cluster import init_ray
 from hiar.platform.tracking import mlflow_experiment
-from hiar.io.storage import resolve_path
 
 EXPERIMENT = "hiar-data"
 
@@ -70,6 +72,8 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=None, help="local dir or s3://bucket/prefix (default: <storage>/<kind>)")
     parser.add_argument("--teacher", default=None, help="teacher directory (default: teacher.path)")
     parser.add_argument("--actors", type=int, default=None, help="teacher actors (default: data.actors)")
+    parser.add_argument("--output-json", default=None,
+                        help="write the DatasetResult (hiar.jobs.results) here when every shard is committed")
     args = parser.parse_args(argv)
     cfg = config_from_args(args, parser)
 
@@ -113,6 +117,9 @@ def main(argv=None) -> int:
           flush=True)
     t0 = time.monotonic()
     results = {"shard": [], "rows": [], "bytes": [], "seconds": []}
+    task = f"generate {args.kind}"
+    committed_before = count - sum(len(plan.samples(s)) for s in pending)
+    report(task, committed_before, count, "samples")
     if pending:
         import ray
 
@@ -133,6 +140,7 @@ def main(argv=None) -> int:
         for row in ds.iter_rows():
             for key in results:
                 results[key].append(row[key])
+            report(task, committed_before + sum(results["rows"]), count, "samples")
     seconds = time.monotonic() - t0
 
     committed = committed_shards(output)
@@ -156,13 +164,16 @@ def main(argv=None) -> int:
     import mlflow
 
     experiment_id = mlflow_experiment(EXPERIMENT, resolve_path(cfg.run_dir))
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"generate-{args.kind}"):
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"generate-{args.kind}") as run:
         mlflow.log_params({"kind": args.kind, "count": count, "output": output, "identity": identity,
                            "actors": actors, "shard_size": cfg.data.shard_size, "prompts": prompts.source,
                            "prompts_sha256": prompts.sha256, "heldout_sha256": prompts.heldout_sha256,
                            "train_prompts": len(prompts.train), "heldout_prompts": len(prompts.heldout)})
         mlflow.log_metrics({"samples_generated": made, "bytes_written": size, "samples_per_s": rate,
                             "shards_generated": len(results["shard"]), "shards_skipped": plan.num_shards - len(pending)})
+    write_result(args.output_json, DatasetResult(kind=args.kind, uri=output, identity=identity, count=count,
+                                                 shards_written=len(results["shard"]),
+                                                 samples_per_s=rate if made else None, run_id=run.info.run_id))
     return 0
 
 

@@ -16,16 +16,18 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-
-from hiar.platform.tracking import flatten, mlflow_experiment, tracking_uri
-from hiar.platform.ray_cluster import init_ray, train_worker_env
+from hiar.identity import identity
 from hiar.io.storage import resolve_path
+from hiar.jobs.results import TeacherResult, write_result
+from hiar.platform.ray_cluster import init_ray
+from hiar.platform.tracking import flatten, mlflow_experiment, tracking_uri
+from hiar.platform.training import WorkerSession, fit
 
 EXPERIMENT = "hiar-teacher"
+PROGRESS_TASK = "pretrain_teacher"
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -36,37 +38,33 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from hiar.config import load_config
     from hiar.methods.pretrain import TeacherPretraining, build_world_components, count_params, time_budget_left
-    from hiar.io.video import tile, write_mp4
 
     cfg = load_config(loop_config["preset"], loop_config["overrides"])
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    session = WorkerSession(PROGRESS_TASK)
+    rank, world_size = session.rank, session.world_size
     torch.set_num_threads(cfg.pretrain.threads_per_worker or max(1, (os.cpu_count() or 2) // world_size))
 
     world, text, codec = build_world_components(cfg)
     wrap = ray.train.torch.prepare_model if world_size > 1 else (lambda m: m)
     trainer = TeacherPretraining(cfg, world, text, codec, rank=rank, world_size=world_size, wrap_model=wrap)
 
+    # the MLflow run id travels in the checkpoint, so a resumed job keeps writing to the same run
     meta = {"run_id": None, "curve": [], "next_eval": cfg.pretrain.eval_every_minutes}
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            trainer.load_state_dict(torch.load(Path(d) / "state.pt", weights_only=False))
-            meta = json.loads((Path(d) / "meta.json").read_text())
+
+    def load(directory: Path) -> None:
+        trainer.load_state_dict(torch.load(directory / "state.pt", weights_only=False))
+        meta.update(json.loads((directory / "meta.json").read_text()))
+
+    if session.resume(load):
         print(f"[pretrain] rank {rank}: resumed at step {trainer.step} ({trainer.elapsed / 60:.1f} min trained)")
     elif loop_config["init_from"]:
         trainer.init_from(loop_config["init_from"])
         print(f"[pretrain] rank {rank}: initialised from {loop_config['init_from']}")
 
-    if rank == 0:
-        mlflow.set_tracking_uri(loop_config["tracking_uri"])
-        if meta["run_id"]:
-            mlflow.start_run(run_id=meta["run_id"])
-        else:
-            mlflow.start_run(experiment_id=loop_config["experiment_id"], run_name=loop_config["run_name"])
-            mlflow.log_params(flatten(cfg.to_dict()))
-            mlflow.log_param("teacher.params", count_params(trainer.raw))
-            meta["run_id"] = mlflow.active_run().info.run_id
+    meta["run_id"] = session.start_tracking(
+        loop_config["tracking_uri"], run_id=meta["run_id"], experiment_id=loop_config["experiment_id"],
+        run_name=loop_config["run_name"],
+        params={**flatten(cfg.to_dict()), "teacher.params": count_params(trainer.raw)}) or meta["run_id"]
 
     def evaluate_and_log() -> dict:
         scores, frames, prompts = trainer.evaluate()
@@ -74,10 +72,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         point = {"minutes": round(minutes, 2), "step": trainer.step, **{k: float(v) for k, v in scores.items()}}
         meta["curve"].append(point)
         mlflow.log_metrics({f"eval/{k}": float(v) for k, v in scores.items()}, step=trainer.step)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = write_mp4(tile(frames, columns=4, upscale=4), Path(tmp) / f"samples_step{trainer.step:06d}.mp4",
-                             fps=cfg.video.fps)
-            mlflow.log_artifact(str(path), "samples")
+        session.log_video(frames, f"samples_step{trainer.step:06d}.mp4", "samples", cfg.video.fps, columns=4,
+                          upscale=4)
         print(f"[pretrain] eval at {minutes:.1f} min, step {trainer.step}: caption_consistency="
               f"{scores['caption_consistency']:.3f} background_ok={scores['background_ok']:.3f} "
               f"color_ok={scores['color_ok']:.3f} direction_ok={scores['direction_ok']:.3f} "
@@ -90,25 +86,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank stops at the same step
         return bool(flag.item())
 
+    def save(directory: Path) -> None:
+        torch.save(trainer.state_dict(), directory / "state.pt")
+        (directory / "meta.json").write_text(json.dumps(meta))
+
     def save_checkpoint(loss: float) -> None:
-        # every rank reports (Ray Train needs the same number of reports per worker); rank 0 holds the state
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                torch.save(trainer.state_dict(), Path(tmp) / "state.pt")
-                (Path(tmp) / "meta.json").write_text(json.dumps(meta))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({"step": trainer.step, "loss": loss}, checkpoint=checkpoint)
+        # the model is replicated (DDP): rank 0's state is the whole checkpoint
+        session.report({"step": trainer.step, "loss": loss}, save, every_rank_saves=False)
 
     started = time.monotonic()
     window_t0, window_steps = time.monotonic(), 0
     metrics = {"loss": float("nan")}
+    max_steps = cfg.pretrain.max_steps or None  # the time budget may end training first
+    session.progress(trainer.step, max_steps)
     while keep_going(started):
         metrics = trainer.train_step()
         window_steps += 1
-        if rank == 0 and trainer.step % 10 == 0:
-            rate = window_steps / (time.monotonic() - window_t0)
-            mlflow.log_metrics({**metrics, "steps_per_s": rate}, step=trainer.step)
+        session.progress(trainer.step, max_steps)
+        if trainer.step % 10 == 0:
+            session.log_metrics({**metrics, "steps_per_s": window_steps / (time.monotonic() - window_t0)},
+                                step=trainer.step)
             window_t0, window_steps = time.monotonic(), 0
         if trainer.step % cfg.pretrain.checkpoint_every == 0:
             trainer.elapsed += time.monotonic() - started
@@ -121,6 +118,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             print(f"[pretrain] step {trainer.step} loss {metrics['loss']:.4f} "
                   f"({trainer.elapsed / 60:.1f} min trained)", flush=True)
     trainer.elapsed += time.monotonic() - started
+    session.progress(trainer.step, trainer.step)  # done, whichever budget ended it
     if trainer.step % cfg.pretrain.checkpoint_every:
         save_checkpoint(metrics["loss"])  # the last steps too, so a longer budget resumes exactly here
 
@@ -136,21 +134,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         }
         out = trainer.save_teacher(loop_config["output"], card)
         mlflow.log_artifacts(str(out), "teacher")
-        mlflow.end_run()
         print(f"[pretrain] saved teacher to {out}: {trainer.step} steps, {trainer.elapsed / 60:.1f} min, "
               f"held-out caption consistency {final['caption_consistency']:.3f}", flush=True)
+    session.finish()
 
 
 def training_identity(cfg) -> str:
-    """Hash of what determines the trained weights, without the budget: raising ``pretrain.max_minutes`` (or
+    """Identity of what determines the trained weights, without the budget: raising ``pretrain.max_minutes`` (or
     ``max_steps``) and rerunning continues the same run from its last checkpoint instead of starting over."""
-    import hashlib
-
     d = cfg.to_dict()
     for key in ("max_minutes", "max_steps", "eval_every_minutes", "eval_prompts"):
         d["pretrain"].pop(key)
-    keep = {k: d[k] for k in ("seed", "model", "video", "world", "pretrain", "rollout")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+    return identity({k: d[k] for k in ("seed", "model", "video", "world", "pretrain", "rollout")})
 
 
 def main(argv=None) -> int:
@@ -159,6 +154,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
     parser.add_argument("--output", default=None, help="where the trained teacher goes (default: teacher.path)")
+    parser.add_argument("--output-json", default=None,
+                        help="write the TeacherResult (hiar.jobs.results) here when training succeeds")
     args = parser.parse_args(argv)
     cfg = config_from_args(args, parser)
     if cfg.preset != "tiny" and not cfg.teacher.path.startswith("assets/"):
@@ -177,33 +174,27 @@ def main(argv=None) -> int:
 
         parser.error(missing_init_from(cfg.pretrain.init_from))
 
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     run_dir = resolve_path(cfg.run_dir)
     experiment_id = mlflow_experiment(EXPERIMENT, run_dir)
     name = f"pretrain-teacher-{training_identity(cfg)}"
     init_ray()
     workers = cfg.pretrain.num_workers
-    trainer = TorchTrainer(
+    result = fit(
         train_loop_per_worker,
-        train_loop_config={
-            "preset": args.preset, "overrides": args.overrides, "output": output,
-            "tracking_uri": tracking_uri(run_dir), "experiment_id": experiment_id, "run_name": name,
-            "init_from": init_from,
-        },
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=False,
-                                               resources_per_worker={"CPU": 1.0 / workers}),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=str(Path(run_dir, "ray").resolve()),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=2),
-            worker_runtime_env=train_worker_env(),
-        ),
+        {"preset": args.preset, "overrides": args.overrides, "output": output,
+         "tracking_uri": tracking_uri(run_dir), "experiment_id": experiment_id, "run_name": name,
+         "init_from": init_from},
+        name=name, storage_path=str(Path(run_dir, "ray").resolve()), num_workers=workers,
+        cpus_per_worker=1.0 / workers, keep_checkpoints=2, max_failures=2,
     )
-    result = trainer.fit()
+    if result.error:
+        print(f"error: teacher pretraining failed: {result.error}", file=sys.stderr)
+        return 1
     print(f"[pretrain] done: {result.metrics}")
+    card = json.loads((Path(output) / "card.json").read_text())
+    write_result(args.output_json, TeacherResult(bundle=output, steps=int(card["steps"]),
+                                                 caption_consistency=card["oracle"].get("caption_consistency"),
+                                                 run_id=card.get("mlflow_run_id")))
     return 0
 
 

@@ -15,9 +15,9 @@ Registered model ``registry.model_name`` (default ``hiar-student``); aliases, ne
   ``challenger`` moves to it.  A bundle whose checksum and config are already registered is not registered again:
   that version is reused (a rerun changes nothing in the registry; a new ``--eval-run-id`` is added as a tag).
 * ``promote`` takes the challenger (or ``--version``).  No champion yet: it becomes champion ("first model").
-  Already champion: nothing to do.  Otherwise both versions are evaluated in-process by
-  ``hiar/jobs/evaluate.py`` on the same held-out prompts, seeds and horizon (a finished evaluation of the same
-  weights and settings is reused), and the gate (``hiar.eval.gate.decide``: the checks ``registry.gate_metrics`` names
+  Already champion: nothing to do.  Otherwise both versions are evaluated in-process (``hiar.platform.evaluation``,
+  what ``hiar.jobs.evaluate`` runs) on the same held-out prompts, seeds and horizon (a finished evaluation of the
+  same weights and settings is reused), and the gate (``hiar.eval.gate.decide``: the checks ``registry.gate_metrics`` names
   -- Drift Score and dynamic degree always, the tiny oracle's caption consistency, CLIP text-video alignment, a
   learned scorer's drift -- on the ``registry.gate_rollout`` mode) decides on the two evaluations' per-sample
   values (``per_sample.json``) paired by (prompt, seed): no check worse than its tolerated degradation
@@ -44,105 +44,30 @@ MLflow: ``MLFLOW_TRACKING_URI`` (a server) or SQLite under ``run_dir``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
-import time
 from pathlib import Path
 
-
+from hiar.identity import identity as content_identity
 from hiar.io.storage import resolve_path
-from hiar.jobs.evaluate import (EvalInputError, _print, experiment_id, load_sample_values,
-                                new_run, plan_evaluation, run_evaluation, setup_tracking)
+from hiar.jobs.results import PromoteResult, RegisterResult, write_result
+from hiar.platform.evaluation import load_sample_values, run_evaluation, skip_reasons
+from hiar.platform.evaluation_plan import EvalInputError, plan_evaluation
+from hiar.platform.registry import (CHALLENGER, CHAMPION, HISTORY_TAG, NotRegistered, aliases, append_description,
+                                    bundle_config_hash, champion_history, config_file_sha, find_version_by_checksum,
+                                    get_registered_model, get_version, move_champion, now_utc, record_decision,
+                                    registry_client, set_version_tags, version_exists)
+from hiar.platform.tracking import experiment_id, new_run, setup_tracking
 
 EXPERIMENT = "hiar-registry"
-CHALLENGER, CHAMPION = "challenger", "champion"
-HISTORY_TAG = "champion.history"
-DESCRIPTION_HEADER = "HiAR student generator. Registry log (newest last):"
 
 
 class UsageError(Exception):
     """Bad input found before any registry change (exit code 2)."""
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _client():
-    from mlflow import MlflowClient
-
-    return MlflowClient()
-
-
-def _not_found(err) -> bool:
-    return getattr(err, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
-
-
-def _registered_model(client, name: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_registered_model(name)
-    except MlflowException as err:
-        if _not_found(err):
-            raise UsageError(f"no registered model {name!r} at {_tracking()}; register one first "
-                             f"(promote.py register --model-dir DIR)") from None
-        raise
-
-
-def _version(client, name: str, version: str):
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version(name, str(version))
-    except MlflowException as err:
-        if _not_found(err):
-            raise UsageError(f"registered model {name!r} has no version {version}") from None
-        raise
-
-
-def _version_exists(client, name: str, version: str) -> bool:
-    try:
-        _version(client, name, version)
-        return True
-    except UsageError:
-        return False
-
-
-def _tracking() -> str:
-    import mlflow
-
-    return mlflow.get_tracking_uri()
-
-
-def _aliases(rm) -> dict[str, str]:
-    """The registered model's aliases as ``{alias: version string}`` (MLflow returns the versions as ints)."""
-    return {str(a): str(v) for a, v in (rm.aliases or {}).items()}
-
-
-def _history(rm) -> list[str]:
-    try:
-        return [str(v) for v in json.loads(rm.tags.get(HISTORY_TAG, "[]"))]
-    except ValueError:
-        return []
-
-
-def _append_description(client, name: str, line: str) -> None:
-    from hiar.eval.gate import append_line
-
-    rm = client.get_registered_model(name)
-    text = rm.description or DESCRIPTION_HEADER
-    client.update_registered_model(name, description=append_line(text, f"{_now()} {line}"))
-
-
-def _set_version_tags(client, name: str, version: str, tags: dict, current: dict | None = None) -> None:
-    for key, value in tags.items():
-        if value is None or value == "":
-            continue
-        if current is not None and current.get(key) == str(value):
-            continue
-        client.set_model_version_tag(name, str(version), key, str(value))
+def _print(*args) -> None:
+    print(*args, flush=True)
 
 
 def _write_json(path: str | None, data: dict) -> None:
@@ -153,38 +78,6 @@ def _write_json(path: str | None, data: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- register
-def bundle_config_hash(model_dir: Path) -> str:
-    """``HiarConfig.config_hash()`` of the bundle's ``hiar_config.yaml`` ('' when it has none)."""
-    import yaml
-
-    from hiar.io.bundle import CONFIG_FILE
-    from hiar.io.bundle import config_from_dict
-
-    path = model_dir / CONFIG_FILE
-    if not path.exists():
-        return ""
-    return config_from_dict(yaml.safe_load(path.read_text())).config_hash()
-
-
-def config_file_sha(model_dir: Path) -> str:
-    """sha256 (16 hex) of the bundle's ``hiar_config.yaml`` bytes ('' without one): ``checksum_dir`` covers the
-    weights, tokenizer and codec files only, and the same weights under another schedule/rollout config are another
-    model.  The file's bytes, not ``config_hash()``, so that a code update adding config fields does not make an
-    unchanged bundle look new."""
-    from hiar.io.bundle import CONFIG_FILE
-
-    path = model_dir / CONFIG_FILE
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else ""
-
-
-def find_version_by_checksum(client, name: str, checksum: str, config_sha: str = ""):
-    """The registered version with this content (``checksum`` and ``config_sha`` tags; lowest number), or None."""
-    versions = client.search_model_versions(f"name = '{name}'")
-    same = [mv for mv in versions if mv.tags.get("checksum") == checksum and mv.status != "FAILED_REGISTRATION"
-            and mv.tags.get("config_sha", "") == config_sha]
-    return min(same, key=lambda mv: int(mv.version)) if same else None
-
-
 def register(cfg, model_dir: str, eval_run_id: str | None = None, data_manifest_hash: str | None = None,
              parent_run_id: str | None = None, log=_print) -> dict:
     import mlflow
@@ -209,13 +102,13 @@ def register(cfg, model_dir: str, eval_run_id: str | None = None, data_manifest_
             "source_dir": str(path),
             "data_manifest_hash": data_manifest_hash or "", "eval_run_id": eval_run_id or ""}
     tags = {k: v for k, v in tags.items() if v}
-    client = _client()
+    client = registry_client()
     existing = find_version_by_checksum(client, name, checksum, config_sha)
     run_id = None
     if existing is not None:
         version = str(existing.version)
         # only what the caller adds (e.g. an eval run id it did not have before) is written; nothing else changes
-        _set_version_tags(client, name, version, {k: v for k, v in tags.items() if k != "source_dir"}, existing.tags)
+        set_version_tags(client, name, version, {k: v for k, v in tags.items() if k != "source_dir"}, existing.tags)
         log(f"[promote] {str(path)!r} is already registered as {name} version {version} (checksum {checksum}); "
             f"no new version")
         run_id = existing.run_id
@@ -230,14 +123,14 @@ def register(cfg, model_dir: str, eval_run_id: str | None = None, data_manifest_
             # registered with its tags in one call: a crash cannot leave a version without its checksum
             mv = mlflow.register_model(info.model_uri, name, tags=tags)
         version, run_id = str(mv.version), run.info.run_id
-        _append_description(client, name, f"registered version {version} from {path} (checksum {checksum}, "
+        append_description(client, name, f"registered version {version} from {path} (checksum {checksum}, "
                                           f"config {tags.get('config_hash', '-')})")
         log(f"[promote] registered {name} version {version} from {path} (checksum {checksum}, run {run_id})")
     rm = client.get_registered_model(name)
-    if _aliases(rm).get(CHALLENGER) != version:
-        previous = _aliases(rm).get(CHALLENGER)
+    if aliases(rm).get(CHALLENGER) != version:
+        previous = aliases(rm).get(CHALLENGER)
         client.set_registered_model_alias(name, CHALLENGER, version)
-        _append_description(client, name, f"alias {CHALLENGER}: v{previous or '-'} -> v{version}")
+        append_description(client, name, f"alias {CHALLENGER}: v{previous or '-'} -> v{version}")
     log(f"[promote] {name}@{CHALLENGER} = version {version}")
     return {"name": name, "version": version, "checksum": checksum, "reused": existing is not None,
             "run_id": run_id, "tags": tags, "model_uri": f"models:/{name}/{version}"}
@@ -253,41 +146,6 @@ def _gate_settings(cfg) -> dict:
             "rollout": r.gate_rollout}
 
 
-def _skip_reasons(client, run_ids, rollout: str) -> dict:
-    """``{scorer: why it was skipped}`` in the gated mode, from the evaluation runs' ``drift.skipped`` tags."""
-    reasons: dict = {}
-    for run_id in run_ids:
-        try:
-            reasons.update(json.loads(client.get_run(run_id).data.tags.get("drift.skipped") or "{}").get(rollout, {}))
-        except (ValueError, AttributeError):  # a tag cut at 5000 characters: the gate words it without the reason
-            pass
-    return reasons
-
-
-def _record_decision(client, name: str, version: str, decision: str, reason: str, details: dict,
-                     against: str | None, key: str = "", run_id: str = "") -> None:
-    now = _now()
-    tags = {"promotion.decision": decision, "promotion.reason": reason,
-            "promotion.metrics": json.dumps(details, sort_keys=True, default=str),
-            "promotion.against": against or "", "promotion.time": now, "promotion.key": key,
-            "promotion.run_id": run_id}
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, k, v)
-    client.set_registered_model_tag(name, "promotion.last", json.dumps(
-        {"version": version, "decision": decision, "reason": reason[:1000], "against": against, "time": now}))
-    vs = f" vs champion v{against}" if against else ""
-    _append_description(client, name, f"promote v{version}{vs}: {decision.upper()}: {reason}")
-
-
-def _move_champion(client, name: str, version: str, current: str | None) -> list[str]:
-    from hiar.eval.gate import push_history
-
-    history = push_history(_history(client.get_registered_model(name)), version, current)
-    client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-    return history
-
-
 def promote(cfg, version: str | None = None, overrides=(), parent_run_id: str | None = None, force: bool = False,
             log=_print) -> dict:
     import mlflow
@@ -295,23 +153,23 @@ def promote(cfg, version: str | None = None, overrides=(), parent_run_id: str | 
     from hiar.eval.gate import decide, gate_metric_keys
 
     name = cfg.registry.model_name
-    client = _client()
-    rm = _registered_model(client, name)
+    client = registry_client()
+    rm = get_registered_model(client, name)
     if version is None:
-        version = _aliases(rm).get(CHALLENGER)
+        version = aliases(rm).get(CHALLENGER)
         if version is None:
             raise UsageError(f"{name} has no {CHALLENGER!r} alias; register a model first or pass --version")
     version = str(version)
-    mv = _version(client, name, version)
-    champion = _aliases(rm).get(CHAMPION)
+    mv = get_version(client, name, version)
+    champion = aliases(rm).get(CHAMPION)
     out = {"name": name, "version": version, "champion_before": champion}
     if champion == version:
         log(f"[promote] {name} version {version} is already champion: nothing to do")
         return {**out, "decision": "noop", "reason": "already champion", "champion": champion}
     if champion is None:
         reason = "first model: there was no champion"
-        history = _move_champion(client, name, version, None)
-        _record_decision(client, name, version, "promoted", reason, {"gate": "not applied (first model)"}, None)
+        history = move_champion(client, name, version, None)
+        record_decision(client, name, version, "promoted", reason, {"gate": "not applied (first model)"}, None)
         log(f"[promote] PROMOTED {name} version {version} to {CHAMPION}: {reason}")
         return {**out, "decision": "promoted", "reason": reason, "champion": version, "history": history}
     if mv.tags.get("champion.demoted") and not force:
@@ -330,9 +188,8 @@ def promote(cfg, version: str | None = None, overrides=(), parent_run_id: str | 
     except EvalInputError as err:
         raise UsageError(str(err)) from None
     identity = plans["challenger"].identity()
-    key = hashlib.sha256(json.dumps({"gate": gate, "identity": identity, "against": champion,
-                                     "checksums": [plans["challenger"].checksum, plans["champion"].checksum]},
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    key = content_identity({"gate": gate, "identity": identity, "against": champion,
+                            "checksums": [plans["challenger"].checksum, plans["champion"].checksum]})
     if mv.tags.get("promotion.key") == key and mv.tags.get("promotion.decision") == "rejected" and not force:
         reason = mv.tags.get("promotion.reason", "")
         log(f"[promote] NOT PROMOTED (already decided against champion v{champion} with the same gate and "
@@ -346,7 +203,8 @@ def promote(cfg, version: str | None = None, overrides=(), parent_run_id: str | 
         for side in ("challenger", "champion"):
             log(f"[promote] evaluating the {side}: {name} version {plans[side].model_version}")
             results[side] = run_evaluation(plans[side], parent_run_id=run.info.run_id,
-                                           run_name=f"eval-{name}-v{plans[side].model_version}", reuse=True, log=log)
+                                           run_name=f"eval-{name}-v{plans[side].model_version}", reuse=True, log=log,
+                                           progress_task=f"evaluate {side}")
     except Exception as err:  # noqa: BLE001 - Ray / MLflow errors: no decision, nothing moved
         client.set_terminated(run.info.run_id, "FAILED")
         raise RuntimeError(f"evaluating the {side} (version {plans[side].model_version}) failed, nothing was "
@@ -355,7 +213,7 @@ def promote(cfg, version: str | None = None, overrides=(), parent_run_id: str | 
     try:
         tables = {s: load_sample_values(results[s]["run_id"]) for s in results}
         result = decide(tables["challenger"], tables["champion"], **gate,
-                        skip_reasons=_skip_reasons(client, [results[s]["run_id"] for s in results], gate["rollout"]))
+                        skip_reasons=skip_reasons([results[s]["run_id"] for s in results], gate["rollout"]))
     except (ValueError, FileNotFoundError) as err:
         client.set_terminated(run.info.run_id, "FAILED")
         raise RuntimeError(f"cannot compare the evaluations: {err}") from None
@@ -376,10 +234,10 @@ def promote(cfg, version: str | None = None, overrides=(), parent_run_id: str | 
         mlflow.log_dict(details, "decision.json")
     history = None
     if result.passed:
-        history = _move_champion(client, name, version, champion)
+        history = move_champion(client, name, version, champion)
         if mv.tags.get("champion.demoted"):
             client.delete_model_version_tag(name, version, "champion.demoted")
-    _record_decision(client, name, version, decision, result.reason, details, champion, key, run.info.run_id)
+    record_decision(client, name, version, decision, result.reason, details, champion, key, run.info.run_id)
     log(f"[promote] {'PROMOTED' if result.passed else 'NOT PROMOTED'} {name} version {version} "
         f"(champion {'is now v' + version if result.passed else 'stays v' + champion}): {result.reason}")
     return {**out, "decision": decision, "reason": result.reason, "champion": version if result.passed else champion,
@@ -391,17 +249,17 @@ def rollback(cfg, reason: str = "", log=_print) -> dict:
     from hiar.eval.gate import rollback_target
 
     name = cfg.registry.model_name
-    client = _client()
-    rm = _registered_model(client, name)
-    current = _aliases(rm).get(CHAMPION)
+    client = registry_client()
+    rm = get_registered_model(client, name)
+    current = aliases(rm).get(CHAMPION)
     if current is None:
         raise UsageError(f"{name} has no {CHAMPION!r}: nothing to roll back")
     try:
-        previous, history = rollback_target(_history(rm), current, lambda v: _version_exists(client, name, v))
+        previous, history = rollback_target(champion_history(rm), current, lambda v: version_exists(client, name, v))
     except ValueError as err:
         raise UsageError(f"{name}: {err}") from None
     reason = reason or "manual rollback (no reason given)"
-    now = _now()
+    now = now_utc()
     client.set_registered_model_alias(name, CHAMPION, previous)
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
     client.set_model_version_tag(name, current, "champion.demoted",
@@ -410,23 +268,25 @@ def rollback(cfg, reason: str = "", log=_print) -> dict:
                                  json.dumps({"reason": reason, "time": now, "from": current}))
     client.set_registered_model_tag(name, "rollback.last", json.dumps(
         {"from": current, "to": previous, "reason": reason, "time": now}))
-    _append_description(client, name, f"rollback: {CHAMPION} v{current} -> v{previous}: {reason}")
+    append_description(client, name, f"rollback: {CHAMPION} v{current} -> v{previous}: {reason}")
     log(f"[promote] ROLLED BACK {name}@{CHAMPION}: version {current} -> {previous} ({reason})")
     return {"name": name, "from": current, "champion": previous, "reason": reason, "history": history}
 
 
 # ---------------------------------------------------------------------------------------------- status
 def status(cfg, log=_print) -> dict:
+    import mlflow
+
     name = cfg.registry.model_name
-    client = _client()
-    rm = _registered_model(client, name)
+    client = registry_client()
+    rm = get_registered_model(client, name)
     versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda mv: int(mv.version))
     by_version = {}
-    for a, v in _aliases(rm).items():
+    for a, v in aliases(rm).items():
         by_version.setdefault(str(v), []).append(a)
-    lines = [f"registered model {name} at {_tracking()}: {len(versions)} version(s)",
-             "aliases: " + (", ".join(f"{a} -> v{v}" for a, v in sorted(_aliases(rm).items())) or "none"),
-             f"champion history: {_history(rm) or '-'}", "",
+    lines = [f"registered model {name} at {mlflow.get_tracking_uri()}: {len(versions)} version(s)",
+             "aliases: " + (", ".join(f"{a} -> v{v}" for a, v in sorted(aliases(rm).items())) or "none"),
+             f"champion history: {champion_history(rm) or '-'}", "",
              f"{'version':>7}  {'aliases':<22} {'checksum':<17} {'decision':<9} reason"]
     rows = []
     for mv in versions:
@@ -444,7 +304,7 @@ def status(cfg, log=_print) -> dict:
     log_lines = (rm.description or "").splitlines()[1:]
     lines += ["", "last registry moves:"] + [f"  {ln}" for ln in log_lines[-8:]]
     log("\n".join(lines))
-    return {"name": name, "aliases": _aliases(rm), "history": _history(rm), "versions": rows,
+    return {"name": name, "aliases": aliases(rm), "history": champion_history(rm), "versions": rows,
             "last": json.loads(rm.tags["promotion.last"]) if "promotion.last" in rm.tags else None}
 
 
@@ -468,8 +328,19 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     sub.add_parser("status", help="aliases, versions, last decisions")
     for p in sub.choices.values():
         add_config_args(p)
-        p.add_argument("--output-json", default=None, help="write the command's result as JSON here")
+        p.add_argument("--output-json", default=None,
+                       help="write the command's result here: a RegisterResult / PromoteResult (hiar.jobs.results) "
+                            "for register / promote, plain JSON for rollback and status")
     return parser, dict(sub.choices)
+
+
+def promote_result(out: dict) -> PromoteResult:
+    """:func:`promote`'s dict as the typed result; what has no field of its own (the promote run id, the champion
+    history, whether a repeated rejection was recorded) goes into ``details``."""
+    fields = ("name", "version", "decision", "reason", "champion_before", "champion")
+    extra = {k: v for k, v in out.items() if k not in fields and k != "details" and v is not None}
+    return PromoteResult(**{k: out.get(k) for k in fields},
+                         details={**out.get("details", {}), **extra})
 
 
 def main(argv=None) -> int:
@@ -491,21 +362,22 @@ def main(argv=None) -> int:
             except MlflowException as err:
                 raise UsageError(f"--parent-run-id {args.parent_run_id}: {err.message}") from None
         if args.command == "register":
-            result = register(cfg, args.model_dir, args.eval_run_id, args.data_manifest_hash, args.parent_run_id)
-            print(result["version"])
+            registered = register(cfg, args.model_dir, args.eval_run_id, args.data_manifest_hash, args.parent_run_id)
+            print(registered["version"])
+            write_result(args.output_json, RegisterResult(**registered))
         elif args.command == "promote":
-            result = promote(cfg, args.version, args.overrides, args.parent_run_id, args.force)
+            write_result(args.output_json,
+                         promote_result(promote(cfg, args.version, args.overrides, args.parent_run_id, args.force)))
         elif args.command == "rollback":
-            result = rollback(cfg, args.reason)
+            _write_json(args.output_json, rollback(cfg, args.reason))
         else:
-            result = status(cfg)
-    except UsageError as err:
+            _write_json(args.output_json, status(cfg))
+    except (UsageError, NotRegistered) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (RuntimeError, MlflowException) as err:
         print(f"error: {getattr(err, 'message', err)}", file=sys.stderr)
         return 1
-    _write_json(args.output_json, result)
     return 0
 
 

@@ -5,7 +5,7 @@ temporary file renamed into place, so a reader never sees half a result). The or
 :func:`read_result`, which refuses a file of another kind or of a schema version it does not know, naming both:
 no job's log lines are parsed anywhere.
 
-On disk: ``{"kind": "<class name>", "schema_version": N, ...the fields}``. A field added later gets a default, so
+On disk: ``{"result_type": "<class name>", "schema_version": N, ...the fields}``. A field added later gets a default, so
 older files still read; a field removed or changed in meaning bumps :data:`SCHEMA_VERSION`.
 """
 
@@ -102,7 +102,7 @@ class ResultError(ValueError):
 
 
 def to_dict(result) -> dict:
-    return {"kind": type(result).__name__, "schema_version": SCHEMA_VERSION, **dataclasses.asdict(result)}
+    return {"result_type": type(result).__name__, "schema_version": SCHEMA_VERSION, **dataclasses.asdict(result)}
 
 
 def write_result(path: str | Path | None, result) -> None:
@@ -119,8 +119,8 @@ def write_result(path: str | Path | None, result) -> None:
 def from_dict(data: dict, kind: type[R]) -> R:
     if not isinstance(data, dict):
         raise ResultError(f"a {kind.__name__} must be a JSON object, got {type(data).__name__}")
-    if data.get("kind") != kind.__name__:
-        raise ResultError(f"expected a {kind.__name__}, got kind {data.get('kind')!r}")
+    if data.get("result_type") != kind.__name__:
+        raise ResultError(f"expected a {kind.__name__}, got result_type {data.get('result_type')!r}")
     if data.get("schema_version") != SCHEMA_VERSION:
         raise ResultError(f"{kind.__name__} has schema_version {data.get('schema_version')!r}; this code reads "
                           f"version {SCHEMA_VERSION}")

@@ -12,7 +12,6 @@ seed starts from.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 

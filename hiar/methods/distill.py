@@ -15,12 +15,12 @@ Pure PyTorch; ``hiar/jobs/train.py`` wraps these pieces in Ray Train.  The train
 3. **Critic update** every iteration: flow matching on the detached generator samples.
 
 Gradients of data-parallel workers are averaged with one ``all_reduce`` per parameter tensor
-(:func:`average_gradients`) rather than by wrapping the models in DDP: the generator is called many times per
+(:func:`hiar.methods.parallel.average_gradients`) rather than by wrapping the models in DDP: the generator is called many times per
 step (one call per block and step), which DDP's once-per-forward reducer does not model.
 
 With ``distill.sharding: fsdp`` and more than one worker the generator, the critic, the EMA and (per
 ``distill.real_score_sharding``) the real score are sharded with FSDP2 at construction (:mod:`hiar.methods.sharding`):
-FSDP reduce-scatters the gradients itself, so :func:`average_gradients` is skipped; the training step is the
+FSDP reduce-scatters the gradients itself, so ``average_gradients`` is skipped; the training step is the
 same code.  ``distill.activation_checkpointing`` checkpoints each transformer block of the trained models.
 """
 
@@ -30,17 +30,16 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from hiar.methods import sharding
 from hiar.config import HiarConfig
 from hiar.methods.losses import dmd_generator_loss, fkl_loss, flow_matching_loss
-from hiar.core.rollout import StepStage, _split_blocks, advance, initial_noise
+from hiar.methods.parallel import (accumulation_steps, autocast, average_gradients, clip_gradients,
+                                   mean_over_workers)
+from hiar.core.rollout import ROLLOUT_MODES, StepStage, _split_blocks, advance, initial_noise
 from hiar.core.schedule import add_noise, shift_sigma, x0_from_velocity
 from hiar.seeding import derive_seed, seeded_generator
 from hiar.core.velocity import GuidedVelocity
-
-ROLLOUT_MODES = ("hierarchical", "block_first")
 
 
 # ---------------------------------------------------------------------- rollouts and scores
@@ -134,54 +133,6 @@ def fkl_regulariser(student, embeds: torch.Tensor, states: torch.Tensor, sigmas:
         v = vel(x_i, float(sigmas[i]), attention_mode=attention_mode)
         terms.append(fkl_loss(v, x_i, states[:, i + 1], float(sigmas[i]), float(sigmas[i + 1])))
     return torch.stack(terms).mean()
-
-
-# ---------------------------------------------------------------------- data parallel helpers
-def average_gradients(model: torch.nn.Module) -> None:
-    """Mean of every parameter's gradient over the data-parallel workers (no-op on one process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    world = dist.get_world_size()
-    for p in model.parameters():
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        p.grad.div_(world)
-
-
-def mean_over_workers(values: dict) -> dict:
-    """The mean of each float over the data-parallel workers (one all_reduce; identity on one process): the
-    losses logged are those of the whole global batch, whatever the worker count."""
-    if not values or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
-
-
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
-    """``clip_grad_norm_`` (plain or DTensor gradients: the norm of a sharded model is reduced over its shards);
-    returns the total norm before clipping as a float."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
-    return float(norm)
-
-
-def autocast(cfg: HiarConfig, device: torch.device):
-    """bf16 autocast where the device supports it and the config asks (``distill.mixed_precision``)."""
-    mode = cfg.distill.mixed_precision
-    use = device.type == "cuda" and mode in ("auto", "bf16") and torch.cuda.is_bf16_supported()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
-
-
-def accumulation_steps(total_batch: int, micro_batch: int, world_size: int) -> int:
-    per_step = micro_batch * world_size
-    if total_batch % per_step:
-        raise ValueError(f"distill.batch_size ({total_batch}) must be a multiple of micro_batch_size x workers "
-                         f"({micro_batch} x {world_size} = {per_step})")
-    return total_batch // per_step
 
 
 # ---------------------------------------------------------------------- the two stages
@@ -404,5 +355,5 @@ class Distiller:
         return sharding.unsharded_copy(self._skeleton, state, self.device).eval() if self.rank == 0 else None
 
 
-__all__ = ["self_rollout", "ode_regression_loss", "fkl_regulariser", "clean_estimate", "score_sigmas",
-           "average_gradients", "mean_over_workers", "clip_gradients", "ODEInit", "Distiller", "accumulation_steps", "ROLLOUT_MODES"]
+__all__ = ["self_rollout", "ode_regression_loss", "fkl_regulariser", "clean_estimate", "score_sigmas", "ODEInit",
+           "Distiller"]

@@ -30,7 +30,8 @@ from hiar.core.rollout import initial_noise
 from hiar.seeding import seeded_generator
 from hiar.core.teacher import sample_teacher
 from hiar.io.text import TextEncoder
-from hiar.tiny.world import SyntheticWorld, heldout_prompts, train_prompts, vocabulary
+from hiar.tiny.captions import heldout_prompts, train_prompts, vocabulary
+from hiar.tiny.world import SyntheticWorld
 
 def build_world_components(cfg: HiarConfig) -> tuple[SyntheticWorld, TextEncoder, PixelCodec]:
     """The tiny preset's world, its frozen text encoder and a pixel codec fitted on training clips."""

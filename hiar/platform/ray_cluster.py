@@ -1,4 +1,5 @@
-"""Ray start-up for the jobs: join the submitted-to cluster or start a local one, keep SIGTERM ours, quiet workers."""
+"""Ray start-up for the jobs: join the submitted-to cluster or start a local one, keep SIGTERM ours, quiet workers
+and Ray Data's progress bars."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     """Join the cluster a job was submitted to (RAY_ADDRESS), else start a small local one in-process."""
     import ray
 
+    quiet_data_progress()
     if ray.is_initialized():
         return
     runtime_env = {"worker_process_setup_hook": _quiet_train_placement_group_cleaner()}
@@ -17,6 +19,18 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True, runtime_env=runtime_env)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
+
+
+def quiet_data_progress() -> None:
+    """Ray Data's progress bars off (the whole-dataset bar and one per operator): redrawn as log lines they were most
+    of a job's output (~11,500 lines in one tiny pipeline). The jobs report their own progress instead
+    (``hiar.platform.progress``). A dataset copies the driver's ``DataContext`` when it is created, so this runs
+    before any is."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
 
 
 def _raise_keyboard_interrupt(signum, frame):

@@ -10,17 +10,21 @@ diffusers and by ``hiar.io.bundle.load_bundle`` with no MLflow at all.
 
 ``resolve_bundle(uri)`` turns any of ``models:/name@alias``, ``models:/name/3``, ``runs:/<id>/generator``, an
 ``s3://`` prefix or a local bundle directory into a local directory that ``load_bundle`` reads.  Serving and evaluation both use it.
+
+The registry's state (aliases ``challenger`` / ``champion``, the champion history, promotion tags and the
+description log) is read and written through the helpers at the end, which ``hiar.jobs.promote`` drives.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-import hiar.platform  # noqa: F401  (environment hygiene before mlflow is imported)
+from hiar.platform.tracking import experiment_id
 
 MODEL_ARTIFACT = "generator"
 BUNDLE_KEY = "bundle"
@@ -56,12 +60,10 @@ COMPONENT_ARTIFACT = "component"
 def component_run(name: str, ref: dict, source: Path) -> str:
     """The MLflow run that holds the shared component with this hash, logged by the first bundle that needs it:
     a later version of a student finds it by its tag and uploads nothing."""
-    import mlflow
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    exp = mlflow.get_experiment_by_name(COMPONENT_EXPERIMENT)
-    exp_id = exp.experiment_id if exp is not None else _create_experiment(COMPONENT_EXPERIMENT)
+    exp_id = experiment_id(COMPONENT_EXPERIMENT)
     found = client.search_runs([exp_id], filter_string=f"tags.`{COMPONENT_TAG}` = '{ref['sha256']}' "
                                                         f"and attributes.status = 'FINISHED'", max_results=1)
     if found:
@@ -78,26 +80,13 @@ def component_run(name: str, ref: dict, source: Path) -> str:
     return run.info.run_id
 
 
-def _create_experiment(name: str) -> str:
-    import mlflow
-
-    uri = mlflow.get_tracking_uri()
-    artifacts = str(Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts") if uri.startswith("sqlite:///") \
-        else None
-    try:
-        return mlflow.create_experiment(name, artifact_location=artifacts)
-    except Exception:  # noqa: BLE001 - created concurrently
-        return mlflow.get_experiment_by_name(name).experiment_id
-
-
 def _staged_with_component_runs(bundle_dir: Path, staging: Path) -> Path:
     """A copy of the bundle (hard links) whose locations.json also names the MLflow run holding each shared
     component, so whoever downloads the model from the registry can fetch its text encoder and VAE too."""
-    from hiar.io.bundle import COMPONENTS_FILE, LOCATIONS_FILE, link_or_copy, open_model_dir
+    from hiar.io.bundle import LOCATIONS_FILE, component_refs, link_or_copy, open_model_dir
 
     md = open_model_dir(bundle_dir)  # resolves (and hash-checks) the components before anything is uploaded
-    refs = json.loads((bundle_dir / COMPONENTS_FILE).read_text())["components"]
-    locations = json.loads((bundle_dir / LOCATIONS_FILE).read_text()) if (bundle_dir / LOCATIONS_FILE).is_file() else {}
+    refs, locations = component_refs(bundle_dir)
     out = staging / bundle_dir.name
     shutil.copytree(bundle_dir, out, copy_function=link_or_copy)
     for name, ref in refs.items():
@@ -117,14 +106,14 @@ def log_bundle(bundle_dir: str | Path, registered_model_name: str | None = None)
     """
     import mlflow.pyfunc
 
-    from hiar.io.bundle import COMPONENTS_FILE
+    from hiar.io.bundle import component_refs, holds_model
 
     bundle_dir = Path(bundle_dir)
-    if not (bundle_dir / "transformer").is_dir():
+    if not holds_model(bundle_dir):
         raise FileNotFoundError(f"{str(bundle_dir)!r} is not a model bundle (no transformer/ inside)")
     with tempfile.TemporaryDirectory(prefix="hiar-log-") as staging:
         logged = bundle_dir
-        if (bundle_dir / COMPONENTS_FILE).is_file():
+        if component_refs(bundle_dir)[0]:
             logged = _staged_with_component_runs(bundle_dir, Path(staging))
         return mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT,
@@ -140,12 +129,9 @@ def fetch_components(bundle: Path) -> None:
     component cache (``hiar.io.bundle.component_cache``), each checked against its hash; others resolve as they are."""
     import mlflow
 
-    from hiar.io.bundle import COMPONENTS_FILE, LOCATIONS_FILE, component_cache, component_sha256
+    from hiar.io.bundle import component_cache, component_refs, component_sha256
 
-    if not (bundle / COMPONENTS_FILE).is_file():
-        return
-    refs = json.loads((bundle / COMPONENTS_FILE).read_text())["components"]
-    locations = json.loads((bundle / LOCATIONS_FILE).read_text()) if (bundle / LOCATIONS_FILE).is_file() else {}
+    refs, locations = component_refs(bundle)
     for name, ref in refs.items():
         final = component_cache(ref["sha256"])
         if final.exists():
@@ -231,5 +217,156 @@ def s3_env_for_mlflow() -> dict:
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 
+# ---------------------------------------------------------------------------------------------- registry state
+# What the promotion job keeps on the registered model: the aliases, the champion's history (a registered-model
+# tag), model-version tags and a human-readable log in the description. Aliases only, never the deprecated stages.
+CHALLENGER, CHAMPION = "challenger", "champion"
+HISTORY_TAG = "champion.history"
+DESCRIPTION_HEADER = "HiAR student generator. Registry log (newest last):"
+
+
+class NotRegistered(LookupError):
+    """No registered model of that name, or no such version of it."""
+
+
+def now_utc() -> str:
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def registry_client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def _not_found(err) -> bool:
+    return getattr(err, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
+def get_registered_model(client, name: str):
+    """The registered model ``name``; :class:`NotRegistered` when the tracking server has none."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as err:
+        if _not_found(err):
+            raise NotRegistered(f"no registered model {name!r} at {mlflow.get_tracking_uri()}; register one first "
+                                f"(python -m hiar.jobs.promote register --model-dir DIR)") from None
+        raise
+
+
+def get_version(client, name: str, version: str):
+    """Version ``version`` of registered model ``name``; :class:`NotRegistered` when it does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as err:
+        if _not_found(err):
+            raise NotRegistered(f"registered model {name!r} has no version {version}") from None
+        raise
+
+
+def version_exists(client, name: str, version: str) -> bool:
+    try:
+        get_version(client, name, version)
+        return True
+    except NotRegistered:
+        return False
+
+
+def aliases(rm) -> dict[str, str]:
+    """The registered model's aliases as ``{alias: version string}`` (MLflow returns the versions as ints)."""
+    return {str(a): str(v) for a, v in (rm.aliases or {}).items()}
+
+
+def champion_history(rm) -> list[str]:
+    """The versions that held ``champion``, oldest first (:data:`HISTORY_TAG`; empty when unreadable)."""
+    try:
+        return [str(v) for v in json.loads(rm.tags.get(HISTORY_TAG, "[]"))]
+    except ValueError:
+        return []
+
+
+def append_description(client, name: str, line: str) -> None:
+    """Append a timestamped line to the registered model's description (the registry log; oldest lines drop out
+    when it would grow past MLflow's limit)."""
+    from hiar.eval.gate import append_line
+
+    rm = client.get_registered_model(name)
+    text = rm.description or DESCRIPTION_HEADER
+    client.update_registered_model(name, description=append_line(text, f"{now_utc()} {line}"))
+
+
+def set_version_tags(client, name: str, version: str, tags: dict, current: dict | None = None) -> None:
+    """Set the non-empty ``tags`` on a model version, skipping those ``current`` already holds with that value."""
+    for key, value in tags.items():
+        if value is None or value == "":
+            continue
+        if current is not None and current.get(key) == str(value):
+            continue
+        client.set_model_version_tag(name, str(version), key, str(value))
+
+
+def bundle_config_hash(model_dir: Path) -> str:
+    """``HiarConfig.config_hash()`` of the bundle's ``hiar_config.yaml`` ('' when it has none)."""
+    from hiar.io.bundle import bundle_config
+
+    cfg = bundle_config(model_dir)
+    return cfg.config_hash() if cfg is not None else ""
+
+
+def config_file_sha(model_dir: Path) -> str:
+    """sha256 (16 hex) of the bundle's ``hiar_config.yaml`` bytes ('' without one): ``checksum_dir`` covers the
+    weights, tokenizer and codec files only, and the same weights under another schedule/rollout config are another
+    model.  The file's bytes, not ``config_hash()``, so that a code update adding config fields does not make an
+    unchanged bundle look new."""
+    from hiar.io.bundle import CONFIG_FILE
+
+    path = model_dir / CONFIG_FILE
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else ""
+
+
+def find_version_by_checksum(client, name: str, checksum: str, config_sha: str = ""):
+    """The registered version with this content (``checksum`` and ``config_sha`` tags; lowest number), or None."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    same = [mv for mv in versions if mv.tags.get("checksum") == checksum and mv.status != "FAILED_REGISTRATION"
+            and mv.tags.get("config_sha", "") == config_sha]
+    return min(same, key=lambda mv: int(mv.version)) if same else None
+
+
+def move_champion(client, name: str, version: str, current: str | None) -> list[str]:
+    """``champion`` -> ``version``, remembered in the history; returns the new history."""
+    from hiar.eval.gate import push_history
+
+    history = push_history(champion_history(client.get_registered_model(name)), version, current)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    return history
+
+
+def record_decision(client, name: str, version: str, decision: str, reason: str, details: dict,
+                    against: str | None, key: str = "", run_id: str = "") -> None:
+    """A promotion decision on the version's tags, in ``promotion.last`` and in the description log."""
+    now = now_utc()
+    tags = {"promotion.decision": decision, "promotion.reason": reason,
+            "promotion.metrics": json.dumps(details, sort_keys=True, default=str),
+            "promotion.against": against or "", "promotion.time": now, "promotion.key": key,
+            "promotion.run_id": run_id}
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+    client.set_registered_model_tag(name, "promotion.last", json.dumps(
+        {"version": version, "decision": decision, "reason": reason[:1000], "against": against, "time": now}))
+    vs = f" vs champion v{against}" if against else ""
+    append_description(client, name, f"promote v{version}{vs}: {decision.upper()}: {reason}")
+
+
 __all__ = ["MODEL_ARTIFACT", "log_bundle", "resolve_bundle", "is_model_uri", "model_version_for",
-           "s3_env_for_mlflow"]
+           "s3_env_for_mlflow", "CHALLENGER", "CHAMPION", "HISTORY_TAG", "NotRegistered", "registry_client",
+           "get_registered_model", "get_version", "version_exists", "aliases", "champion_history",
+           "append_description", "set_version_tags", "bundle_config_hash", "config_file_sha",
+           "find_version_by_checksum", "move_champion", "record_decision"]

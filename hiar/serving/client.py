@@ -91,6 +91,45 @@ def stream_video(url: str, body: dict, timeout: float = 600.0) -> StreamResult:
     return result
 
 
+def served_model(url: str, timeout: float = 5.0) -> str | None:
+    """The model version the service at ``url`` has pinned (``GET /v1/limits``: ``models:/name/N``), or None when
+    nothing (or something else) answers there."""
+    try:
+        resp = requests.get(f"{url.rstrip('/')}/v1/limits", timeout=timeout)
+        return resp.json().get("model", {}).get("pinned") if resp.status_code == 200 else None
+    except (requests.RequestException, ValueError, AttributeError):
+        return None
+
+
+@dataclass
+class WholeVideo:
+    mp4: bytes
+    num_frames: int  # decoded from the MP4, equal to what the server promised (X-HiAR-Num-Frames)
+    seconds: float  # request to last byte
+
+
+def fetch_video(url: str, body: dict, timeout: float = 600.0) -> WholeVideo:
+    """POST ``body`` with ``"stream": false`` and check the answer: one MP4 that decodes to the number of frames
+    the server promised. Raises :class:`StreamError` for a non-200 answer, another content type or a short
+    video."""
+    from hiar.io.video import decode_mp4
+
+    sent = time.monotonic()
+    resp = requests.post(f"{url.rstrip('/')}/v1/videos", json={**body, "stream": False}, timeout=timeout)
+    seconds = time.monotonic() - sent
+    if resp.status_code != 200 or resp.headers.get("content-type", "").split(";")[0] != "video/mp4":
+        raise StreamError(f"POST {url}/v1/videos answered HTTP {resp.status_code}: {resp.text[:500]}",
+                          resp.status_code, resp.text[:2000])
+    promised = int(resp.headers.get("X-HiAR-Num-Frames", "-1"))
+    try:
+        frames = len(decode_mp4(resp.content))
+    except ValueError as err:  # PyAV's InvalidDataError is one; so is an MP4 without frames
+        raise StreamError(f"the MP4 does not decode: {err}") from None
+    if frames != promised or frames <= 0:
+        raise StreamError(f"the MP4 decodes to {frames} frames, the server promised {promised}")
+    return WholeVideo(mp4=resp.content, num_frames=frames, seconds=seconds)
+
+
 def join_segments(segments: list[bytes], reencode: bool = False, fps: int | None = None) -> bytes:
     """One MP4 from per-chunk MP4s: H.264 packets remuxed with continuous timestamps (or re-encoded)."""
     import av

@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from ray import serve
 
-from hiar.io.bundle import CONFIG_FILE
 from hiar.config import HiarConfig, ServeConfig
+from hiar.io import bundle
 from hiar.serving.flow import CANCELLED, Producer, StreamClosed, report_taken
 
 log = logging.getLogger("ray.serve")
@@ -55,7 +55,7 @@ def resolve_model_dir(model: dict) -> Path:
     replica downloads the *pinned* version (never re-resolves an alias, so every replica serves one version).
     """
     path = Path(model["path"])
-    if (path / "transformer").is_dir():
+    if bundle.holds_model(path):
         return path
     from hiar.platform.registry import resolve_bundle  # MLflow, loading only
 
@@ -64,20 +64,16 @@ def resolve_model_dir(model: dict) -> Path:
 
 def bundle_config(root: Path, fallback: HiarConfig | None = None) -> HiarConfig:
     """The bundle's own config, parsed like evaluation parses it (``hiar.io.bundle.bundle_config``)."""
-    from hiar.io.bundle import bundle_config as read_config, open_model_dir
-
-    cfg = read_config(open_model_dir(root, "served model"))
+    cfg = bundle.bundle_config(bundle.open_model_dir(root, "served model"))
     if cfg is not None:
         return cfg
     if fallback is None:
-        raise FileNotFoundError(f"the model bundle {str(root)!r} has no {CONFIG_FILE}")
+        raise FileNotFoundError(f"the model bundle {str(root)!r} has no {bundle.CONFIG_FILE}")
     return fallback
 
 
 def _load(part: str, root: Path, device: str, cfg: HiarConfig | None):
     """One part of the model directory at ``root`` on ``device`` in its configured dtype (``hiar.io.bundle``)."""
-    from hiar.io import bundle
-
     md = bundle.open_model_dir(root, "served model")
     dtypes = bundle.runtime_dtypes(cfg, device)
     if part == "transformer":
@@ -170,24 +166,60 @@ async def _cancel(gen) -> None:
             pass
 
 
+class _Stream:
+    """One stream's lifetime on a replica: booked when it begins; when it ends for any reason (finished, failed,
+    cancelled because the client went away) its upstream call is cancelled unless it finished, its outcome is
+    booked and its stage (this stream's KV cache for this step) is dropped."""
+
+    def __init__(self, book: _StreamBook, stream: str):
+        self.book, self.id = book, stream
+        self.upstream = None  # the upstream's response generator, once called
+        self.stage = None
+
+    async def __aenter__(self) -> "_Stream":
+        self.book.begin(self.id)
+        return self
+
+    async def __aexit__(self, exc_type, err, tb) -> bool:
+        if err is not None:
+            await _cancel(self.upstream)
+        self.book.end(self.id, err)
+        self.stage = None
+        return False  # an error goes on to the caller
+
+
+class _Replica:
+    """What every replica of the graph has: its Serve settings and names, the served model's config, its upstream,
+    the stream book ``stats`` reads."""
+
+    def _open(self, model: dict, serve_cfg: dict, upstream) -> Path:
+        """Set up the replica; returns the local model directory."""
+        self.serve_cfg = ServeConfig(**serve_cfg)
+        self.name, self.replica = replica_setup(self.serve_cfg)
+        self.upstream = upstream
+        root = resolve_model_dir(model)
+        self.cfg = bundle_config(root)
+        self.book = _StreamBook(self.name, self.replica)
+        return root
+
+    def stats(self) -> dict:
+        return self.book.stats()
+
+
 # ---------------------------------------------------------------------- step stages
 @serve.deployment
-class StepDeployment:
+class StepDeployment(_Replica):
     """One denoising step ``sigmas[step] -> sigmas[step + 1]`` for every stream routed to this replica."""
 
     def __init__(self, model: dict, step: int, serve_cfg: dict, upstream=None):
-        self.serve_cfg = ServeConfig(**serve_cfg)
-        self.name, self.replica = replica_setup(self.serve_cfg)
-        self.step, self.upstream = int(step), upstream
-        root = resolve_model_dir(model)
-        self.cfg = bundle_config(root)
+        self.step = int(step)
+        root = self._open(model, serve_cfg, upstream)
         self.device = device_for(self.serve_cfg.stage_num_gpus)
         self.transformer = load_transformer(root, self.device, self.cfg)
         self.sigmas = self.cfg.schedule.sigmas().to(self.device)
         v, r = self.cfg.video, self.cfg.rollout
         self.block_shape = (v.latent_channels, r.frames_per_block, v.latent_height, v.latent_width)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-compute")
-        self.book = _StreamBook(self.name, self.replica)
         log.info("%s (%s) ready: step %d on %s", self.name, self.replica, self.step, self.device)
 
     # -- compute (executor thread)
@@ -219,38 +251,26 @@ class StepDeployment:
     # -- the stream
     async def __call__(self, req: dict):
         stream, loop = req["stream_id"], asyncio.get_running_loop()
-        self.book.begin(stream)
-        flow = req["flow"]
-        producer = Producer(flow, stream, self.step, req["window"], self.serve_cfg.stall_timeout_s)
-        upstream_gen = None
-        stage, err = None, None
-        try:
+        async with _Stream(self.book, stream) as s:
+            flow = req["flow"]
+            producer = Producer(flow, stream, self.step, req["window"], self.serve_cfg.stall_timeout_s)
             embeds = await req["embeds"]
             negative = await req["negative"] if req["negative"] is not None else None
-            stage = await loop.run_in_executor(self.executor, self._make_stage, embeds, negative,
-                                               req["guidance"], req["seed"])
+            s.stage = await loop.run_in_executor(self.executor, self._make_stage, embeds, negative,
+                                                 req["guidance"], req["seed"])
             if self.upstream is not None:
-                upstream_gen = self.upstream.options(stream=True).remote(req)
-            source = self._iterate(req, upstream_gen)
-            async for item in source:
+                s.upstream = self.upstream.options(stream=True).remote(req)
+            async for item in self._iterate(req, s.upstream):
                 n = item["block"]
                 if self.upstream is not None:
                     report_taken(flow, stream, self.step - 1, n + 1)
                 await producer.acquire(n)
                 self.book.max_lead = max(self.book.max_lead, producer.max_lead)
-                x, start, end = await loop.run_in_executor(self.executor, self._process, stage, n, item["x"],
+                x, start, end = await loop.run_in_executor(self.executor, self._process, s.stage, n, item["x"],
                                                            self.device)
                 timing = {"stage": self.name, "replica": self.replica, "start": start, "end": end,
-                          "calls": stage.calls}
+                          "calls": s.stage.calls}
                 yield {"block": n, "x": x, "timings": item["timings"] + [timing]}
-        except BaseException as e:  # noqa: BLE001 - classified and re-raised
-            err = e
-            raise
-        finally:
-            if err is not None:
-                await _cancel(upstream_gen)
-            self.book.end(stream, err)
-            stage = None  # the stream's KV cache for this step goes with it
 
     async def _iterate(self, req: dict, upstream_gen):
         if upstream_gen is None:
@@ -259,9 +279,6 @@ class StepDeployment:
         else:
             async for item in upstream_gen:
                 yield item
-
-    def stats(self) -> dict:
-        return self.book.stats()
 
 
 # ---------------------------------------------------------------------- decoder
@@ -298,21 +315,16 @@ class StreamingDecoder:
 
 
 @serve.deployment
-class DecoderDeployment:
+class DecoderDeployment(_Replica):
     """Codec decode + H.264 encoding of each block as it leaves the last step stage."""
 
     def __init__(self, model: dict, serve_cfg: dict, upstream):
-        self.serve_cfg = ServeConfig(**serve_cfg)
-        self.name, self.replica = replica_setup(self.serve_cfg)
-        self.upstream = upstream
-        root = resolve_model_dir(model)
-        self.cfg = bundle_config(root)
+        root = self._open(model, serve_cfg, upstream)
         self.device = device_for(self.serve_cfg.decoder_num_gpus)
         self.codec = load_codec(root, self.device, self.cfg)
         self.fps = self.cfg.video.fps
         self.num_steps = self.cfg.schedule.num_steps
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
-        self.book = _StreamBook(self.name, self.replica)
 
     def _encode_block(self, dec: StreamingDecoder, x: np.ndarray, mode: str):
         from hiar.io.video import encode_mp4
@@ -332,13 +344,12 @@ class DecoderDeployment:
         ``mode == "whole"`` the per-block items carry no MP4 and a last item ``{"final": True, "mp4"}`` holds
         the whole video."""
         stream, loop, flow = req["stream_id"], asyncio.get_running_loop(), req["flow"]
-        self.book.begin(stream)
-        producer = Producer(flow, stream, self.num_steps, req["window"], self.serve_cfg.stall_timeout_s)
-        dec, mode = StreamingDecoder(self.codec), req.get("mode", "segments")
-        upstream_gen, err, kept = None, None, []
-        try:
-            upstream_gen = self.upstream.options(stream=True).remote(req)
-            async for item in upstream_gen:
+        async with _Stream(self.book, stream) as s:
+            producer = Producer(flow, stream, self.num_steps, req["window"], self.serve_cfg.stall_timeout_s)
+            dec, mode = StreamingDecoder(self.codec), req.get("mode", "segments")
+            kept = []
+            s.upstream = self.upstream.options(stream=True).remote(req)
+            async for item in s.upstream:
                 n = item["block"]
                 report_taken(flow, stream, self.num_steps - 1, n + 1)
                 await producer.acquire(n)
@@ -356,16 +367,6 @@ class DecoderDeployment:
                 yield out
             if mode != "segments":
                 yield {"final": True, "mp4": await loop.run_in_executor(self.executor, self._encode_whole, kept)}
-        except BaseException as e:  # noqa: BLE001
-            err = e
-            raise
-        finally:
-            if err is not None:
-                await _cancel(upstream_gen)
-            self.book.end(stream, err)
-
-    def stats(self) -> dict:
-        return self.book.stats()
 
 
 __all__ = ["StepDeployment", "DecoderDeployment", "StreamingDecoder", "resolve_model_dir", "bundle_config",

@@ -1,5 +1,9 @@
 """Analytic oracle for the tiny world: does a clip show what its caption says?
 
+Over 400 lines because it is one judge: the per-frame analysis, the pairwise
+displacement and the scores are one :class:`Oracle` and its few helpers, whose
+tolerances only make sense together.
+
 No learned weights: the tiny world (``hiar.tiny.world``) is a flat background plus
 one palette-coloured shape moving at constant speed on a torus, so every
 caption attribute can be read off the pixels directly.  The oracle is used to
@@ -55,6 +59,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from hiar.tiny import captions as _captions
 from hiar.tiny import world as _world
 
 __all__ = [
@@ -174,7 +179,7 @@ class Oracle:
         dist_bg = np.linalg.norm(x - bg[:, None, None, :], axis=-1)  # [T, H, W]
         bg_frac = (dist_bg <= self.pixel_tol).reshape(t_count, -1).mean(axis=1)
         bg_evidence = bg_frac >= self.min_background_fraction
-        bg_name = self._nearest_names(bg, self._bg_rgb, _world.BACKGROUNDS)
+        bg_name = self._nearest_names(bg, self._bg_rgb, _captions.BACKGROUNDS)
 
         # Shape mask and its statistics.
         mask = dist_bg > self.mask_tol
@@ -183,7 +188,7 @@ class Oracle:
         cy, ry = _circular_mean(mask.sum(axis=2), h)  # row profile -> y
         compact = np.minimum(rx, ry)
         size = _world.shape_size_for(h, w)
-        areas = [int(_world.shape_stamp(s, size).sum()) for s in _world.SHAPES]
+        areas = [int(_world.shape_stamp(s, size).sum()) for s in _captions.SHAPES]
         lo, hi = self.area_range[0] * min(areas), self.area_range[1] * max(areas)
         present = (area >= lo) & (area <= hi) & (compact >= self.min_compactness)
 
@@ -197,7 +202,7 @@ class Oracle:
         n_core = core.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             shape_rgb = (flat * core[..., None]).sum(axis=1) / n_core[:, None]
-        color_name = self._nearest_names(shape_rgb, self._shape_rgb, _world.COLORS)
+        color_name = self._nearest_names(shape_rgb, self._shape_rgb, _captions.COLORS)
         color_name = [n if p else _UNKNOWN for n, p in zip(color_name, present)]
         centroid = np.stack([cx, cy], axis=1)
         centroid[~present] = np.nan
@@ -245,7 +250,7 @@ class Oracle:
         """Template with the best IoU at the best circular shift, if IoU >= ``min_shape_iou``."""
         best_iou = np.full(len(area), -1.0)
         best_k = np.zeros(len(area), dtype=np.int64)
-        for k, name in enumerate(_world.SHAPES):
+        for k, name in enumerate(_captions.SHAPES):
             stamp = _world.shape_stamp(name, size)
             tpl = np.zeros((h, w), dtype=np.float32)
             tpl[:size, :size] = stamp
@@ -255,13 +260,13 @@ class Oracle:
             better = iou > best_iou
             best_iou[better], best_k[better] = iou[better], k
         return [
-            _world.SHAPES[k] if (p and i >= self.min_shape_iou) else _UNKNOWN
+            _captions.SHAPES[k] if (p and i >= self.min_shape_iou) else _UNKNOWN
             for k, i, p in zip(best_k, best_iou, present)
         ]
 
     # ---------------------------------------------------------------- scoring
     def _checks(self, a: FrameAnalysis, caption: str):
-        attrs = _world.parse_caption(caption)
+        attrs = _captions.parse_caption(caption)
         bg_ok = a.background_evidence & np.array([n == attrs.background for n in a.background_name])
         color_ok = a.present & np.array([n == attrs.color for n in a.color_name])
         shape_ok = a.present & np.array([n == attrs.shape for n in a.shape_name])
@@ -311,7 +316,7 @@ class Oracle:
         [0.5, 2), fast >= 2.
         """
         x = self._as_frames(frames, min_frames=2)
-        _world.parse_caption(caption)  # fail fast on a bad caption
+        _captions.parse_caption(caption)  # fail fast on a bad caption
         a = self.analyze(x)
         bg_ok, color_ok, shape_ok, dir_ok, speed_ok = self._checks(a, caption)
         curve = self.consistency_curve(x, caption, analysis=a)

@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ("hiar",)
 LOCAL = {"hiar", "benchmarks", "tests", "__future__"}
 # imported only behind a guard that reports the feature as unavailable, never required:
-OPTIONAL = {"matplotlib": "hiar/eval/drift.py: plot backend, cv2 when absent",
-            "pyiqa": "hiar/eval/drift.py: the MUSIQ scorer, listed as skipped when absent"}
+OPTIONAL = {"matplotlib": "hiar/eval/plots.py: plot backend, cv2 when absent",
+            "pyiqa": "hiar/eval/learned.py: the MUSIQ scorer, listed as skipped when absent"}
 
 
 def _imports() -> dict[str, set[str]]:

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 import hiar.eval.drift as D
+from hiar.eval import learned as L
+from hiar.eval import scorers as S
 from hiar.config import HiarConfig, load_config
 from hiar.eval.gate import CHECK_NAMES, decide, gate_metric_keys
 
@@ -75,7 +77,7 @@ def test_clip_text_alignment_loads_the_saved_model_and_follows_the_prompt(clip_w
     import torch
     from transformers import AutoTokenizer, CLIPModel
 
-    scorer = D.ClipTextAlignmentScorer(clip_weights)
+    scorer = L.ClipTextAlignmentScorer(clip_weights)
     assert scorer.available() == (True, "")
     frames = video()[:4]
     values = [scorer.score_prompt_segment(frames, p) for p in PROMPTS]
@@ -88,7 +90,7 @@ def test_clip_text_alignment_loads_the_saved_model_and_follows_the_prompt(clip_w
     model = CLIPModel.from_pretrained(str(clip_weights / "clip"), local_files_only=True).eval()
     tokens = AutoTokenizer.from_pretrained(str(clip_weights / "clip"), local_files_only=True)([PROMPTS[0]],
                                                                                           return_tensors="pt")
-    pixels = D._to_model_input(frames, 32, D._CLIP_MEAN, D._CLIP_STD)
+    pixels = L._to_model_input(frames, 32, L._CLIP_MEAN, L._CLIP_STD)
     with torch.no_grad():
         out = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels)
     cosine = (out.logits_per_text / model.logit_scale.exp()).mean().item()
@@ -123,15 +125,15 @@ def test_alignment_is_reported_per_segment_and_stays_out_of_the_drift_score(clip
 
 
 def test_missing_weights_are_skipped_with_the_reason_never_zero(tmp_path, monkeypatch):
-    monkeypatch.delenv(D.WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(S.WEIGHTS_ENV, raising=False)
     missing = tmp_path / "no-weights-here"
-    ok, why = D.ClipTextAlignmentScorer(missing).available()
+    ok, why = L.ClipTextAlignmentScorer(missing).available()
     assert not ok and str(missing / "clip") in why
     report = D.drift_report(video(), fps=8, weights_dir=missing, prompt=PROMPTS[0])
     assert set(report.skipped) == {"dinov2_similarity", "lpips_distance", "musiq", "clip_iqa", "clip_text"}
     assert not report.alignment and not any(k.startswith("alignment/") for k in report.to_metrics())
-    ok, why = D.ClipTextAlignmentScorer().available()
-    assert not ok and D.WEIGHTS_ENV in why
+    ok, why = L.ClipTextAlignmentScorer().available()
+    assert not ok and S.WEIGHTS_ENV in why
 
 
 def test_lpips_and_musiq_without_their_library_are_skipped_with_the_reason(tmp_path):
@@ -139,7 +141,7 @@ def test_lpips_and_musiq_without_their_library_are_skipped_with_the_reason(tmp_p
     present the scorers say which package is missing instead of crashing or scoring 0."""
     (tmp_path / "lpips").mkdir()
     (tmp_path / "musiq").mkdir()
-    for cls, module in ((D.LpipsDistanceScorer, "lpips"), (D.MusiqScorer, "pyiqa")):
+    for cls, module in ((L.LpipsDistanceScorer, "lpips"), (L.MusiqScorer, "pyiqa")):
         try:
             __import__(module)
         except Exception:  # noqa: BLE001 - the case this environment has
@@ -166,18 +168,18 @@ def test_weights_directory_from_s3(s3_server, clip_weights, tmp_path, monkeypatc
     uri = "s3://hiar-weights/scorers"
 
     frames = video(seed=3)[:4]
-    local = D.ClipTextAlignmentScorer(clip_weights).score_prompt_segment(frames, PROMPTS[0])
-    remote = D.ClipTextAlignmentScorer(uri)
+    local = L.ClipTextAlignmentScorer(clip_weights).score_prompt_segment(frames, PROMPTS[0])
+    remote = L.ClipTextAlignmentScorer(uri)
     assert remote.available() == (True, ""), remote.available()
     assert remote.score_prompt_segment(frames, PROMPTS[0]) == pytest.approx(local, abs=1e-6)
     assert str(remote.root).startswith(str(tmp_path / "cache"))
-    monkeypatch.setenv(D.WEIGHTS_ENV, uri)  # the environment variable takes a URI too
-    assert D.ClipTextAlignmentScorer().available() == (True, "")
-    monkeypatch.delenv(D.WEIGHTS_ENV)
-    ok, why = D.ClipTextAlignmentScorer("s3://hiar-weights/nothing-here").available()
+    monkeypatch.setenv(S.WEIGHTS_ENV, uri)  # the environment variable takes a URI too
+    assert L.ClipTextAlignmentScorer().available() == (True, "")
+    monkeypatch.delenv(S.WEIGHTS_ENV)
+    ok, why = L.ClipTextAlignmentScorer("s3://hiar-weights/nothing-here").available()
     assert not ok and "could not be fetched" in why
 
-    from hiar.jobs.evaluate import EvalInputError, plan_evaluation
+    from hiar.platform.evaluation_plan import EvalInputError, plan_evaluation
 
     bundle = random_bundle(tmp_path / "bundle")
     plan = plan_evaluation(load_config("tiny", [f"run_dir={tmp_path}", f"eval.scorer_weights={uri}"]), str(bundle))
@@ -191,7 +193,9 @@ def test_weights_directory_from_s3(s3_server, clip_weights, tmp_path, monkeypatc
 def test_non_tiny_preset_gets_no_oracle_and_the_actor_reports_alignment(clip_weights, tmp_path):
     """A non-tiny preset is never scored by the tiny world's oracle; the actor passes each item's prompt to the
     alignment scorer, so the evaluation metrics hold alignment/clip_text (and its segments) per mode."""
-    from hiar.jobs.evaluate import EvalActor, plan_evaluation, summarize
+    from hiar.eval.summary import summarize
+    from hiar.platform.evaluation import EvalActor
+    from hiar.platform.evaluation_plan import plan_evaluation
     from tests.services import random_bundle
 
     bundle = random_bundle(tmp_path / "bundle")

@@ -14,7 +14,7 @@ NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
 
 @pytest.fixture(scope="module")
 def deployed(ray_head, tmp_path_factory):
-    from tests.test_full import ensure_pipeline, shutdown_serve
+    from tests.integration.pipeline.test_full import ensure_pipeline, shutdown_serve
 
     run = ensure_pipeline(tmp_path_factory.getbasetemp() / "hiar-full-pipeline", ray_head.address)
     yield run

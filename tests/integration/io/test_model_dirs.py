@@ -345,7 +345,7 @@ def test_the_dmd_gradient_comes_from_the_named_real_score():
     from hiar.config import load_config
     from hiar.core.model import CausalWanTransformer3DModel
     from hiar.io.text import TextEncoder
-    from hiar.tiny.world import train_prompts, vocabulary
+    from hiar.tiny.captions import train_prompts, vocabulary
     from tests.conftest import perturbed
 
     cfg = load_config("tiny", TINY)
@@ -375,7 +375,7 @@ def test_the_real_score_path_is_checked_loaded_and_used_for_the_wan_miniature(wa
     set; the stand-in loaded from it changes the DMD gradient; empty (= the teacher) equals passing None."""
     from hiar.io.bundle import load_text, load_transformer
     from hiar.config import load_config
-    from hiar.jobs.train import check_models
+    from hiar.platform.train_inputs import check_models
 
     standin, incompatible = wan_real_scores
     cfg_teacher = load_config("wan2.1-1.3b", [*cpu_overrides(wan_ckpt), "distill.fkl_weight=0"])

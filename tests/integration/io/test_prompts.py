@@ -84,7 +84,7 @@ def test_local_directory_of_two_files(tmp_path):
 
 def test_tiny_and_config_prompt_sets(tmp_path):
     from hiar.methods.pretrain import eval_prompts
-    from hiar.tiny.world import heldout_prompts, train_prompts
+    from hiar.tiny.captions import heldout_prompts, train_prompts
 
     tiny = prompt_set(load_config("tiny"))
     assert tiny == tiny_prompt_set(load_config("tiny"))

@@ -63,17 +63,34 @@ def check_roundtrip(uri: str, teacher: Path, kind: str, count: int, column: str)
     assert manifest["teacher_checksum"] and manifest["config_hash"]
 
 
+def progress_events(output: str, task: str) -> list:
+    """The progress events (hiar.platform.progress) of ``task`` a job printed."""
+    from hiar.platform.progress import parse
+
+    return [e for e in map(parse, output.splitlines()) if e is not None and e.task == task]
+
+
 def test_local_roundtrip_is_bit_identical_to_direct_sampling(ray_head, random_teacher, tmp_path):
-    out = tmp_path / "ode"
+    from hiar.jobs.results import DatasetResult, read_result
+
+    out, result_json = tmp_path / "ode", tmp_path / "ode.json"
     proc = run_generate(["--kind", "ode_pairs", "--count", "5", "--output", str(out), "--teacher", str(random_teacher),
-                         "--actors", "1"], env={"RAY_ADDRESS": ray_head.address})
+                         "--actors", "1", "--output-json", str(result_json)], env={"RAY_ADDRESS": ray_head.address})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "5 samples committed" in proc.stdout
     check_roundtrip(str(out), random_teacher, "ode_pairs", 5, "latents")
+    result = read_result(result_json, DatasetResult)
+    assert (result.kind, result.uri, result.count, result.shards_written) == ("ode_pairs", str(out), 5, 2)
+    assert result.identity == load_manifest(str(out))["identity"] and result.samples_per_s > 0 and result.run_id
+    events = progress_events(proc.stdout, "generate ode_pairs")
+    assert events and events[0].done == 0 and (events[-1].done, events[-1].total, events[-1].unit) == (5, 5, "samples")
     # a rerun skips every committed shard
-    again = run_generate(["--kind", "ode_pairs", "--count", "5", "--output", str(out), "--teacher", str(random_teacher)],
-                         env={"RAY_ADDRESS": ray_head.address})
+    again = run_generate(["--kind", "ode_pairs", "--count", "5", "--output", str(out), "--teacher", str(random_teacher),
+                          "--output-json", str(result_json)], env={"RAY_ADDRESS": ray_head.address})
     assert again.returncode == 0 and "2 already committed, 0 to compute" in again.stdout
+    rerun = read_result(result_json, DatasetResult)
+    assert (rerun.count, rerun.shards_written, rerun.samples_per_s, rerun.identity) == (5, 0, None, result.identity)
+    assert rerun.run_id != result.run_id
 
 
 def test_s3_roundtrip_trajectories(ray_head, s3_server, random_teacher):

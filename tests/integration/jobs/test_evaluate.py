@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 
 from hiar.config import load_config
+from hiar.core.rollout import ROLLOUT_MODES as MODES
 from tests.services import random_bundle, set_args
 
 ROOT = Path(__file__).resolve().parents[3]
 SMALL = ["eval.num_prompts=2", "video.eval_horizon_factor=2", "eval.sample_videos=2"]
-MODES = ("hierarchical", "block_first")
-
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +41,8 @@ def test_actor_and_summary_without_ray(bundle, tmp_path):
     Every mean comes with its standard error over the samples, and the per-sample table holds the values it is
     the mean of, keyed by (prompt, seed)."""
     from hiar.methods.pretrain import eval_prompts
-    from hiar.jobs.evaluate import EvalActor, summarize
+    from hiar.eval.summary import summarize
+    from hiar.platform.evaluation import EvalActor
 
     cfg = load_config("tiny")
     actor = EvalActor(str(bundle), cfg.to_dict(), list(MODES), num_blocks=4, segments=5, use_oracle=True,
@@ -79,7 +79,7 @@ def test_plan_defaults_to_four_times_the_training_horizon_on_held_out_prompts(bu
     held-out prompts x eval.seeds in both modes, with the oracle; a prompt dataset (data.prompts, the Wan preset)
     gives the first N of its held-out split and no oracle.  Identity is about the settings: equal for any model, different for other settings."""
     from hiar.methods.pretrain import eval_prompts
-    from hiar.jobs.evaluate import plan_evaluation
+    from hiar.platform.evaluation_plan import plan_evaluation
 
     cfg = load_config("tiny", [f"run_dir={tmp_path}"])
     plan = plan_evaluation(cfg, str(bundle))
@@ -114,8 +114,8 @@ def test_registry_uri_end_to_end_on_the_cluster_then_reuse(ray_head, bundle, tmp
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     runs.mkdir()
     mlflow.set_tracking_uri(uri)
-    from hiar.jobs.evaluate import experiment_id
     from hiar.platform.registry import log_bundle
+    from hiar.platform.tracking import experiment_id
 
     experiment_id("hiar-setup")
     with mlflow.start_run(experiment_id=experiment_id("hiar-setup")):
@@ -131,9 +131,15 @@ def test_registry_uri_end_to_end_on_the_cluster_then_reuse(ray_head, bundle, tmp
                        env=_env(ray_head), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     print(f"evaluate: {time.monotonic() - t0:.1f} s")
+    from hiar.jobs.results import EvaluationResult, read_result
+    from hiar.platform.progress import parse
+
+    typed = read_result(out, EvaluationResult)
+    assert typed.model_uri == "models:/hiar-student@champion" and typed.version == "1" and not typed.reused
     result = json.loads(out.read_text())
-    assert result["model_uri"] == "models:/hiar-student@champion" and result["version"] == "1"
     assert "drift/score" in r.stdout and "hierarchical" in r.stdout  # the summary table
+    events = [e for e in map(parse, r.stdout.splitlines()) if e is not None and e.task == "evaluate"]
+    assert events and (events[-1].done, events[-1].total, events[-1].unit) == (2, 2, "videos")
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "hiar-eval"
@@ -146,7 +152,7 @@ def test_registry_uri_end_to_end_on_the_cluster_then_reuse(ray_head, bundle, tmp
             assert f"{mode}/{key}" in m and f"{mode}/{key}_se" in m, (mode, key)
             assert m[f"{mode}/{key}"] == pytest.approx(result["metrics"][f"{mode}/{key}"])
     assert m["eval/num_videos"] == 2
-    from hiar.jobs.evaluate import load_sample_values
+    from hiar.platform.evaluation import load_sample_values
 
     table = load_sample_values(result["run_id"])  # the per-sample artifact the gate pairs
     assert [k[1] for k in table["keys"]] == [0, 0] and len({k[0] for k in table["keys"]}) == 2
@@ -203,7 +209,9 @@ def test_bad_model_is_an_error_before_any_compute(bundle, tmp_path, monkeypatch,
     from hiar.platform.registry import log_bundle
 
     mlflow.set_tracking_uri(f"sqlite:///{runs / 'mlflow.db'}")
-    with mlflow.start_run(experiment_id=evaluate.experiment_id("hiar-setup")):
+    from hiar.platform.tracking import experiment_id
+
+    with mlflow.start_run(experiment_id=experiment_id("hiar-setup")):
         log_bundle(bundle, registered_model_name="hiar-student")
     assert evaluate.main([*base, "--model", "models:/hiar-student@champion"]) == 2
     err = _error_line(capsys.readouterr().err)

@@ -251,9 +251,9 @@ def test_gate_decides_on_real_evaluations_rollback_and_serving_resolution(ray_he
             np.std(tables["challenger"]["values"][key], ddof=1) / np.sqrt(2))
     assert [c["passed"] for c in metrics["checks"]][0] is False and metrics["thresholds"]["gate_margin_se"] == 3.0
     assert "promote v2 vs champion v1: REJECTED: gate failed" in client.get_registered_model(NAME).description
-    promote_run = client.get_run(decision["run_id"])
+    promote_run = client.get_run(decision["details"]["run_id"])  # PromoteResult: the promote run in its details
     assert promote_run.data.tags["mlflow.parentRunId"] == parent
-    assert {ev[s].data.tags["mlflow.parentRunId"] for s in ev} == {decision["run_id"]}
+    assert {ev[s].data.tags["mlflow.parentRunId"] for s in ev} == {decision["details"]["run_id"]}
     assert promote_run.data.tags["promotion.decision"] == "rejected"
     assert "challenger/drift" in promote_run.data.metrics and "champion/drift" in promote_run.data.metrics
     assert promote_run.data.metrics["gate/drift/diff"] == pytest.approx(metrics["checks"][0]["diff"])
@@ -308,11 +308,11 @@ def test_register_promote_and_resolve_through_an_mlflow_server(mlflow_server, bu
     env["MLFLOW_TRACKING_URI"] = mlflow_server
     base = ["--preset", "tiny", "--set", f"run_dir={tmp_path / 'runs'}"]
     script = "-m", "hiar.jobs.promote"
-    r = subprocess.run([sys.executable, script, "register", "--model-dir", str(bundles[1]), *base], env=env,
+    r = subprocess.run([sys.executable, *script, "register", "--model-dir", str(bundles[1]), *base], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "1"
-    r = subprocess.run([sys.executable, script, "promote", *base], env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, *script, "promote", *base], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "first model" in r.stdout, r.stderr[-3000:]
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # the server was used, not the SQLite default

@@ -17,7 +17,7 @@ from hiar.methods.losses import flow_matching_loss, sample_training_sigmas
 from hiar.methods.pretrain import (TeacherPretraining, build_world_components, evaluate_teacher, eval_prompts, load_teacher)
 from hiar.core.schedule import teacher_sigmas
 from hiar.core.teacher import sample_teacher
-from hiar.tiny.world import heldout_prompts, train_prompts
+from hiar.tiny.captions import heldout_prompts, train_prompts
 
 ROOT = Path(__file__).resolve().parents[3]
 SHIPPED = ROOT / "assets" / "tiny-teacher"

@@ -69,8 +69,13 @@ def _client(root):
 
 
 def test_two_workers_end_to_end_logs_checkpoints_and_resumes_as_a_skip(ray_head, world_dir):
+    from hiar.jobs.results import TrainResult, read_result
+    from hiar.platform.progress import parse
+
     root, base = world_dir
-    r = run_train(ray_head, ["--stage", "all", *set_args(DATA_FAST + base + TRAIN_FAST)])
+    result_json = root / "train-result.json"
+    r = run_train(ray_head, ["--stage", "all", "--output-json", str(result_json),
+                             *set_args(DATA_FAST + base + TRAIN_FAST)])
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     students = sorted((root / "runs" / "students").iterdir())
     assert [p.name.split("-")[0] for p in students] == ["distill", "ode_init"]
@@ -97,12 +102,27 @@ def test_two_workers_end_to_end_logs_checkpoints_and_resumes_as_a_skip(ray_head,
     assert ckpts, "no Ray Train checkpoints written"
     # 4 steps over 2 micro-batches per worker and epoch: epochs 2.. replay the shard from memory
     assert "ode_pairs: 2 micro-batches" in r.stdout and "trajectories: 2 micro-batches" in r.stdout, r.stdout[-3000:]
+    # the last stage's typed result: its bundle, identity, steps, last losses (from rank 0) and MLflow run
+    result = read_result(result_json, TrainResult)
+    assert (result.stage, result.output, result.steps) == ("distill", str(students[0]), 4)
+    assert result.identity == distilled.card["identity"] and result.run_id == dist.info.run_id
+    assert {"dmd_loss", "fkl_loss", "critic_loss"} <= set(result.losses)
+    assert result.losses["critic_loss"] == pytest.approx(
+        client.get_metric_history(dist.info.run_id, "critic_loss")[-1].value)
+    # rank 0's progress of each stage, one task per stage, ending at its step count
+    events = [e for e in map(parse, r.stdout.splitlines()) if e is not None]
+    for stage in ("ode_init", "distill"):
+        mine = [e for e in events if e.task == f"train {stage}"]
+        assert mine and (mine[-1].done, mine[-1].total, mine[-1].unit) == (4, 4, "steps"), (stage, events)
 
     # the same command again: both stages are recognised as done, nothing retrains
     t0 = time.monotonic()
-    r2 = run_train(ray_head, ["--stage", "all", *set_args(DATA_FAST + base + TRAIN_FAST)])
+    result_json.unlink()
+    r2 = run_train(ray_head, ["--stage", "all", "--output-json", str(result_json),
+                              *set_args(DATA_FAST + base + TRAIN_FAST)])
     assert r2.returncode == 0, r2.stderr[-2000:]
     assert r2.stdout.count("skipping") == 2
+    assert read_result(result_json, TrainResult) == result  # a skipped stage hands on the same result
     assert time.monotonic() - t0 < 120
 
 

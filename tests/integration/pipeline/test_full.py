@@ -46,6 +46,15 @@ def run_full(args, ray_address=None, timeout=1200, env=None):
                           timeout=timeout, cwd=str(ROOT))
 
 
+def log_since(path: Path, offset: int) -> str:
+    """What a stage's log (``<run_dir>/logs/<stage>.log``, appended per attempt) gained after ``offset`` bytes."""
+    if not path.exists():
+        return ""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode(errors="replace")
+
+
 def statuses(summary: dict) -> dict:
     return {s["stage"]: s["status"] for s in summary["stages"]}
 
@@ -177,6 +186,12 @@ def test_whole_pipeline_ends_with_a_champion_and_an_endpoint_that_returns_a_play
     assert "[full] summary" in run["stdout"] and "mlflow ui --backend-store-uri sqlite:///" in run["stdout"]
     for stage in STAGES:
         assert re.search(rf"^\s+{stage}\s+(ran|skipped)\s+\d+\.\d", run["stdout"], re.M), stage
+    # the console: the orchestrator's own lines; each job's output went to its stage's log, listed in the summary
+    assert "Ray's own logs:" in run["stdout"] and "[train:" not in run["stdout"]
+    assert len(run["stdout"].splitlines()) < 300, run["stdout"][-6000:]
+    for s in summary["stages"]:
+        if s["status"] == "ran" and s["stage"] != "deploy":
+            assert Path(s["log"]) == run["run_dir"] / "logs" / f"{s['stage']}.log" and Path(s["log"]).stat().st_size
 
     # the registry: one version, the champion, tagged with the bundle it came from
     client = MlflowClient(tracking_uri=f"sqlite:///{run['run_dir'] / 'mlflow.db'}")
@@ -256,35 +271,38 @@ def test_sigkill_mid_distillation_then_resubmit_resumes_from_the_last_checkpoint
     extra = ["distill.steps=12", "distill.checkpoint_every=2"]  # a new distill identity; data + ode_init are reused
     args = [*pipeline_args(root, port, extra), "--stages", "ode_pairs,trajectories,ode_init,distill"]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    proc = subprocess.Popen(full_cmd(*args), env={**env, "RAY_ADDRESS": ray_head.address}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=str(ROOT))
-    lines, killed_at, parent = [], None, None
+    # the train job's output goes to the stage's log (appended per attempt): read what this attempt adds
+    log = pipeline_run["run_dir"] / "logs" / "distill.log"
+    start = log.stat().st_size if log.exists() else 0
+    console = root / "sigkill-console.txt"
+    with open(console, "w") as out:
+        proc = subprocess.Popen(full_cmd(*args), env={**env, "RAY_ADDRESS": ray_head.address}, stdout=out,
+                                stderr=subprocess.STDOUT, text=True, cwd=str(ROOT))
+    killed_at = None
     deadline = time.monotonic() + 1200
-    for line in proc.stdout:
-        lines.append(line)
-        m = re.search(r"MLflow parent run (\w+)", line)
-        if m:
-            parent = m.group(1)
-        m = re.search(r"\[train:distill\] checkpoint at step (\d+)", line)
-        if m and int(m.group(1)) >= 6:  # mid-run, with earlier checkpoints and logged losses behind it
-            killed_at = int(m.group(1))
+    while killed_at is None and proc.poll() is None:
+        steps = [int(x) for x in re.findall(r"\[train:distill\] checkpoint at step (\d+)", log_since(log, start))]
+        if steps and max(steps) >= 6:  # mid-run, with earlier checkpoints and logged losses behind it
+            killed_at = max(steps)
             os.kill(proc.pid, signal.SIGKILL)
-            break
-        assert time.monotonic() < deadline, "".join(lines[-50:])
+        assert time.monotonic() < deadline, log_since(log, start)[-5000:]
+        time.sleep(0.2)
     proc.wait(timeout=60)
-    proc.stdout.close()
-    assert killed_at is not None and killed_at < 12, "".join(lines[-50:])
+    assert killed_at is not None and killed_at < 12, (console.read_text()[-3000:], log_since(log, start)[-5000:])
     assert proc.returncode == -signal.SIGKILL
+    parent = re.search(r"MLflow parent run (\w+)", console.read_text()).group(1)
 
     summary_path = root / "resume-summary.json"
     resubmitted_ms = int(time.time() * 1000)
+    resubmitted_at = log.stat().st_size
     r = run_full([*args, "--summary-json", str(summary_path)], ray_address=ray_head.address)
     out = r.stdout
     assert r.returncode == 0, (out[-6000:], r.stderr[-3000:])
     got = statuses(json.loads(summary_path.read_text()))
     assert got == {"ode_pairs": "skipped", "trajectories": "skipped", "ode_init": "skipped", "distill": "ran"}, got
-    resumed = set(int(x) for x in re.findall(r"resumed from checkpoint at step (\d+)", out))
-    assert len(resumed) == 1, [ln for ln in out.splitlines() if "step" in ln][-40:]
+    resumed_log = log_since(log, resubmitted_at)
+    resumed = set(int(x) for x in re.findall(r"resumed from checkpoint at step (\d+)", resumed_log))
+    assert len(resumed) == 1, [ln for ln in resumed_log.splitlines() if "step" in ln][-40:]
     resumed_at = resumed.pop()
     assert killed_at - 2 <= resumed_at <= killed_at  # the last committed checkpoint, not step 0
     assert f"continuing the unfinished pipeline run {parent}" in out

@@ -8,6 +8,11 @@ import numpy as np
 import pytest
 
 from hiar.eval import drift as D
+from hiar.eval import dynamics as Y
+from hiar.eval import frames as F
+from hiar.eval import learned as L
+from hiar.eval import plots as P
+from hiar.eval import scorers as S
 from hiar.tiny.world import SyntheticWorld
 
 
@@ -92,25 +97,25 @@ LEARNED = ("dinov2_similarity", "lpips_distance", "musiq", "clip_iqa", "clip_tex
 def test_as_video_layouts_and_dtypes():
     rng = np.random.default_rng(0)
     thwc = rng.random((6, 8, 10, 3)).astype(np.float32)
-    assert np.array_equal(D.from_model_output(np.moveaxis(thwc, -1, 0)), thwc)
+    assert np.array_equal(F.from_model_output(np.moveaxis(thwc, -1, 0)), thwc)
     u8 = (thwc * 255).round().astype(np.uint8)
-    assert np.allclose(D.as_video(u8), u8 / 255.0)
+    assert np.allclose(F.as_video(u8), u8 / 255.0)
     import torch
 
-    assert np.array_equal(D.as_video(torch.from_numpy(thwc)), thwc)
+    assert np.array_equal(F.as_video(torch.from_numpy(thwc)), thwc)
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
-        D.as_video(thwc * 2 - 1)
+        F.as_video(thwc * 2 - 1)
     with pytest.raises(ValueError, match="CTHW"):
-        D.as_video(np.moveaxis(thwc, -1, 0))
+        F.as_video(np.moveaxis(thwc, -1, 0))
 
 
 def test_segments_drop_the_remainder_from_the_start():
     video = np.arange(23, dtype=np.float32)[:, None, None, None] * np.ones((1, 2, 2, 3), np.float32)
-    segs = D.split_segments(video, 5)
+    segs = F.split_segments(video, 5)
     assert [len(s) for s in segs] == [4] * 5
     assert segs[0][0, 0, 0, 0] == 3 and segs[-1][-1, 0, 0, 0] == 22  # frames 0..2 dropped, last kept
     with pytest.raises(ValueError, match=">= 10"):
-        D.split_segments(video[:9], 5)
+        F.split_segments(video[:9], 5)
 
 
 def test_fit_slope_matches_polyfit():
@@ -167,8 +172,8 @@ def test_progressive_blur_is_sharpness_drift():
 
 def test_translating_texture_is_dynamic_and_constant_is_static():
     img = textured(64, 64, seed=4)
-    moving = D.dynamics(translating(img, 16, dx=4), fps=8)
-    still = D.dynamics(np.repeat(img[None], 16, axis=0), fps=8)
+    moving = Y.dynamics(translating(img, 16, dx=4), fps=8)
+    still = Y.dynamics(np.repeat(img[None], 16, axis=0), fps=8)
     assert moving["threshold"] == pytest.approx(6.0 * 64 / 256)
     assert moving["count_required"] == 4  # round(4 * 16 / 16)
     assert moving["dynamic"] and moving["dynamic_degree"] == 1.0
@@ -179,11 +184,11 @@ def test_translating_texture_is_dynamic_and_constant_is_static():
 def test_fps_sampling_follows_vbench():
     img = textured(64, 64, seed=5)
     clip = translating(img, 32, dx=1)
-    at16 = D.dynamics(clip, fps=16)
+    at16 = Y.dynamics(clip, fps=16)
     assert at16["sample_interval"] == 2 and at16["num_pairs"] == 15  # every 2nd frame of 32: 16 kept
     assert at16["count_required"] == 4
     assert at16["magnitude_median"] == pytest.approx(2.0, abs=0.3)  # 1 px/frame, 2 frames apart
-    at4 = D.dynamics(clip, fps=4)
+    at4 = Y.dynamics(clip, fps=4)
     assert at4["threshold"] == pytest.approx(2.0 * 6.0 * 64 / 256)  # below 8 fps the bar rises by 8/fps
 
 
@@ -193,7 +198,7 @@ def test_tiny_world_still_vs_quick_at_16px(seed):
     still = world.render(world.scene_for_prompt("a red square stays still over a black background", seed), 16)
     quick = world.render(world.scene_for_prompt("a red square moves left quickly over a black background", seed), 16)
     slow = world.render(world.scene_for_prompt("a blue circle moves up slowly over a gray background", seed), 16)
-    d_still, d_quick, d_slow = (D.dynamics(v, fps=8) for v in (still, quick, slow))
+    d_still, d_quick, d_slow = (Y.dynamics(v, fps=8) for v in (still, quick, slow))
     assert d_quick["threshold"] == pytest.approx(0.375)
     assert not d_still["dynamic"] and d_still["magnitude_max"] < 0.05
     assert d_quick["dynamic"] and d_quick["magnitude_median"] == pytest.approx(3.0, abs=0.5)
@@ -211,13 +216,13 @@ def test_world_clip_report_end_to_end():
 
 
 def test_missing_learned_scorers_are_skipped_not_zero(tmp_path, monkeypatch):
-    monkeypatch.delenv(D.WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(S.WEIGHTS_ENV, raising=False)
     video = translating(textured(seed=6), 20, dx=1)
     no_dir = D.drift_report(video, fps=8)
     assert set(no_dir.skipped) == set(LEARNED)
-    assert all(D.WEIGHTS_ENV in why for why in no_dir.skipped.values())
+    assert all(S.WEIGHTS_ENV in why for why in no_dir.skipped.values())
 
-    monkeypatch.setenv(D.WEIGHTS_ENV, str(tmp_path))  # the env var is honoured; the directory is empty
+    monkeypatch.setenv(S.WEIGHTS_ENV, str(tmp_path))  # the env var is honoured; the directory is empty
     report = D.drift_report(video, fps=8)
     assert set(report.skipped) == set(LEARNED)
     assert all(str(tmp_path) in why for why in report.skipped.values())
@@ -233,11 +238,11 @@ def test_missing_learned_scorers_are_skipped_not_zero(tmp_path, monkeypatch):
 def test_weights_dir_present_but_no_loader_is_skipped_with_reason(tmp_path):
     (tmp_path / "lpips").mkdir()
     (tmp_path / "learned").mkdir()
-    ok, why = D.WeightsScorer(tmp_path).available()  # a scorer without a built-in loader
+    ok, why = S.WeightsScorer(tmp_path).available()  # a scorer without a built-in loader
     assert not ok and "no built-in offline loader" in why
-    ok, why = D.LpipsDistanceScorer(tmp_path).available()  # built-in loader, but no lpips package / no lpips.pth
+    ok, why = L.LpipsDistanceScorer(tmp_path).available()  # built-in loader, but no lpips package / no lpips.pth
     assert not ok and "could not be loaded" in why and ("not importable" in why or "lpips.pth" in why)
-    hooked = D.LpipsDistanceScorer(tmp_path, loader=lambda path, device: (lambda frames: 0.25))
+    hooked = L.LpipsDistanceScorer(tmp_path, loader=lambda path, device: (lambda frames: 0.25))
     assert hooked.available() == (True, "") and hooked.score_segment(np.zeros((2, 8, 8, 3), np.float32)) == 0.25
 
 
@@ -306,7 +311,7 @@ def test_builtin_learned_loaders_run_offline(tmp_path):
     assert set(report.skipped) == {"lpips_distance", "musiq", "clip_text"}  # no lpips/pyiqa package, no clip/ folder
     assert {"dinov2_similarity", "clip_iqa"} <= set(report.per_segment)
     assert all(0.0 <= v <= 1.0 for v in report.per_segment["clip_iqa"])
-    dino = D.Dinov2SimilarityScorer(tmp_path)
+    dino = L.Dinov2SimilarityScorer(tmp_path)
     assert dino.score_segment(np.repeat(video[:1], 3, axis=0)) == pytest.approx(1.0, abs=1e-5)
     assert dino.score_segment(video[:3]) < 1.0
 
@@ -340,7 +345,7 @@ def test_plot_segments_writes_png(tmp_path, backend):
         "still": D.drift_report(np.repeat(img[None], 20, axis=0), fps=8, scorers=[]),
         "blurring": D.drift_report(progressively_blurred(translating(img, 20, dx=1)), fps=8, scorers=[MeanBrightness()]),
     }
-    out = D.plot_segments(reports, tmp_path / "sub" / "drift.png", backend=backend)
+    out = P.plot_segments(reports, tmp_path / "sub" / "drift.png", backend=backend)
     png = cv2.imread(str(out))
     assert png is not None and png.shape[0] > 100 and png.shape[1] > 300
     assert png.std() > 10  # something was drawn

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hiar.io.text import DEFAULT_MAX_LENGTH, TextEncoder, build_word_tokenizer
-from hiar.tiny.world import make_caption, parse_caption, train_prompts, vocabulary
+from hiar.tiny.captions import make_caption, parse_caption, train_prompts, vocabulary
 
 CAPTION = make_caption("red", "square", "gray", "left", "slowly")  # a train prompt (not held out)
 

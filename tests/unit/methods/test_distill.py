@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from hiar.config import load_config
-from hiar.methods.distill import (Distiller, ODEInit, accumulation_steps, fkl_regulariser, ode_regression_loss, self_rollout)
+from hiar.methods.distill import Distiller, ODEInit, fkl_regulariser, ode_regression_loss, self_rollout
+from hiar.methods.parallel import accumulation_steps
 from hiar.methods.losses import fkl_loss
 from hiar.core.model import CausalWanTransformer3DModel
-from hiar.core.rollout import block_first_rollout, hierarchical_rollout, initial_noise
+from hiar.core.rollout import ROLLOUT_MODES, block_first_rollout, hierarchical_rollout, initial_noise
 from hiar.core.velocity import GuidedVelocity
 from hiar.io.text import TextEncoder
-from hiar.tiny.world import train_prompts, vocabulary
+from hiar.tiny.captions import train_prompts, vocabulary
 
 
 C = load_config("tiny").video.latent_channels  # the latent channels of the tiny preset's model
@@ -32,7 +33,7 @@ def _velocity(model, text, cfg, prompts):
     return GuidedVelocity(model, text.encode(prompts), frames_per_block=cfg.rollout.frames_per_block)
 
 
-@pytest.mark.parametrize("mode", ["hierarchical", "block_first"])
+@pytest.mark.parametrize("mode", ROLLOUT_MODES)
 def test_self_rollout_at_last_exit_step_is_the_inference_rollout(setup, mode):
     cfg, model, text = setup
     prompts, seeds = train_prompts()[:2], [3, 4]
@@ -46,7 +47,7 @@ def test_self_rollout_at_last_exit_step_is_the_inference_rollout(setup, mode):
     assert torch.equal(got, ref)
 
 
-@pytest.mark.parametrize("mode", ["hierarchical", "block_first"])
+@pytest.mark.parametrize("mode", ROLLOUT_MODES)
 def test_gradient_only_through_the_exit_step(setup, mode):
     """Exactly one model call per block carries grad (the exit step); context and earlier steps carry none."""
     cfg, model, text = setup

@@ -23,6 +23,8 @@ import warnings
 import pytest
 import torch
 
+from hiar.core.rollout import ROLLOUT_MODES
+
 TINY = ["distill.batch_size=2", "distill.ode_batch_size=2", "distill.micro_batch_size=1", "distill.critic_ratio=2",
         "video.train_latent_frames=6", "video.latent_height=8", "video.latent_width=8", "model.num_layers=2",
         "model.ffn_dim=64", "model.num_attention_heads=2", "model.attention_head_dim=16"]
@@ -36,7 +38,7 @@ LOSSES = ("dmd_loss", "fkl_loss", "critic_loss")
 def _models(cfg):
     from hiar.core.model import CausalWanTransformer3DModel
     from hiar.io.text import TextEncoder
-    from hiar.tiny.world import vocabulary
+    from hiar.tiny.captions import vocabulary
     from tests.conftest import perturbed
 
     torch.manual_seed(0)
@@ -49,7 +51,7 @@ def _models(cfg):
 
 def _micro_batch(cfg, iteration: int, index: int):
     """The data of micro-batch ``index`` of the global batch at ``iteration``: prompt and FKL trajectory states."""
-    from hiar.tiny.world import train_prompts
+    from hiar.tiny.captions import train_prompts
 
     v = cfg.video
     states = torch.randn(1, cfg.schedule.sigmas().numel(), v.latent_channels, v.train_latent_frames,
@@ -312,7 +314,7 @@ def _steps(cfg, iterations: int):
     return out
 
 
-@pytest.mark.parametrize("rollout", ["hierarchical", "block_first"])
+@pytest.mark.parametrize("rollout", ROLLOUT_MODES)
 def test_activation_checkpointing_on_and_off_give_the_same_losses_and_gradients(rollout, monkeypatch):
     """Per-block checkpointing (non-reentrant) recomputes each grad-carrying block call in backward; the KV cache
     it reads from holds only blocks before the call (and training has no window), so recomputation is exact."""

@@ -6,8 +6,10 @@ import itertools
 import numpy as np
 import pytest
 
+from hiar.tiny import captions as C
 from hiar.tiny import world as W
-from hiar.tiny.world import SyntheticWorld, Scene, parse_caption
+from hiar.tiny.captions import parse_caption
+from hiar.tiny.world import Scene, SyntheticWorld
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +142,9 @@ def test_palette_is_disjoint_and_well_separated():
 
 
 def test_shapes_are_distinct_and_plausibly_sized():
-    stamps = {s: W.shape_stamp(s, 9) for s in W.SHAPES}
+    stamps = {s: W.shape_stamp(s, 9) for s in C.SHAPES}
     areas = {s: int(m.sum()) for s, m in stamps.items()}
-    assert len(set(areas.values())) == len(W.SHAPES)
+    assert len(set(areas.values())) == len(C.SHAPES)
     assert all(30 <= a <= 81 for a in areas.values())
     assert W.shape_size_for(32, 32) == 9
 
@@ -158,7 +160,7 @@ def test_bad_render_and_sample_arguments(wld):
     with pytest.raises(ValueError):
         Scene("hexagon", "red", "black", "left", "slowly", 0, 0, 9)
     with pytest.raises(ValueError):
-        Scene("square", "red", "black", "left", W.STILL, 0, 0, 9)
+        Scene("square", "red", "black", "left", C.STILL, 0, 0, 9)
 
 
 
@@ -166,28 +168,28 @@ def test_bad_render_and_sample_arguments(wld):
 
 
 def test_train_heldout_disjoint_sorted_and_sized():
-    train, held = W.train_prompts(), W.heldout_prompts()
+    train, held = C.train_prompts(), C.heldout_prompts()
     assert train == sorted(train) and held == sorted(held)
     assert len(set(train)) == len(train) and len(set(held)) == len(held)
     assert not set(train) & set(held)
-    total = len(W.COLORS) * len(W.SHAPES) * len(W.DIRECTIONS) * len(W.SPEEDS) * len(W.BACKGROUNDS)
+    total = len(C.COLORS) * len(C.SHAPES) * len(C.DIRECTIONS) * len(C.SPEEDS) * len(C.BACKGROUNDS)
     assert len(train) + len(held) == total
     assert 0.15 <= len(held) / total <= 0.20
 
 
 def test_heldout_is_a_set_of_colour_direction_background_triples():
-    held_triples = {(a.color, a.direction, a.background) for a in map(parse_caption, W.heldout_prompts())}
-    train_triples = {(a.color, a.direction, a.background) for a in map(parse_caption, W.train_prompts())}
+    held_triples = {(a.color, a.direction, a.background) for a in map(parse_caption, C.heldout_prompts())}
+    train_triples = {(a.color, a.direction, a.background) for a in map(parse_caption, C.train_prompts())}
     assert not held_triples & train_triples
     # every held-out triple is held out for every shape and speed
-    assert len(W.heldout_prompts()) == len(held_triples) * len(W.SHAPES) * len(W.SPEEDS)
+    assert len(C.heldout_prompts()) == len(held_triples) * len(C.SHAPES) * len(C.SPEEDS)
 
 
 def test_every_attribute_value_and_pair_appears_in_training():
-    attrs = [parse_caption(p) for p in W.train_prompts()]
+    attrs = [parse_caption(p) for p in C.train_prompts()]
     fields = {
-        "color": W.COLORS, "shape": W.SHAPES, "background": W.BACKGROUNDS,
-        "direction": W.DIRECTIONS, "speed": W.SPEEDS,
+        "color": C.COLORS, "shape": C.SHAPES, "background": C.BACKGROUNDS,
+        "direction": C.DIRECTIONS, "speed": C.SPEEDS,
     }
     for name, values in fields.items():
         assert {getattr(a, name) for a in attrs} == set(values), name
@@ -197,11 +199,11 @@ def test_every_attribute_value_and_pair_appears_in_training():
 
 
 def test_train_clips_never_use_heldout_prompts(wld):
-    held = set(W.heldout_prompts())
+    held = set(C.heldout_prompts())
     captions = [wld.clip(i, 1, "train")[1] for i in range(500)]
     assert not held & set(captions)
     # prompts are dealt in balanced epochs: the first 480 indices cover every train prompt once
-    assert sorted(captions[:480]) == W.train_prompts()
+    assert sorted(captions[:480]) == C.train_prompts()
     held_caps = {wld.sample_scene(i, "heldout").caption for i in range(96)}
     assert held_caps == held
 
@@ -210,7 +212,7 @@ def test_train_clips_never_use_heldout_prompts(wld):
 
 
 def test_parse_caption_round_trips_every_prompt():
-    for p in W.train_prompts() + W.heldout_prompts():
+    for p in C.train_prompts() + C.heldout_prompts():
         assert parse_caption(p).caption == p
     a = parse_caption("  A Red   Circle stays still over a GRAY background ")
     assert a.is_static and a.color == "red" and a.shape == "circle" and a.background == "gray"
@@ -218,9 +220,9 @@ def test_parse_caption_round_trips_every_prompt():
 
 
 def test_vocabulary_is_exactly_the_caption_words():
-    vocab = W.vocabulary()
+    vocab = C.vocabulary()
     assert vocab == sorted(set(vocab))
-    words = {w for p in W.train_prompts() + W.heldout_prompts() for w in p.split()}
+    words = {w for p in C.train_prompts() + C.heldout_prompts() for w in p.split()}
     words |= set("a red circle stays still over a gray background".split())
     assert set(vocab) == words
 

@@ -1,0 +1,75 @@
+"""The inputs of a training stage (``hiar.jobs.train``), checked before any compute: the dataset's manifest against
+the model config, the teacher and real-score model directories, a ``distill.resume_from`` checkpoint's shapes. They
+read manifests, configs and checkpoint metadata only, never weights, so a wrong input fails in seconds with a message
+that names the setting.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from hiar.io.storage import resolve_path
+
+
+def check_dataset(cfg, kind: str, uri: str) -> dict:
+    """The dataset's manifest, after checking it exists and its tensors fit the model (before any compute)."""
+    from hiar.io.storage import committed_shards, load_manifest
+
+    manifest = load_manifest(uri)
+    if manifest is None or not committed_shards(uri):
+        raise ValueError(f"no {kind} dataset at {uri!r} (no manifest.json / shards); create it with "
+                         f"`python -m hiar.jobs.generate --kind {kind}` or set data.storage")
+    v = cfg.video
+    want = [v.train_latent_frames, v.latent_channels, v.latent_height, v.latent_width]
+    have = manifest.get("settings", {}).get("latent_shape")
+    if have != want:
+        raise ValueError(f"{kind} at {uri!r} has latents of shape [F, C, H, W] = {have}, but the model config "
+                         f"expects {want} (video.train_latent_frames / latent_channels / latent_height / latent_width)")
+    n_sigmas = len(cfg.schedule.sigmas())
+    if len(manifest["settings"].get("student_sigmas", [])) != n_sigmas:
+        raise ValueError(f"{kind} at {uri!r} was made for {len(manifest['settings']['student_sigmas'])} schedule "
+                         f"points, the config has {n_sigmas}")
+    return manifest
+
+
+def check_models(cfg, teacher: str):
+    """The teacher (and the real score, when it is its own model) open as model directories, the config's
+    ``model.*`` describes the teacher, and the real score fits the teacher's text encoder and VAE (no weights read).
+    Returns the two ``ModelDir``s (the real score's is None when it is the teacher)."""
+    from hiar.io.bundle import check_model_config, check_real_score, open_model_dir
+
+    teacher_dir = open_model_dir(teacher, "teacher.path")
+    check_model_config(teacher_dir, cfg)
+    real_dir = None
+    if cfg.teacher.real_score_path:
+        real_dir = open_model_dir(resolve_path(cfg.teacher.real_score_path), "teacher.real_score_path")
+        check_real_score(teacher_dir, real_dir)
+    return teacher_dir, real_dir
+
+
+def check_resume_checkpoint(cfg, uri: str) -> dict:
+    """``distill.resume_from`` is a distillation checkpoint whose parameter shapes fit this config's model (read
+    from its ``trainer.json`` and DCP ``.metadata`` alone, fetched from s3:// when remote); returns what enters
+    the stage identity."""
+    import torch
+
+    from hiar.io.storage import resolve_uri
+    from hiar.core.model import CausalWanTransformer3DModel
+    from hiar.methods.sharding import TRAINER_STATE, check_checkpoint
+
+    fs, path = resolve_uri(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in (TRAINER_STATE, ".metadata"):
+            try:
+                with fs.open_input_stream(f"{path}/{name}") as src:
+                    (Path(tmp) / name).write_bytes(src.read())
+            except (FileNotFoundError, OSError) as err:
+                raise ValueError(f"distill.resume_from {uri!r} is not a training checkpoint (no {name}: {err})") from err
+        with torch.device("meta"):
+            model = CausalWanTransformer3DModel(**cfg.model.kwargs())
+        try:
+            counters = check_checkpoint(tmp, {"generator": model, "critic": model, "ema": model}, stage="distill")
+        except ValueError as err:  # name the setting and the URI, not the temporary copy
+            raise ValueError(f"distill.resume_from {uri!r}: {str(err).replace(f'checkpoint {tmp} ', '')}") from None
+    return {"uri": uri, "iteration": counters["iteration"]}
