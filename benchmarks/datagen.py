@@ -39,7 +39,7 @@ def run(actors: int, count: int, teacher: str, steps: int | None, out: Path) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--count", type=int, default=24)
-    parser.add_argument("--teacher", default=str(ROOT / "assets" / "tiny-teacher"))
+    parser.add_argument("--teacher", default=str(ROOT / "hiar" / "assets" / "tiny-teacher"))
     parser.add_argument("--steps", type=int, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

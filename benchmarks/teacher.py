@@ -25,7 +25,7 @@ from hiar.tiny.captions import heldout_prompts  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", default=str(Path(__file__).resolve().parents[1] / "assets" / "tiny-teacher"))
+    parser.add_argument("--teacher", default=str(Path(__file__).resolve().parents[1] / "hiar" / "assets" / "tiny-teacher"))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--train-steps", type=int, default=10)
     args = parser.parse_args()

@@ -16,6 +16,11 @@ layer l were computed while it saw its own window, information still travels one
 receptive field of an L-layer model is about L windows), as with Self-Forcing's rolling cache. Blocks that no future query can see are evicted, so memory is
 bounded by the window for streams of any length; queries must therefore move forward in time.
 
+Packed calls. A forward may also be given several ``CacheSegment``s instead of one cache: its frames are then
+the concatenation of the segments, each a run of whole blocks of its own stream position in its own cache (the
+S per-step caches of one stream in HiAR's diagonal order). Each segment reads and writes only its own cache, as
+if it were a separate call; only the per-token layers run once over the whole pack.
+
 Gradients. With ``detach=True`` (the default) stored K/V are detached: the paper trains with no gradient
 through the KV cache. The model still attends to the live, in-call K/V of the blocks it is computing, so a
 block's gradient through its own self-attention is kept.
@@ -32,6 +37,15 @@ import torch
 class _LayerCache:
     blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # start -> (k, v)
     cross: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class CacheSegment:
+    """``num_frames`` frames (whole blocks) of a packed call, at absolute ``frame_offset`` in ``cache``'s stream."""
+
+    cache: "KVCache"
+    frame_offset: int
+    num_frames: int
 
 
 class KVCache:

@@ -15,7 +15,9 @@ writes one diffusers loads back. Everything causal is a *forward* argument, not 
   cached there) and every query attends to the cached blocks before it plus the call's own blocks under a
   block-causal mask. Passing ``[context block n at t_{j+1}, block n+1 at t_j]`` with per-frame timesteps is
   the paper's *fused* call: one forward writes block n's context and denoises block n+1, and block n's keys
-  never see block n+1.
+  never see block n+1;
+* ``kv_cache`` as a list of ``CacheSegment``s (``frame_offset`` left at 0): a *packed* call, whose frames are
+  the segments one after another, each at its own position in its own cache (see ``PackedSelfAttentionPlan``).
 
 With ``attention_mode="bidirectional"``, one timestep and no cache, the output equals diffusers' to float32
 round-off (tested). Image-to-video inputs (``image_dim`` / ``added_kv_proj_dim``) are not supported.
@@ -35,7 +37,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
-from hiar.core.kv_cache import KVCache
+from hiar.core.kv_cache import CacheSegment, KVCache
 
 ATTENTION_MODES = ("bidirectional", "block_causal")
 
@@ -179,9 +181,15 @@ class Attention(nn.Module):
         return self.split(self.norm_k(self.to_k(context))), self.split(self.to_v(context))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.project_out(self.mix(q, k, v, mask))
+
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The attention-weighted values ``[B, L, dim]``, before the output projection."""
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).flatten(2).type_as(q)
-        return self.to_out[1](self.to_out[0](out))
+        return out.transpose(1, 2).flatten(2).type_as(q)
+
+    def project_out(self, mixed: torch.Tensor) -> torch.Tensor:
+        return self.to_out[1](self.to_out[0](mixed))
 
 
 class TransformerBlock(nn.Module):
@@ -201,7 +209,7 @@ class TransformerBlock(nn.Module):
         context: torch.Tensor,
         mod: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        self_attention: "SelfAttentionPlan",
+        self_attention: "SelfAttentionPlan | PackedSelfAttentionPlan",
         layer: int,
     ) -> torch.Tensor:
         # mod: [B, L, 6, dim] per token (per-frame timesteps expanded) or [B, 1, 6, dim]
@@ -212,8 +220,7 @@ class TransformerBlock(nn.Module):
         q = apply_rope(a.split(a.norm_q(a.to_q(h))), *rope)
         k = apply_rope(a.split(a.norm_k(a.to_k(h))), *rope)
         v = a.split(a.to_v(h))
-        k, v, mask = self_attention.keys(layer, k, v)
-        x = (x.float() + a.attend(q, k, v, mask) * gate).type_as(x)
+        x = (x.float() + self_attention.attend(layer, a, q, k, v) * gate).type_as(x)
 
         h = self.norm2(x.float()).type_as(x)
         ck, cv = self_attention.cross_kv(layer, self.attn2, context)
@@ -266,6 +273,13 @@ class SelfAttentionPlan:
         self.cache.write(layer, self.offset, k, v)
         return ck, cv, self.mask_for(key_frames)
 
+    def attend(self, layer: int, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return attn.project_out(self.mix(layer, attn, q, k, v))
+
+    def mix(self, layer: int, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k, v, mask = self.keys(layer, k, v)
+        return attn.mix(q, k, v, mask)
+
     def cross_kv(self, layer: int, attn: Attention, context: torch.Tensor):
         if self.cache is None:
             return attn.project_kv(context)
@@ -276,6 +290,62 @@ class SelfAttentionPlan:
                 self.cache.set_cross_kv(layer, *fresh)
             return fresh
         return cached
+
+
+class PackedSelfAttentionPlan:
+    """Self-attention of a packed call: each segment attends only to its own cache and its own live keys.
+
+    Every per-token layer (projections, norms, modulation, FFN, cross-attention to the shared prompt) runs once
+    over the whole pack; only the attention product is taken segment by segment, so no query is ever scored
+    against another segment's keys (no cross-segment mask, no padding, no wasted scores).
+    """
+
+    def __init__(self, segments: list[CacheSegment], tokens_per_frame: int, device: torch.device):
+        self.plans, self.slices, start = [], [], 0
+        for seg in segments:
+            self.plans.append(
+                SelfAttentionPlan(
+                    "block_causal", seg.cache.frames_per_block, tokens_per_frame, seg.frame_offset, seg.num_frames,
+                    seg.cache, device,
+                )
+            )
+            end = start + seg.num_frames * tokens_per_frame
+            self.slices.append(slice(start, end))
+            start = end
+
+    def attend(self, layer: int, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        mixed = [
+            plan.mix(layer, attn, q[:, :, sl], k[:, :, sl], v[:, :, sl]) for plan, sl in zip(self.plans, self.slices)
+        ]
+        return attn.project_out(torch.cat(mixed, dim=1))
+
+    def cross_kv(self, layer: int, attn: Attention, context: torch.Tensor | None):
+        # All segments belong to one stream, hence one prompt: its K/V are the same in every cache.
+        kv = self.plans[0].cross_kv(layer, attn, context)
+        for plan in self.plans[1:]:
+            if plan.cache.cross_kv(layer) is None:
+                plan.cache.set_cross_kv(layer, *kv)
+        return kv
+
+
+def _check_segments(segments: list[CacheSegment], frame_offset: int, num_frames: int) -> None:
+    if not segments:
+        raise ValueError("a packed call needs at least one CacheSegment")
+    if frame_offset != 0:
+        raise ValueError("a packed call takes its positions from its CacheSegments; leave frame_offset at 0")
+    if any(not isinstance(seg, CacheSegment) for seg in segments):
+        raise ValueError("kv_cache must be a KVCache or a list of CacheSegment")
+    if len({id(seg.cache) for seg in segments}) != len(segments):
+        raise ValueError("each segment of a packed call needs its own cache (one segment per cache)")
+    if sum(seg.num_frames for seg in segments) != num_frames:
+        raise ValueError(
+            f"the segments cover {sum(seg.num_frames for seg in segments)} frames, the call has {num_frames}"
+        )
+
+
+def _bind_cache(cache: KVCache, tpf: int, context: torch.Tensor) -> None:
+    cache.tokens_per_frame = tpf
+    cache.bind_context(context)  # when the prompt changed, cross K/V get recomputed lazily layer by layer
 
 
 def _fresh_cross_kv(cache) -> bool:
@@ -391,7 +461,7 @@ class CausalWanTransformer3DModel(ModelMixin, ConfigMixin):
         *,
         attention_mode: str = "bidirectional",
         frames_per_block: int | None = None,
-        kv_cache: KVCache | None = None,
+        kv_cache: KVCache | list[CacheSegment] | None = None,
         frame_offset: int = 0,
     ):
         if encoder_hidden_states_image is not None:
@@ -399,19 +469,29 @@ class CausalWanTransformer3DModel(ModelMixin, ConfigMixin):
         timestep = torch.as_tensor(timestep, device=hidden_states.device)
         if timestep.ndim == 0:
             timestep = timestep.expand(hidden_states.shape[0])
-        self._validate(hidden_states, timestep, encoder_hidden_states, attention_mode, frames_per_block, kv_cache)
+        segments = None if kv_cache is None or isinstance(kv_cache, KVCache) else list(kv_cache)
+        if segments is not None:
+            _check_segments(segments, frame_offset, hidden_states.shape[2])
+        caches = [kv_cache] if segments is None and kv_cache is not None else [s.cache for s in segments or []]
+        for cache in caches or [None]:
+            self._validate(hidden_states, timestep, encoder_hidden_states, attention_mode, frames_per_block, cache)
         b, _, f, h, w = hidden_states.shape
         pt, ph, pw = self.config.patch_size
         pf, pph, ppw = f // pt, h // ph, w // pw
         tpf = pph * ppw
-        if kv_cache is not None:
-            kv_cache.check_call(b, tpf, frame_offset, pf)
-            kv_cache.tokens_per_frame = tpf
-            if kv_cache.bind_context(encoder_hidden_states):
-                pass  # cross K/V get recomputed lazily layer by layer below
-        k = kv_cache.frames_per_block if kv_cache is not None else frames_per_block
+        if segments is not None:
+            for seg in segments:  # every segment is checked before any cache is touched
+                seg.cache.check_call(b, tpf, seg.frame_offset, seg.num_frames)
+            for seg in segments:
+                _bind_cache(seg.cache, tpf, encoder_hidden_states)
+            frames = torch.cat([torch.arange(s.frame_offset, s.frame_offset + s.num_frames) for s in segments])
+        else:
+            if kv_cache is not None:
+                kv_cache.check_call(b, tpf, frame_offset, pf)
+                _bind_cache(kv_cache, tpf, encoder_hidden_states)
+            frames = torch.arange(frame_offset, frame_offset + pf)
+        k = caches[0].frames_per_block if caches else frames_per_block
 
-        frames = torch.arange(frame_offset, frame_offset + pf)
         rope = tuple(t.to(hidden_states.device) for t in rope_tables(self.config.attention_head_dim, frames, pph, ppw))
 
         x = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
@@ -428,10 +508,13 @@ class CausalWanTransformer3DModel(ModelMixin, ConfigMixin):
 
         # With grad on and a detached cache (training), the prompt path is recomputed every call: "no gradient
         # through the cache" is about temporal context, and the text projections must still learn.
-        need_context = kv_cache is None or kv_cache.cross_kv(0) is None or _fresh_cross_kv(kv_cache)
+        need_context = not caches or any(c.cross_kv(0) is None or _fresh_cross_kv(c) for c in caches)
         context = self.condition_embedder.text_embedder(encoder_hidden_states) if need_context else None
 
-        plan = SelfAttentionPlan(attention_mode, k, tpf, frame_offset, pf, kv_cache, x.device)
+        if segments is not None:
+            plan = PackedSelfAttentionPlan(segments, tpf, x.device)
+        else:
+            plan = SelfAttentionPlan(attention_mode, k, tpf, frame_offset, pf, kv_cache, x.device)
         for i, block in enumerate(self.blocks):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x, context, mod, rope, plan, i)

@@ -10,16 +10,16 @@ Stages, in order (``--stages`` picks a subset; ``deploy`` runs only with ``--dep
 ========== ============================================== =================================================
 stage      what runs                                      skipped when
 ========== ============================================== =================================================
-teacher    hiar/jobs/pretrain_teacher.py (tiny only)      teacher.path holds a bundle (unless
+teacher    hiar.jobs.pretrain_teacher (tiny only)         teacher.path holds a bundle (unless
                                                           --retrain-teacher: then when its content-addressed
                                                           output under <run_dir>/teachers/ holds one)
-ode_pairs  hiar/jobs/generate.py --kind ode_pairs         <data>/ode_pairs/manifest.json has this config's
-trajectories hiar/jobs/generate.py --kind trajectories    dataset identity and every shard is committed
-ode_init   hiar/jobs/train.py --stage ode_init            the stage's output card has the same identity
-distill    hiar/jobs/train.py --stage distill             (``train.plan_stage``: config + input identities)
-evaluate   hiar/jobs/evaluate.py on the distilled bundle  <run_dir>/eval/<bundle checksum>-<eval config>.json
-register   hiar/jobs/promote.py register                  the recorded version still exists in the registry
-promote    hiar/jobs/promote.py promote --version N       N is the champion, or the gate already decided N
+ode_pairs  hiar.jobs.generate --kind ode_pairs            <data>/ode_pairs/manifest.json has this config's
+trajectories hiar.jobs.generate --kind trajectories       dataset identity and every shard is committed
+ode_init   hiar.jobs.train --stage ode_init               the stage's output card has the same identity
+distill    hiar.jobs.train --stage distill                (``train.plan_stage``: config + input identities)
+evaluate   hiar.jobs.evaluate on the distilled bundle     <run_dir>/eval/<bundle checksum>-<eval config>.json
+register   hiar.jobs.promote register                     the recorded version still exists in the registry
+promote    hiar.jobs.promote promote --version N          N is the champion, or the gate already decided N
                                                           against the current champion
 deploy     Ray Serve app from models:/<name>@champion     the app at serve.host:serve.port serves that version
 ========== ============================================== =================================================

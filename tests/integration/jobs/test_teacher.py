@@ -20,7 +20,7 @@ from hiar.core.teacher import sample_teacher
 from hiar.tiny.captions import heldout_prompts, train_prompts
 
 ROOT = Path(__file__).resolve().parents[3]
-SHIPPED = ROOT / "assets" / "tiny-teacher"
+SHIPPED = ROOT / "hiar" / "assets" / "tiny-teacher"
 
 
 def test_flow_matching_loss_is_zero_for_the_true_velocity():
@@ -203,7 +203,7 @@ def _shipped_scores():
 
 
 def test_shipped_teacher_still_meets_its_recorded_oracle_score():
-    """The teacher in assets/ (what full.py uses by default) scores what its card says with today's code."""
+    """The teacher in hiar/assets/ (what the pipeline uses by default) scores what its card says with today's code."""
     assert SHIPPED.is_dir(), f"the tiny preset's default teacher is missing at {SHIPPED}"
     scores, card = _shipped_scores()
     for key in ("caption_consistency", "background_ok", "color_ok", "direction_ok"):
