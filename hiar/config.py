@@ -256,7 +256,7 @@ class RegistryConfig:
 
 @dataclass
 class ServeConfig:
-    """The Ray Serve app (``serving/``): limits, placement and where the model comes from."""
+    """The Ray Serve app (``hiar.serving``): limits, placement and where the model comes from."""
 
     model_uri: str = "models:/hiar-student@champion"  # or models:/name/<version>, or a local bundle directory
     host: str = "127.0.0.1"

@@ -7,10 +7,12 @@ comes only from the wheel, which the tests check (``hiar.__file__``) before trus
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -43,7 +45,9 @@ def installed(tmp_path_factory) -> dict:
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True,
                    timeout=300)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    env.update(PATH=f"{venv / 'bin'}:{env.get('PATH', '')}", HIAR_CACHE_DIR=str(base / "cache"))
+    # auth off as for every local cluster here (DESIGN §8): otherwise Ray writes a token into ~/.ray for good
+    env.update(PATH=f"{venv / 'bin'}:{env.get('PATH', '')}", HIAR_CACHE_DIR=str(base / "cache"),
+               RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     work = base / "elsewhere"
     work.mkdir()
     return {"python": str(python), "venv": venv, "env": env, "cwd": work, "site": site}
@@ -70,7 +74,7 @@ def test_the_wheel_is_what_runs_and_ships_its_data(installed):
 
 def test_the_installed_pipeline_generates_a_dataset_with_the_shipped_teacher(installed, tmp_path):
     run_dir = tmp_path / "run"
-    fast = ["teacher.num_steps=4", "data.ode_pairs=2", "data.shard_size=2", "data.batch_size=2",
+    fast = ["teacher.num_steps=4", "data.num_ode_pairs=2", "data.shard_size=2", "data.batch_size=2",
             "data.threads_per_actor=1", f"data.storage={tmp_path / 'data'}"]
     cmd = [installed["python"], "-m", "hiar.pipeline.full", "--preset", "tiny", "--stages", "ode_pairs",
            "--run-dir", str(run_dir)] + [a for o in fast for a in ("--set", o)]
@@ -90,7 +94,9 @@ def test_serve_run_of_the_installed_app_streams_a_video(installed, tmp_path):
                                          "overrides": ["serve.stage_num_cpus=0", "serve.stage_torch_threads=1"]}}]}
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**installed["env"], "RAY_TMPDIR": str(tmp_path / "ray")}
+    # a short temp dir of its own: Ray's socket paths under pytest's tmp_path exceed the 107-byte AF_UNIX limit
+    ray_tmp = tempfile.mkdtemp(prefix="hiar-ray-")
+    env = {**installed["env"], "RAY_TMPDIR": ray_tmp}
     proc = subprocess.Popen([installed["python"], "-m", "ray.serve.scripts", "run", str(path)], env=env,
                             cwd=installed["cwd"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -109,9 +115,19 @@ def test_serve_run_of_the_installed_app_streams_a_video(installed, tmp_path):
             kinds = [json.loads(line)["type"] for line in resp.iter_lines() if line]
         assert kinds[0] == "start" and kinds.count("chunk") == 2 and kinds[-1] == "end", kinds
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        _stop(proc)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGINT to ``serve run``'s process group (it shuts Serve and its cluster down), SIGKILL if it hangs."""
+    for sig, wait in ((signal.SIGINT, 60), (signal.SIGKILL, 30)):
         try:
-            proc.wait(timeout=60)
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            continue
