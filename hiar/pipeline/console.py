@@ -4,10 +4,11 @@ never here: a whole tiny run used to relay some 11,500 lines of job logs and Ray
 
 Two ways to draw the progress line:
 
-* live (a terminal, or ``HIAR_PROGRESS=live``: ``make run`` sets it for ``ray job submit``, which streams the
-  driver's output as it comes): the line is redrawn in place with ``\\r`` and clear-to-end-of-line;
-* plain (a file, a CI log): at most one progress line per stage every :data:`PLAIN_INTERVAL_S` seconds, and the
-  last one when the stage ends, so a log shows how the stage went without a line per event.
+* live (a terminal, or ``HIAR_PROGRESS=live``): the line is redrawn in place with ``\\r`` and clear-to-end-of-line;
+* plain (a file, a CI log, ``HIAR_PROGRESS=plain``): at most one progress line per stage every
+  :data:`PLAIN_INTERVAL_S` seconds, and the last one when the stage ends, so a log shows how the stage went without
+  a line per event. ``make run`` asks for it: ``ray job submit`` streams the driver's log as text lines, in which a
+  carriage return ends a line, so live redraws would arrive as one new line per event.
 """
 
 from __future__ import annotations
