@@ -129,6 +129,16 @@ def write_json(fs: pafs.FileSystem, path: str, data: dict) -> None:
         fh.write(json.dumps(data, indent=2, sort_keys=True).encode())
 
 
+def write_local_json(path: str | Path, data) -> None:
+    """``data`` as JSON at the local ``path``, atomically (a temporary file renamed into place: a reader never sees
+    half a file), creating the parent directories."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
 def read_json(fs: pafs.FileSystem, path: str) -> dict | None:
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return None

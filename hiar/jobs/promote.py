@@ -49,7 +49,7 @@ import sys
 from pathlib import Path
 
 from hiar.identity import identity as content_identity
-from hiar.io.storage import resolve_path
+from hiar.io.storage import resolve_path, write_local_json
 from hiar.jobs.results import PromoteResult, RegisterResult, write_result
 from hiar.platform.evaluation import load_sample_values, run_evaluation, skip_reasons
 from hiar.platform.evaluation_plan import EvalInputError, plan_evaluation
@@ -68,13 +68,6 @@ class UsageError(Exception):
 
 def _print(*args) -> None:
     print(*args, flush=True)
-
-
-def _write_json(path: str | None, data: dict) -> None:
-    if path:
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
 # ---------------------------------------------------------------------------------------------- register
@@ -368,10 +361,10 @@ def main(argv=None) -> int:
         elif args.command == "promote":
             write_result(args.output_json,
                          promote_result(promote(cfg, args.version, args.overrides, args.parent_run_id, args.force)))
-        elif args.command == "rollback":
-            _write_json(args.output_json, rollback(cfg, args.reason))
-        else:
-            _write_json(args.output_json, status(cfg))
+        else:  # rollback and status answer in plain JSON: they hand nothing to another stage
+            state = rollback(cfg, args.reason) if args.command == "rollback" else status(cfg)
+            if args.output_json:
+                write_local_json(args.output_json, state)
     except (UsageError, NotRegistered) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
+
+from hiar.io.storage import write_local_json
 
 SCHEMA_VERSION = 1
 
@@ -107,13 +108,8 @@ def to_dict(result) -> dict:
 
 def write_result(path: str | Path | None, result) -> None:
     """Write ``result`` to ``path`` (nothing when path is None), atomically."""
-    if path is None:
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(to_dict(result), indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    if path is not None:
+        write_local_json(path, to_dict(result))
 
 
 def from_dict(data: dict, kind: type[R]) -> R:

@@ -53,6 +53,7 @@ import sys
 import time
 from pathlib import Path
 
+from hiar.io.storage import write_local_json
 from hiar.pipeline import stages as stage_steps
 from hiar.pipeline.console import StageConsole
 from hiar.pipeline.deploy import deploy, serve_until_interrupted
@@ -169,23 +170,14 @@ class Pipeline:
             self.runs.finish(text, summary, ok=failed is None)
         except Exception as err:  # noqa: BLE001
             self.console.say(f"[full] warning: could not finish the MLflow parent run: {err}")
-        _write_json(self.run_dir / "pipeline" / "last-summary.json", summary)
+        write_local_json(self.run_dir / "pipeline" / "last-summary.json", summary)
         if self.args.summary_json:
-            _write_json(Path(self.args.summary_json), summary)
+            write_local_json(Path(self.args.summary_json), summary)
 
     def interrupted(self) -> None:
         self.tools.jobs.stop()
         self.runs.killed()
         self.console.say("[full] interrupted", stream=sys.stderr)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    import json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
