@@ -181,15 +181,8 @@ class StepStage:
 
 
 def hierarchical_rollout(
-    velocity,
-    noise: torch.Tensor,
-    sigmas: torch.Tensor,
-    seeds: Sequence[int],
-    *,
-    step_rule: str = "x0_renoise",
-    context_noise: str = "next",
-    fused: bool = True,
-    on_step: Callable[[int, torch.Tensor], None] | None = None,
+    velocity, noise: torch.Tensor, sigmas: torch.Tensor, seeds: Sequence[int], *, step_rule: str = "x0_renoise",
+    context_noise: str = "next", fused: bool = True, on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Alg. 1. ``noise`` ``[B, C, N * k, H, W]`` at ``sigmas[0]``; returns the clean latents, same shape.
 
@@ -207,14 +200,8 @@ def hierarchical_rollout(
 
 
 def pipelined_rollout(
-    velocity,
-    noise: torch.Tensor,
-    sigmas: torch.Tensor,
-    seeds: Sequence[int],
-    *,
-    step_rule: str = "x0_renoise",
-    context_noise: str = "next",
-    on_visit: Callable[[int, int], None] | None = None,
+    velocity, noise: torch.Tensor, sigmas: torch.Tensor, seeds: Sequence[int], *, step_rule: str = "x0_renoise",
+    context_noise: str = "next", on_visit: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, list[StepStage]]:
     """Alg. 1 visited along anti-diagonals: cell (n, j) runs at time n + j, one ``StepStage`` (cache) per step.
 

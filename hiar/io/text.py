@@ -142,14 +142,8 @@ class TextEncoder:
 
     @classmethod
     def tiny(
-        cls,
-        words: Sequence[str],
-        d_model: int = 64,
-        num_layers: int = 2,
-        num_heads: int = 4,
-        d_ff: int = 128,
-        max_length: int = 16,
-        seed: int = 0,
+        cls, words: Sequence[str], d_model: int = 64, num_layers: int = 2, num_heads: int = 4, d_ff: int = 128,
+        max_length: int = 16, seed: int = 0,
     ) -> "TextEncoder":
         """A small random UMT5 encoder over ``words``, identical for identical arguments.
 
