@@ -1,6 +1,7 @@
 """Wall time per video: fused hierarchical sweep (S * (N + 1) forwards) vs diagonal-packed (N + S forwards).
 
     python benchmarks/diagonal.py --preset tiny --blocks 8 16 --repeats 3 --threads 1
+    python benchmarks/diagonal.py --preset wan2.1-1.3b --blocks 7 21 --device cuda --dtype bfloat16   # a GPU
 
 Both run in one process on the same random model, batch 1, interleaved per repeat after a warm-up (this machine
 is shared and noisy: compare the ratio within one run, not absolute numbers across runs). The packed forward
@@ -69,13 +70,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the model's weights (the rollout, its caches and the noise stay float32)")
     args = parser.parse_args()
     cfg = config_from_args(args, parser)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = CountingModel(random_student(cfg, seed=0)).to(args.device)
+    model = CountingModel(random_student(cfg, seed=0)).to(args.device, dtype=getattr(torch, args.dtype))
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
     print(f"preset={cfg.preset} S={cfg.schedule.num_steps} batch=1 repeats={args.repeats} device={args.device} "
-          f"threads={torch.get_num_threads()} (median seconds per video)")
+          f"({where}) dtype={args.dtype} (median seconds per video)")
     print(f"{'N':>4}  {'order':<20}{'forwards':>9}{'seconds':>10}{'time / hierarchical':>21}{'max |diff|':>12}")
     for n in args.blocks:
         results = time_orders(cfg, model, n, args.repeats, args.device)
