@@ -1,23 +1,30 @@
-"""Pipelined Ray Serve graph vs the single-process block-first rollout: throughput, time to first chunk, calls.
+"""Serving throughput and latency: single-process block-first vs the Serve topologies, unbatched and batched.
 
-    python benchmarks/serve.py --preset tiny --blocks 16 --streams 4 --repeats 3
-    python benchmarks/serve.py --model models:/hiar-student@champion --blocks 16       # a registered student
+    python benchmarks/serve.py --preset tiny --blocks 16 --streams 1 4 8 --repeats 3
+    python benchmarks/serve.py --model models:/hiar-student@champion --blocks 16      # a registered student
 
-Both sides do the same work per block: denoise, decode, encode a self-contained MP4 chunk. The baseline runs
-Self-Forcing's block-first order in this process (S denoising calls + one context write per block, one block
-finished before the next starts: its first chunk is ready after S + 1 calls); the Serve side is the real
-app (Ingress -> Decoder -> StepS..Step1) over real HTTP, one stage per denoising step, blocks flowing along the
-anti-diagonals. Rows: one stream at a time, and ``--streams`` concurrent streams (aggregate frames/s; the
-baseline serves them one after another -- it is one process). The single-process hierarchical rollout is
-listed for reference (it cannot stream: its first block is final only after the last sweep).
+Rows, for each number of concurrent streams C (``--streams``), all in one run on the same model:
 
-Model calls: each Serve stage reports its calls per stream (``end`` record): N for N blocks (one plain call,
-N - 1 fused [context of n - 1, block n] calls; the fused schedule's trailing context write, which makes it
-N + 1 offline, is skipped because nothing reads it). Block-first makes N (S + 1) calls, all in one process.
+* block-first, 1 process, sequential -- Self-Forcing's order (S denoising calls + one context write per block,
+  each block finished before the next starts) serving the C streams one after another: the baseline;
+* block-first, 1 process, batched -- the same order with the C streams' calls of each (block, step) as ONE
+  forward (``hiar.core.batching.batched_forward``), the streams in lock step;
+* Serve per_step, unbatched (``serve.max_batch=1``) -- the real app over real HTTP, one deployment per step;
+* Serve per_step, batched (``serve.max_batch=--max-batch``);
+* Serve diagonal, batched -- one deployment running each stream's anti-diagonal as one forward, batched.
 
-Without --model, a randomly initialised tiny student is used (speed does not depend on training). The app
-runs on an in-process Ray (or RAY_ADDRESS) with 0-CPU replicas, one torch thread each. The machine is what it
-is: pipelining pays off when every stage has a core (or GPU) of its own; the report prints the core count.
+Every side does the same work per block: denoise, decode, encode a self-contained MP4 chunk. Printed per row:
+aggregate frames/s (C x frames / wall time until the last stream's last chunk), time to first chunk p50 / p95
+over the streams of every repeat (all C requests arrive at once; a sequential baseline's later streams wait for
+the earlier ones), and ratios to the sequential block-first row of the same C. Then, per Serve mode at the
+largest C, where a block's time goes per stage (from the chunk records' timings): ``queue`` (waiting for a
+batch on the stage's compute thread), ``forward`` (the batch's compute), ``hop`` (from the previous stage's end
+to arriving in this stage's queue: Serve handles, object store, back-pressure), and the mean batch size.
+
+Without --model, a randomly initialised tiny student is used (speed does not depend on training). The apps run
+on an in-process Ray (or RAY_ADDRESS) with 0-CPU replicas, one torch thread each, deployed one after another.
+The machine is what it is (the report prints its cores): pipelining needs a core or GPU per stage; batching
+pays where one forward of a few blocks costs little more than one of a single block.
 """
 
 import argparse
@@ -35,7 +42,11 @@ import torch  # noqa: E402
 
 from hiar.config import load_config  # noqa: E402
 
-PROMPT = "a blue circle moves down quickly over a black background"
+PROMPTS = ["a blue circle moves down quickly over a black background",
+           "a red square moves left slowly over a gray background"]
+MODES = {"bf_seq": "block-first, 1 process, sequential", "bf_batch": "block-first, 1 process, batched",
+         "step": "Serve per_step, unbatched", "step_b": "Serve per_step, batched",
+         "diag_b": "Serve diagonal, batched"}
 
 
 def free_port() -> int:
@@ -61,67 +72,61 @@ def random_tiny_bundle(directory: Path, preset: str) -> Path:
 
 # ---------------------------------------------------------------------- single process, block-first
 @torch.no_grad()
-def block_first_stream(bundle, prompt: str, seed: int, num_blocks: int):
-    """Self-Forcing's order, one block at a time: yields (block, clean latents, mp4 bytes, model calls so far)."""
+def block_first_streams(bundle, seeds: list[int], num_blocks: int, batched: bool):
+    """Self-Forcing's order for ``len(seeds)`` streams: one after another, or all in lock step with each (block,
+    step) of every stream in one forward. Yields (stream, block, latents) as each block's MP4 chunk is ready."""
+    from hiar.core.batching import StreamCall, batched_forward
     from hiar.core.generation import block_shape, student_velocity
+    from hiar.core.kv_cache import CacheSegment
     from hiar.core.rollout import advance, initial_block_noise
     from hiar.io.video import encode_mp4, to_uint8
 
     cfg = bundle.config
-    r = cfg.rollout
-    embeds = bundle.text.encode([prompt])
-    negative = bundle.text.null_embedding(1) if r.guidance_scale != 1.0 else None
-    velocity = student_velocity(bundle.transformer, embeds, cfg, negative)
-    sigmas, k, shape = cfg.schedule.sigmas(), r.frames_per_block, block_shape(cfg)
-    cache, calls = velocity.new_cache(), 0
-    for n in range(num_blocks):
-        x = initial_block_noise([seed], n, shape)
-        for j in range(sigmas.numel() - 1):
-            s, s_next = float(sigmas[j]), float(sigmas[j + 1])
-            v = velocity(x, s, cache=cache, frame_offset=n * k)
-            x, _ = advance(x, v, s, s_next, r.step_rule, [seed], n, j)
-            calls += 1
-        velocity(x, 0.0, cache=cache, frame_offset=n * k)  # context write at t_c = 0
-        calls += 1
-        frames = bundle.codec.decode(x).clamp(0, 1)[0].numpy()
-        yield n, x, encode_mp4(to_uint8(frames), cfg.video.fps), calls
+    r, sigmas, k, shape = cfg.rollout, cfg.schedule.sigmas(), cfg.rollout.frames_per_block, block_shape(cfg)
+    streams = []
+    for i, seed in enumerate(seeds):
+        embeds = bundle.text.encode([PROMPTS[i % 2]])
+        negative = bundle.text.null_embedding(1) if r.guidance_scale != 1.0 else None
+        velocity = student_velocity(bundle.transformer, embeds, cfg, negative)
+        streams.append((i, seed, velocity, velocity.new_cache()))
+
+    def forward(group, xs, n: int, level: float):
+        sigma = torch.full((k,), level)
+        return batched_forward([StreamCall(vel, x, sigma, [CacheSegment(cache, n * k, k)])
+                                for (_, _, vel, cache), x in zip(group, xs)])
+
+    for group in [streams] if batched else [[s] for s in streams]:
+        for n in range(num_blocks):
+            xs = [initial_block_noise([seed], n, shape) for _, seed, _, _ in group]
+            for j in range(sigmas.numel() - 1):
+                s, s_next = float(sigmas[j]), float(sigmas[j + 1])
+                vs = forward(group, xs, n, s)
+                xs = [advance(x, v, s, s_next, r.step_rule, [seed], n, j)[0]
+                      for (_, seed, _, _), x, v in zip(group, xs, vs)]
+            forward(group, xs, n, 0.0)  # context write at t_c = 0
+            for (i, _, _, _), x in zip(group, xs):
+                encode_mp4(to_uint8(bundle.codec.decode(x).clamp(0, 1)[0].numpy()), cfg.video.fps)
+                yield i, n, x
 
 
-def run_block_first(bundle, num_blocks: int, seed: int) -> dict:
+def run_block_first(bundle, seeds: list[int], num_blocks: int, batched: bool) -> dict:
     t0 = time.perf_counter()
-    first, calls = None, 0
-    for n, _, _, calls in block_first_stream(bundle, PROMPT, seed, num_blocks):
-        if first is None:
-            first = time.perf_counter() - t0
-    return {"elapsed": time.perf_counter() - t0, "ttfc": first, "calls": calls}
+    first: dict[int, float] = {}
+    for i, _, _ in block_first_streams(bundle, seeds, num_blocks, batched):
+        first.setdefault(i, time.perf_counter() - t0)
+    return {"elapsed": time.perf_counter() - t0, "ttfc": [first[i] for i in range(len(seeds))], "chunks": []}
 
 
-@torch.no_grad()
-def run_hierarchical(bundle, num_blocks: int, seed: int) -> dict:
-    from hiar.core.generation import generate_latents
-    from hiar.io.video import encode_mp4, to_uint8
-
-    cfg, k = bundle.config, bundle.config.rollout.frames_per_block
-    t0 = time.perf_counter()
-    lat = generate_latents(bundle.transformer, bundle.text, cfg, [PROMPT], [seed], num_blocks, "hierarchical")
-    first = None
-    for n in range(num_blocks):
-        frames = bundle.codec.decode(lat[:, :, n * k:(n + 1) * k]).clamp(0, 1)[0].numpy()
-        encode_mp4(to_uint8(frames), cfg.video.fps)
-        first = first if first is not None else time.perf_counter() - t0
-    return {"elapsed": time.perf_counter() - t0, "ttfc": first}
-
-
-# ---------------------------------------------------------------------- the Serve graph
+# ---------------------------------------------------------------------- the Serve app
 def run_serve(url: str, num_blocks: int, seeds: list[int]) -> dict:
-    """``len(seeds)`` concurrent streams; wall time until the last ends, mean time to first chunk."""
+    """``len(seeds)`` concurrent streams; wall time until the last ends, each stream's time to first chunk."""
     from hiar.serving.client import stream_video
 
     results, errors = [None] * len(seeds), []
 
     def one(i):
         try:
-            results[i] = stream_video(url, {"prompt": PROMPT, "num_blocks": num_blocks, "seed": seeds[i]})
+            results[i] = stream_video(url, {"prompt": PROMPTS[i % 2], "num_blocks": num_blocks, "seed": seeds[i]})
         except Exception as err:  # noqa: BLE001
             errors.append(repr(err))
 
@@ -133,9 +138,34 @@ def run_serve(url: str, num_blocks: int, seeds: list[int]) -> dict:
         t.join()
     if errors:
         raise RuntimeError(f"stream(s) failed: {errors}")
-    return {"elapsed": max(r.received[-1] for r in results) - t0,
-            "ttfc": statistics.mean(r.time_to_first_chunk for r in results),
-            "calls": results[0].end["model_calls"]}
+    return {"elapsed": max(r.received[-1] for r in results) - t0, "ttfc": [r.time_to_first_chunk for r in results],
+            "chunks": [(c, got) for r in results for c, got in zip(r.chunks, r.received)]}
+
+
+def stage_breakdown(chunks) -> list[tuple[str, float, float, float, float]]:
+    """(stage, queue ms, forward ms, hop ms, mean batch) per stage, means over the blocks' timing records."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for chunk, received in chunks:
+        stages = chunk["timing"]["stages"]
+        for i, t in enumerate(stages):
+            arrived = t["start"] - t.get("queued_s", 0.0)
+            r = rows.setdefault(t["stage"], {"queue": [], "forward": [], "hop": [], "batch": []})
+            r["queue"].append(1000 * t.get("queued_s", 0.0))
+            r["forward"].append(1000 * (t["end"] - t["start"]))
+            r["batch"].append(t.get("batch", 1))
+            if i:
+                r["hop"].append(1000 * (arrived - stages[i - 1]["end"]))
+        rows.setdefault("to client", {"queue": [], "forward": [], "hop": [], "batch": []})["hop"].append(
+            1000 * (received - stages[-1]["end"]))
+    def mean(xs: list[float]) -> float:
+        return statistics.fmean(xs) if xs else float("nan")
+
+    return [(name, mean(r["queue"]), mean(r["forward"]), mean(r["hop"]), mean(r["batch"])) for name, r in rows.items()]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def main() -> None:
@@ -143,91 +173,89 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--model", default=None, help="model URI or bundle dir (default: a random tiny student)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="serving config override, e.g. --set serve.stage_replicas=2")
+                        help="serving config override for every app, e.g. --set serve.stage_replicas=2")
     parser.add_argument("--blocks", type=int, default=16)
-    parser.add_argument("--streams", type=int, default=4, help="concurrent streams in the second row")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8], help="concurrent streams per row")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-batch", type=int, default=8, help="serve.max_batch of the batched apps")
+    parser.add_argument("--batch-wait-ms", type=float, default=2.0, help="serve.batch_wait_ms of the batched apps")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     args = parser.parse_args()
 
     import ray
     from ray import serve
 
     from hiar.io.bundle import load_bundle
+    from hiar.platform.registry import resolve_bundle
     from hiar.serving.app import build_app
 
     tmp = tempfile.TemporaryDirectory(prefix="hiar-bench-")
     model = args.model or str(random_tiny_bundle(Path(tmp.name) / "student", args.preset))
-    overrides = [*args.overrides, f"serve.max_blocks={max(64, args.blocks)}",
-                 f"serve.max_concurrent_streams={max(8, args.streams)}"]
-    cfg = load_config(args.preset, overrides)
+    C = sorted(set(args.streams))
+    common = [*args.overrides, f"serve.max_blocks={max(64, args.blocks)}",
+              f"serve.max_concurrent_streams={max(8, max(C))}"]
+    batched = [f"serve.max_batch={args.max_batch}", f"serve.batch_wait_ms={args.batch_wait_ms}"]
+    apps = {"step": ["serve.topology=per_step", "serve.max_batch=1"],
+            "step_b": ["serve.topology=per_step", *batched], "diag_b": ["serve.topology=diagonal", *batched]}
+    cfg = load_config(args.preset, common)
+    torch.set_num_threads(max(1, cfg.serve.stage_torch_threads))  # the baseline gets what one replica gets
+    bundle = load_bundle(resolve_bundle(model))
+    S, N, k = bundle.config.schedule.num_steps, args.blocks, bundle.config.rollout.frames_per_block
+    frames = bundle.codec.num_frames_for(N * k)
+
+    # sanity: the benchmark's block-first loop is hiar's block-first rollout
+    from hiar.core.generation import generate_latents
+
+    ref = generate_latents(bundle.transformer, bundle.text, bundle.config, [PROMPTS[0]], [0], 2, "block_first")
+    got = torch.cat([x for _, _, x in block_first_streams(bundle, [0], 2, batched=False)], dim=2)
+    assert torch.allclose(ref, got, atol=1e-5), "the benchmark's block-first loop differs from block_first_rollout"
+
+    results: dict[str, dict[int, list[dict]]] = {m: {c: [] for c in C} for m in args.modes}
+    for mode in [m for m in args.modes if m.startswith("bf")]:
+        run_block_first(bundle, [0, 1], 2, mode == "bf_batch")  # warm-up
+        for r in range(args.repeats):
+            for c in C:
+                results[mode][c].append(run_block_first(bundle, [100 * r + i for i in range(c)], N, mode == "bf_batch"))
+
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
              **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}))
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    t0 = time.time()
-    serve.run(build_app({"preset": args.preset, "overrides": overrides, "model_uri": model}), name="hiar-bench",
-              route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    print(f"deployed in {time.time() - t0:.0f} s", flush=True)
+    for mode in [m for m in args.modes if m in apps]:
+        t0 = time.time()
+        serve.run(build_app({"preset": args.preset, "overrides": [*common, *apps[mode]], "model_uri": model}),
+                  name="hiar-bench", route_prefix="/")
+        print(f"{MODES[mode]}: deployed in {time.time() - t0:.0f} s", flush=True)
+        for _ in range(2):  # warm-up: lazy imports and first-call costs in every replica
+            run_serve(url, 2, [0, 1])
+        for r in range(args.repeats):
+            for c in C:
+                results[mode][c].append(run_serve(url, N, [100 * r + i for i in range(c)]))
+        serve.delete("hiar-bench")
 
-    from hiar.platform.registry import resolve_bundle
-
-    torch.set_num_threads(max(1, cfg.serve.stage_torch_threads))  # the baseline gets what one replica gets
-    bundle = load_bundle(resolve_bundle(model))
-    S, N, k = bundle.config.schedule.num_steps, args.blocks, bundle.config.rollout.frames_per_block
-    # sanity: the incremental baseline is hiar's block-first rollout
-    from hiar.core.generation import generate_latents
-
-    ref = generate_latents(bundle.transformer, bundle.text, bundle.config, [PROMPT], [0], 2, "block_first")
-    got = torch.cat([x for _, x, _, _ in block_first_stream(bundle, PROMPT, 0, 2)], dim=2)
-    assert torch.equal(ref, got), "the benchmark's block-first loop differs from hiar.core.rollout.block_first_rollout"
-
-    for _ in range(2):  # warm-up: lazy imports and first-call costs in every replica and here
-        run_serve(url, 2, [0, 1])
-        run_block_first(bundle, 2, 0)
-    rows: dict[str, list[dict]] = {"bf1": [], "bfC": [], "h1": [], "s1": [], "sC": []}
-    calls_serve, calls_bf = None, None
-    for r in range(args.repeats):  # interleaved, so drifting load on a shared box hits both sides alike
-        b = run_block_first(bundle, N, r)
-        rows["bf1"].append(b)
-        calls_bf = b["calls"]
-        seq = [run_block_first(bundle, N, 100 + i) for i in range(args.streams)]
-        rows["bfC"].append({"elapsed": sum(x["elapsed"] for x in seq), "ttfc": statistics.mean(
-            x["ttfc"] + sum(y["elapsed"] for y in seq[:i]) for i, x in enumerate(seq))})
-        rows["h1"].append(run_hierarchical(bundle, N, r))
-        s = run_serve(url, N, [r])
-        rows["s1"].append(s)
-        calls_serve = s["calls"]
-        rows["sC"].append(run_serve(url, N, [100 + i for i in range(args.streams)]))
-
-    frames = bundle.codec.num_frames_for(N * k)
-
-    def med(key, field):
-        return statistics.median(x[field] for x in rows[key])
-
-    def fps(key, streams):
-        return streams * frames / med(key, "elapsed")
-
-    C = args.streams
     print(f"\npreset={args.preset} model={model if args.model else 'random tiny student'} N={N} blocks "
           f"({frames} frames) S={S} cores={os.cpu_count()} stage_replicas={cfg.serve.stage_replicas} "
-          f"torch_threads={cfg.serve.stage_torch_threads} repeats={args.repeats} (medians; client-side times)")
-    print(f"{'mode':<44}{'streams':>8}{'frames/s':>10}{'ttfc s':>9}{'x block-first':>15}")
-    streams = {"bf1": 1, "h1": 1, "s1": 1, "bfC": C, "sC": C}
-    table = [("block-first rollout, 1 process", "bf1", "bf1"),
-             ("hierarchical rollout, 1 process (no stream)", "h1", "bf1"),
-             ("Serve pipeline (1 stage per step)", "s1", "bf1"),
-             ("block-first rollout, 1 process, sequential", "bfC", "bfC"),
-             ("Serve pipeline (1 stage per step)", "sC", "bfC")]
-    for name, key, base in table:
-        ratio = fps(key, streams[key]) / fps(base, streams[base])
-        print(f"{name:<44}{streams[key]:>8}{fps(key, streams[key]):>10.1f}{med(key, 'ttfc'):>9.3f}{ratio:>15.2f}")
-    print(f"\nmodel calls per Serve stage for N={N}: {calls_serve} "
-          f"(goal N+1={N + 1}: fused schedule; the trailing context write is skipped, so N)")
-    print(f"block-first: {calls_bf} calls in one process = N(S+1); per block S+1={S + 1} before its chunk")
-    ratio1, ratioC = fps("s1", 1) / fps("bf1", 1), fps("sC", C) / fps("bfC", C)
-    print(f"throughput ratio Serve / block-first: {ratio1:.2f}x (1 stream), {ratioC:.2f}x ({C} streams); "
-          f"goal >= 1.8x on a box with >= S={S} cores, this one has {os.cpu_count()}")
+          f"torch_threads={cfg.serve.stage_torch_threads} max_batch={args.max_batch} "
+          f"batch_wait_ms={args.batch_wait_ms:g} repeats={args.repeats} (medians; client-side times)")
+    print(f"{'mode':<40}{'streams':>8}{'frames/s':>10}{'ttfc p50':>10}{'ttfc p95':>10}{'x fps':>7}{'x ttfc50':>9}")
+    for c in C:
+        base = None
+        for mode in args.modes:
+            runs = results[mode][c]
+            fps = c * frames / statistics.median(x["elapsed"] for x in runs)
+            ttfc = [t for x in runs for t in x["ttfc"]]
+            p50, p95 = percentile(ttfc, 0.5), percentile(ttfc, 0.95)
+            base = base or (fps, p50)
+            print(f"{MODES[mode]:<40}{c:>8}{fps:>10.1f}{p50:>10.3f}{p95:>10.3f}{fps / base[0]:>7.2f}"
+                  f"{p50 / base[1]:>9.2f}")
+        print()
+    for mode in [m for m in args.modes if m in apps]:
+        chunks = [ch for x in results[mode][max(C)] for ch in x["chunks"]]
+        print(f"{MODES[mode]}, {max(C)} streams: where a block's time goes (ms, means over {len(chunks)} blocks)")
+        print(f"  {'stage':<12}{'queue':>9}{'forward':>9}{'hop in':>9}{'batch':>7}")
+        for name, queue, forward, hop, batch in stage_breakdown(chunks):
+            print(f"  {name:<12}{queue:>9.1f}{forward:>9.1f}{hop:>9.1f}{batch:>7.2f}")
     serve.shutdown()
     ray.shutdown()
     tmp.cleanup()

@@ -25,6 +25,8 @@ from hiar.core.schedule import student_sigmas, teacher_sigmas
 from hiar.identity import identity
 
 PRESET_DIR = Path(__file__).parent / "presets"
+#: How the Serve app lays out the denoising steps (``hiar.serving.app``).
+SERVE_TOPOLOGIES = ("per_step", "diagonal")
 
 
 @dataclass
@@ -275,6 +277,14 @@ class ServeConfig:
     max_request_bytes: int = 16384  # larger bodies: HTTP 413
     health_check_period_s: float = 2.0  # how soon Serve notices (and replaces) a dead replica
     stall_timeout_s: float = 120.0  # a stage waiting this long for its consumer gives the stream up
+    # per_step: one deployment per denoising step (a device each); diagonal: one deployment holds all S step caches
+    # of a stream and runs each anti-diagonal as one packed forward (the one-device way to pipeline)
+    topology: str = "per_step"
+    # blocks of concurrent streams waiting at the same stage, denoised in one forward (1: unbatched, bit-identical
+    # to the offline rollout; > 1: equal to it within float round-off, 1e-4 on tiny). The shipped serve configs
+    # turn it on; the default keeps the reference behaviour
+    max_batch: int = 1
+    batch_wait_ms: float = 0.0  # how long a waiting block may wait for others to join its batch
 
 
 @dataclass
@@ -342,6 +352,11 @@ def validate(cfg: HiarConfig) -> None:
         value = getattr(cfg.registry, name)
         if value != value or value in (float("inf"), float("-inf")):
             raise ValueError(f"registry.{name} must be a finite number, got {value!r}")
+    choice("serve.topology", cfg.serve.topology, SERVE_TOPOLOGIES)
+    if cfg.serve.max_batch < 1:
+        raise ValueError(f"serve.max_batch must be >= 1 (1: no cross-stream batching), got {cfg.serve.max_batch}")
+    if not 0.0 <= cfg.serve.batch_wait_ms < float("inf"):
+        raise ValueError(f"serve.batch_wait_ms must be a finite number >= 0, got {cfg.serve.batch_wait_ms!r}")
     if cfg.data.heldout_prompts < 1:
         raise ValueError(f"data.heldout_prompts must be >= 1, got {cfg.data.heldout_prompts}")
     for mode in cfg.eval.rollouts:

@@ -30,9 +30,19 @@ step's trailing context write, which the earlier steps' trailing writes share a 
 S * (N + 1) of the fused hierarchical sweep. Results equal ``hierarchical_rollout`` to float round-off (the
 packed matmuls group the sums differently), not bit for bit as ``pipelined_rollout`` does.
 
-``StepStage`` stays the one definition of what a step does to a block: each stage is driven through its own
-``process`` / ``finish``, with a velocity that hands back the slice of the packed forward computed for exactly
-that call (``PrecomputedVelocity``). The diagonal only decides when the calls are computed, and how.
+``StepStage`` stays the one definition of what a step does to a block: each stage plans its call
+(``StepStage.planned_call``) and then runs its own ``process`` / ``finish`` with a velocity that hands back the
+slice of the packed forward computed for exactly that call (``hiar.core.batching.supplied_velocity``). The
+diagonal only decides when the calls are computed, and how.
+
+Several streams. ``advance_diagonals`` advances the diagonals of several streams (different prompts, lengths,
+seeds, guidance) in ONE forward: each stream's diagonal is one member of a multi-stream pack
+(``hiar.core.batching``), which equals each stream advanced alone to float round-off. A stream joins by
+starting its first diagonal in some batch and leaves when it is ``done``; the others never notice. One stream
+alone is exactly ``advance_diagonal``.
+
+Serving skips the trailing context writes (``trailing_writes=False``): they only complete the caches for a
+continuation that a finished stream never makes, so a served stream takes N + S - 1 forwards.
 """
 
 from __future__ import annotations
@@ -41,37 +51,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from hiar.core.batching import StreamCall, batched_forward, supplied_velocity
 from hiar.core.kv_cache import CacheSegment
 from hiar.core.rollout import StepStage, _check_options, _split_blocks
-
-
-class PrecomputedVelocity:
-    """The velocity a ``StepStage`` calls inside a diagonal: returns what the packed forward computed for it.
-
-    The real velocity still makes the stage's cache (``new_cache``); only the forward is moved out of the stage.
-    """
-
-    def __init__(self, velocity):
-        self.velocity = velocity
-        self.frames_per_block = velocity.frames_per_block
-        self.ready: tuple[int, torch.Tensor] | None = None  # (frame_offset of the call, its velocity)
-
-    def new_cache(self):
-        return self.velocity.new_cache()
-
-    def __call__(self, x: torch.Tensor, sigma, *, cache=None, frame_offset: int = 0) -> torch.Tensor:
-        if self.ready is None:
-            raise RuntimeError("the stage made a model call the diagonal did not plan")
-        offset, v = self.ready
-        self.ready = None
-        # Guards the one thing that could silently go wrong: the diagonal planning a different call than the
-        # stage then makes (the stage's own logic decides fused / standalone / context write).
-        if frame_offset != offset or x.shape != v.shape:
-            raise RuntimeError(
-                f"planned a call at frame {offset} of shape {tuple(v.shape)}, the stage made one at frame "
-                f"{frame_offset} of shape {tuple(x.shape)}"
-            )
-        return v
 
 
 class DiagonalRollout:
@@ -79,7 +61,7 @@ class DiagonalRollout:
 
     Feed block n's starting noise on the n-th call of ``advance_diagonal``; from the S-th call on, each call
     returns one clean block, in order. ``advance_diagonal(None)`` ends the stream: keep calling it until
-    ``done`` to drain the remaining blocks and write every step's last context.
+    ``done`` to drain the remaining blocks (and, with ``trailing_writes``, write every step's last context).
     """
 
     def __init__(
@@ -91,16 +73,17 @@ class DiagonalRollout:
         step_rule: str = "x0_renoise",
         context_noise: str = "next",
         on_visit: Callable[[int, int], None] | None = None,
+        trailing_writes: bool = True,
     ):
         _check_options(step_rule, context_noise, sigmas)
         self.velocity = velocity
         self.k = velocity.frames_per_block
-        self.replays = [PrecomputedVelocity(velocity) for _ in range(sigmas.numel() - 1)]
         self.stages = [
-            StepStage(replay, sigmas, j, seeds, step_rule=step_rule, context_noise=context_noise, fused=True)
-            for j, replay in enumerate(self.replays)
+            StepStage(velocity, sigmas, j, seeds, step_rule=step_rule, context_noise=context_noise, fused=True)
+            for j in range(sigmas.numel() - 1)
         ]
         self.on_visit = on_visit
+        self.trailing_writes = trailing_writes
         # inbox[j]: (block, latents) that step j runs on the next diagonal, produced by step j - 1 on this one.
         self.inbox: list[tuple[int, torch.Tensor] | None] = [None] * len(self.stages)
         self.blocks_in = 0
@@ -112,28 +95,21 @@ class DiagonalRollout:
         return self.closed and all(self._finished(stage) for stage in self.stages) and not any(self.inbox)
 
     def _finished(self, stage: StepStage) -> bool:
-        return stage.next_block == self.blocks_in and stage.pending is None
+        return stage.next_block == self.blocks_in and (stage.pending is None or not self.trailing_writes)
 
     def _trailing_write_due(self, stage: StepStage) -> bool:
         # a step's last context is written once no further block can reach it
-        return self.closed and stage.next_block == self.blocks_in and stage.pending is not None
-
-    def _planned_call(self, stage: StepStage, x: torch.Tensor | None) -> tuple[torch.Tensor, list[float], int]:
-        """(input, sigma per frame, frame offset) of the call ``stage.process`` (or ``finish`` if x is None) makes."""
-        k = self.k
-        if x is None:
-            ctx, ctx_sigma = stage.pending
-            return ctx, [ctx_sigma] * k, (stage.next_block - 1) * k
-        if stage.pending is None:
-            return x, [stage.sigma] * k, stage.next_block * k
-        ctx, ctx_sigma = stage.pending
-        return torch.cat([ctx, x], dim=2), [ctx_sigma] * k + [stage.sigma] * k, (stage.next_block - 1) * k
+        return self.trailing_writes and self.closed and stage.next_block == self.blocks_in and stage.pending is not None
 
     def advance_diagonal(self, incoming: torch.Tensor | None) -> torch.Tensor | None:
         """Run one anti-diagonal: ``incoming`` (the next block's noise, or None to end the stream) enters step 0.
 
         Returns the block that left the last step on this diagonal (clean latents), or None.
         """
+        return advance_diagonals([(self, incoming)])[0]
+
+    def _plan(self, incoming: torch.Tensor | None) -> list[tuple[int, int | None, torch.Tensor | None]]:
+        """Take ``incoming`` and return this diagonal's work: (step, block or None for a trailing write, latents)."""
         if incoming is not None:
             if self.closed:
                 raise ValueError("the stream was ended (advance_diagonal(None)); no block may follow")
@@ -143,42 +119,64 @@ class DiagonalRollout:
             self.closed = True
         # Plan every stage's call of this diagonal from the state before any of them runs: step j consumes what
         # step j - 1 produced on the previous diagonal, never what it produces now.
-        work = []  # (step, block or None for the trailing write, latents)
+        work = []
         for j, stage in enumerate(self.stages):
             if self.inbox[j] is not None:
                 work.append((j, *self.inbox[j]))
                 self.inbox[j] = None
             elif self._trailing_write_due(stage):
                 work.append((j, None, None))
-        if not work:
-            return None
-        if self.on_visit is not None:
+        if work and self.on_visit is not None:
             for j, n, _ in work:
                 if n is not None:
                     self.on_visit(j, n)
-        planned = [self._planned_call(self.stages[j], x) for j, _, x in work]
-        velocities = self._packed_forward(planned, [self.stages[j].cache for j, _, _ in work])
+        return work
+
+    def _stream_call(self, work) -> StreamCall:
+        """The diagonal's packed call: one segment per stage of ``work``, in step order."""
+        planned = [self.stages[j].planned_call(x) for j, _, x in work]
+        x = torch.cat([xp for xp, _, _ in planned], dim=2)
+        sigma = torch.tensor([s for _, sig, _ in planned for s in sig], dtype=torch.float32, device=x.device)
+        segments = [CacheSegment(self.stages[j].cache, offset, xp.shape[2])
+                    for (j, _, _), (xp, _, offset) in zip(work, planned)]
+        return StreamCall(self.velocity, x, sigma, segments)
+
+    def _complete(self, work, call: StreamCall, v: torch.Tensor) -> torch.Tensor | None:
+        """Run each stage's process / finish on its slice of ``v`` (the packed call's velocity); the block that left."""
+        self.forwards += 1
         finished = None
-        for (j, n, x), (_, _, offset), v in zip(work, planned, velocities):
-            self.replays[j].ready = (offset, v)
-            if n is None:
-                self.stages[j].finish()
-                continue
-            x_next = self.stages[j].process(n, x)
+        slices = v.split([seg.num_frames for seg in call.segments], dim=2)
+        for (j, n, x), seg, vj in zip(work, call.segments, slices):
+            stage = self.stages[j]
+            with supplied_velocity(stage, seg.frame_offset, vj):
+                if n is None:
+                    stage.finish()
+                    continue
+                x_next = stage.process(n, x)
             if j + 1 < len(self.stages):
                 self.inbox[j + 1] = (n, x_next)
             else:
                 finished = x_next
         return finished
 
-    def _packed_forward(self, planned, caches) -> list[torch.Tensor]:
-        """One model forward over all planned calls; returns each call's velocity, shaped like its input."""
-        self.forwards += 1
-        x = torch.cat([xp for xp, _, _ in planned], dim=2)
-        sigma = torch.tensor([s for _, sig, _ in planned for s in sig], dtype=torch.float32, device=x.device)
-        segments = [CacheSegment(cache, offset, xp.shape[2]) for (xp, _, offset), cache in zip(planned, caches)]
-        v = self.velocity(x, sigma, cache=segments)
-        return list(v.split([xp.shape[2] for xp, _, _ in planned], dim=2))
+
+def advance_diagonals(
+    pairs: Sequence[tuple[DiagonalRollout, torch.Tensor | None]]
+) -> list[torch.Tensor | None]:
+    """``[rollout.advance_diagonal(incoming) for rollout, incoming in pairs]``, all diagonals in ONE forward.
+
+    The streams may differ in prompt, guidance, seeds, length and progress (one may be on its first diagonal,
+    another draining its last); they must share the transformer. Each stream appears at most once.
+    """
+    if len({id(r) for r, _ in pairs}) != len(pairs):
+        raise ValueError("a stream can advance only one diagonal per batch")
+    if any(r.closed and incoming is not None for r, incoming in pairs):  # checked before any stream moves
+        raise ValueError("the stream was ended (advance_diagonal(None)); no block may follow")
+    plans = [(r, r._plan(incoming)) for r, incoming in pairs]
+    active = [(r, work, r._stream_call(work)) for r, work in plans if work]
+    velocities = batched_forward([call for _, _, call in active])
+    out = {id(r): r._complete(work, call, v) for (r, work, call), v in zip(active, velocities)}
+    return [out.get(id(r)) for r, _ in pairs]
 
 
 def diagonal_rollout(

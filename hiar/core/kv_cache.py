@@ -19,7 +19,9 @@ bounded by the window for streams of any length; queries must therefore move for
 Packed calls. A forward may also be given several ``CacheSegment``s instead of one cache: its frames are then
 the concatenation of the segments, each a run of whole blocks of its own stream position in its own cache (the
 S per-step caches of one stream in HiAR's diagonal order). Each segment reads and writes only its own cache, as
-if it were a separate call; only the per-token layers run once over the whole pack.
+if it were a separate call; only the per-token layers run once over the whole pack. Several *streams* (each
+with its own prompt and batch size) go into one forward as ``PackMember``s, one per stream, each holding that
+stream's prompt and segments (``hiar.core.batching``).
 
 Gradients. With ``detach=True`` (the default) stored K/V are detached: the paper trains with no gradient
 through the KV cache. The model still attends to the live, in-call K/V of the blocks it is computing, so a
@@ -46,6 +48,19 @@ class CacheSegment:
     cache: "KVCache"
     frame_offset: int
     num_frames: int
+
+
+@dataclass(frozen=True)
+class PackMember:
+    """One stream's share of a multi-stream packed call: its prompt and its segments.
+
+    ``context`` is the stream's ``encoder_hidden_states`` ``[b, tokens, text_dim]`` (b: its samples, doubled under
+    classifier-free guidance). In the packed call (batch axis 1) the member takes ``b * sum(num_frames)`` frames:
+    its b samples one after another, each the concatenation of its segments' frames.
+    """
+
+    context: torch.Tensor
+    segments: tuple[CacheSegment, ...]
 
 
 class KVCache:

@@ -17,7 +17,9 @@ writes one diffusers loads back. Everything causal is a *forward* argument, not 
   the paper's *fused* call: one forward writes block n's context and denoises block n+1, and block n's keys
   never see block n+1;
 * ``kv_cache`` as a list of ``CacheSegment``s (``frame_offset`` left at 0): a *packed* call, whose frames are
-  the segments one after another, each at its own position in its own cache (see ``PackedSelfAttentionPlan``).
+  the segments one after another, each at its own position in its own cache (see ``PackedSelfAttentionPlan``);
+* ``kv_cache`` as a list of ``PackMember``s (batch axis 1, ``encoder_hidden_states=None``): a *multi-stream*
+  packed call, each member one stream with its own prompt, batch size and segments (``hiar.core.batching``).
 
 With ``attention_mode="bidirectional"``, one timestep and no cache, the output equals diffusers' to float32
 round-off (tested). Image-to-video inputs (``image_dim`` / ``added_kv_proj_dim``) are not supported.
@@ -37,7 +39,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from diffusers.models.modeling_utils import ModelMixin
 
-from hiar.core.kv_cache import CacheSegment, KVCache
+from hiar.core.kv_cache import CacheSegment, KVCache, PackMember
 
 ATTENTION_MODES = ("bidirectional", "block_causal")
 
@@ -223,8 +225,8 @@ class TransformerBlock(nn.Module):
         x = (x.float() + self_attention.attend(layer, a, q, k, v) * gate).type_as(x)
 
         h = self.norm2(x.float()).type_as(x)
-        ck, cv = self_attention.cross_kv(layer, self.attn2, context)
-        x = x + self.attn2.attend(self.attn2.split(self.attn2.norm_q(self.attn2.to_q(h))), ck, cv, None)
+        a2 = self.attn2
+        x = x + self_attention.cross_attend(layer, a2, a2.split(a2.norm_q(a2.to_q(h))), context)
 
         h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
         return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
@@ -280,7 +282,11 @@ class SelfAttentionPlan:
         k, v, mask = self.keys(layer, k, v)
         return attn.mix(q, k, v, mask)
 
-    def cross_kv(self, layer: int, attn: Attention, context: torch.Tensor):
+    def cross_attend(self, layer: int, attn: Attention, q: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        ck, cv = self.cross_kv(layer, attn, context)
+        return attn.attend(q, ck, cv, None)
+
+    def cross_kv(self, layer: int, attn: Attention, context: torch.Tensor | None):
         if self.cache is None:
             return attn.project_kv(context)
         cached = self.cache.cross_kv(layer)
@@ -292,55 +298,97 @@ class SelfAttentionPlan:
         return cached
 
 
-class PackedSelfAttentionPlan:
-    """Self-attention of a packed call: each segment attends only to its own cache and its own live keys.
+class _Member:
+    """A packed call's member as the model sees it: a prompt, its segments, and ``rows`` samples per batch row."""
 
-    Every per-token layer (projections, norms, modulation, FFN, cross-attention to the shared prompt) runs once
-    over the whole pack; only the attention product is taken segment by segment, so no query is ever scored
-    against another segment's keys (no cross-segment mask, no padding, no wasted scores).
+    def __init__(self, context: torch.Tensor, segments, rows: int):
+        self.context, self.segments, self.rows = context, list(segments), rows
+
+
+class PackedSelfAttentionPlan:
+    """Attention of a packed call: each segment attends only to its own cache and its own live keys, and each
+    member (stream) to its own prompt.
+
+    Every per-token layer (projections, norms, modulation, FFN, output head) runs once over the whole pack; only
+    the attention products are taken per segment (self-attention) and per member (cross-attention), so no query
+    is ever scored against another segment's keys or another stream's prompt (no mask, no padding, no wasted
+    scores). A member's ``rows`` samples lie one after another along the token axis of one batch row; the plan
+    moves them onto the batch axis for its attention products (``rows == 1`` is the single-stream pack of
+    ``hiar.core.diagonal``, whose batch axis is the stream's own).
     """
 
-    def __init__(self, segments: list[CacheSegment], tokens_per_frame: int, device: torch.device):
-        self.plans, self.slices, start = [], [], 0
-        for seg in segments:
-            self.plans.append(
-                SelfAttentionPlan(
-                    "block_causal", seg.cache.frames_per_block, tokens_per_frame, seg.frame_offset, seg.num_frames,
-                    seg.cache, device,
-                )
-            )
-            end = start + seg.num_frames * tokens_per_frame
-            self.slices.append(slice(start, end))
-            start = end
+    def __init__(self, members: list[_Member], batch: int, tokens_per_frame: int, device: torch.device):
+        self.batch = batch
+        self.members = []  # (slice of the pack, rows, [(plan, slice of one row)])
+        start = 0
+        for m in members:
+            segs, row = [], 0
+            for seg in m.segments:
+                plan = SelfAttentionPlan("block_causal", seg.cache.frames_per_block, tokens_per_frame,
+                                         seg.frame_offset, seg.num_frames, seg.cache, device)
+                segs.append((plan, slice(row, row + seg.num_frames * tokens_per_frame)))
+                row += seg.num_frames * tokens_per_frame
+            self.members.append((slice(start, start + m.rows * row), m.rows, segs))
+            start += m.rows * row
+
+    @staticmethod
+    def _rows(t: torch.Tensor, rows: int) -> torch.Tensor:  # [B, heads, rows * L, d] -> [B * rows, heads, L, d]
+        if rows == 1:
+            return t
+        b, h, n, d = t.shape
+        return t.reshape(b, h, rows, n // rows, d).transpose(1, 2).reshape(b * rows, h, n // rows, d)
+
+    def _unrows(self, t: torch.Tensor, rows: int) -> torch.Tensor:  # [B * rows, L, dim] -> [B, rows * L, dim]
+        return t if rows == 1 else t.reshape(self.batch, rows * t.shape[1], t.shape[2])
 
     def attend(self, layer: int, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        mixed = [
-            plan.mix(layer, attn, q[:, :, sl], k[:, :, sl], v[:, :, sl]) for plan, sl in zip(self.plans, self.slices)
-        ]
-        return attn.project_out(torch.cat(mixed, dim=1))
+        out = []
+        for sl, rows, segs in self.members:
+            qm, km, vm = (self._rows(t[:, :, sl], rows) for t in (q, k, v))
+            mixed = [plan.mix(layer, attn, qm[:, :, ss], km[:, :, ss], vm[:, :, ss]) for plan, ss in segs]
+            out.append(self._unrows(torch.cat(mixed, dim=1), rows))
+        return attn.project_out(torch.cat(out, dim=1))
 
-    def cross_kv(self, layer: int, attn: Attention, context: torch.Tensor | None):
-        # All segments belong to one stream, hence one prompt: its K/V are the same in every cache.
-        kv = self.plans[0].cross_kv(layer, attn, context)
-        for plan in self.plans[1:]:
-            if plan.cache.cross_kv(layer) is None:
-                plan.cache.set_cross_kv(layer, *kv)
-        return kv
+    def cross_attend(self, layer: int, attn: Attention, q: torch.Tensor, contexts: list) -> torch.Tensor:
+        out = []
+        for (sl, rows, segs), context in zip(self.members, contexts):
+            # All segments of a member belong to one stream, hence one prompt: its K/V are the same in every cache.
+            kv = segs[0][0].cross_kv(layer, attn, context)
+            for plan, _ in segs[1:]:
+                if plan.cache.cross_kv(layer) is None:
+                    plan.cache.set_cross_kv(layer, *kv)
+            out.append(self._unrows(attn.mix(self._rows(q[:, :, sl], rows), *kv, None), rows))
+        return attn.project_out(torch.cat(out, dim=1))
 
 
-def _check_segments(segments: list[CacheSegment], frame_offset: int, num_frames: int) -> None:
-    if not segments:
+def _pack_members(kv_cache: list, encoder_hidden_states, frame_offset: int, batch: int, num_frames: int):
+    """The members of a packed call (a list of ``CacheSegment`` or of ``PackMember``), checked."""
+    items = list(kv_cache)
+    if not items:
         raise ValueError("a packed call needs at least one CacheSegment")
     if frame_offset != 0:
         raise ValueError("a packed call takes its positions from its CacheSegments; leave frame_offset at 0")
-    if any(not isinstance(seg, CacheSegment) for seg in segments):
-        raise ValueError("kv_cache must be a KVCache or a list of CacheSegment")
+    if all(isinstance(item, PackMember) for item in items):
+        if encoder_hidden_states is not None:
+            raise ValueError("a multi-stream packed call takes each stream's prompt from its PackMember; "
+                             "pass encoder_hidden_states=None")
+        if batch != 1:
+            raise ValueError(f"a multi-stream packed call has batch size 1 (each member's samples lie along the "
+                             f"frame axis), got {batch}")
+        members = [_Member(m.context, m.segments, int(m.context.shape[0])) for m in items]
+    elif all(isinstance(item, CacheSegment) for item in items):
+        members = [_Member(encoder_hidden_states, items, 1)]
+    else:
+        raise ValueError("kv_cache must be a KVCache, a list of CacheSegment or a list of PackMember")
+    segments = [seg for m in members for seg in m.segments]
+    if any(not m.segments for m in members) or any(not isinstance(seg, CacheSegment) for seg in segments):
+        raise ValueError("every PackMember needs at least one CacheSegment")
     if len({id(seg.cache) for seg in segments}) != len(segments):
         raise ValueError("each segment of a packed call needs its own cache (one segment per cache)")
-    if sum(seg.num_frames for seg in segments) != num_frames:
-        raise ValueError(
-            f"the segments cover {sum(seg.num_frames for seg in segments)} frames, the call has {num_frames}"
-        )
+    covered = sum(m.rows * seg.num_frames for m in members for seg in m.segments)
+    if covered != num_frames:
+        raise ValueError(f"the segments cover {covered} frames, the call has {num_frames}")
+    return members
 
 
 def _bind_cache(cache: KVCache, tpf: int, context: torch.Tensor) -> None:
@@ -410,7 +458,17 @@ class CausalWanTransformer3DModel(ModelMixin, ConfigMixin):
         _, ph, pw = self.config.patch_size
         return (height // ph) * (width // pw)
 
-    def _validate(self, hidden_states, timestep, encoder_hidden_states, attention_mode, frames_per_block, kv_cache):
+    def _check_context(self, encoder_hidden_states, b: int) -> None:
+        if encoder_hidden_states is None or encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b:
+            shape = None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)
+            raise ValueError(f"encoder_hidden_states must be [B={b}, tokens, {self.config.text_dim}], got {shape}")
+        if encoder_hidden_states.shape[-1] != self.config.text_dim:
+            raise ValueError(
+                f"encoder_hidden_states has width {encoder_hidden_states.shape[-1]}, the model expects "
+                f"text_dim={self.config.text_dim}"
+            )
+
+    def _validate(self, hidden_states, timestep, attention_mode, frames_per_block, kv_cache):
         cfg = self.config
         if hidden_states.ndim != 5:
             raise ValueError(f"hidden_states must be [B, C, F, H, W], got shape {tuple(hidden_states.shape)}")
@@ -420,14 +478,6 @@ class CausalWanTransformer3DModel(ModelMixin, ConfigMixin):
         pt, ph, pw = cfg.patch_size
         if f % pt or h % ph or w % pw:
             raise ValueError(f"latent size F={f}, H={h}, W={w} is not divisible by patch_size={tuple(cfg.patch_size)}")
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b:
-            raise ValueError(
-                f"encoder_hidden_states must be [B={b}, tokens, {cfg.text_dim}], got {tuple(encoder_hidden_states.shape)}"
-            )
-        if encoder_hidden_states.shape[-1] != cfg.text_dim:
-            raise ValueError(
-                f"encoder_hidden_states has width {encoder_hidden_states.shape[-1]}, the model expects text_dim={cfg.text_dim}"
-            )
         if timestep.ndim == 0:
             raise ValueError("timestep must have shape [B] or [B, F], got a scalar")
         if timestep.shape[0] != b or timestep.ndim > 2 or (timestep.ndim == 2 and timestep.shape[1] != f):
@@ -454,14 +504,14 @@ class CausalWanTransformer3DModel(ModelMixin, ConfigMixin):
         self,
         hidden_states: torch.Tensor,
         timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
         encoder_hidden_states_image: torch.Tensor | None = None,
         return_dict: bool = True,
         attention_kwargs: dict[str, Any] | None = None,
         *,
         attention_mode: str = "bidirectional",
         frames_per_block: int | None = None,
-        kv_cache: KVCache | list[CacheSegment] | None = None,
+        kv_cache: KVCache | list[CacheSegment] | list[PackMember] | None = None,
         frame_offset: int = 0,
     ):
         if encoder_hidden_states_image is not None:
@@ -469,22 +519,32 @@ class CausalWanTransformer3DModel(ModelMixin, ConfigMixin):
         timestep = torch.as_tensor(timestep, device=hidden_states.device)
         if timestep.ndim == 0:
             timestep = timestep.expand(hidden_states.shape[0])
-        segments = None if kv_cache is None or isinstance(kv_cache, KVCache) else list(kv_cache)
-        if segments is not None:
-            _check_segments(segments, frame_offset, hidden_states.shape[2])
-        caches = [kv_cache] if segments is None and kv_cache is not None else [s.cache for s in segments or []]
-        for cache in caches or [None]:
-            self._validate(hidden_states, timestep, encoder_hidden_states, attention_mode, frames_per_block, cache)
         b, _, f, h, w = hidden_states.shape
+        members = None
+        if kv_cache is not None and not isinstance(kv_cache, KVCache):
+            members = _pack_members(kv_cache, encoder_hidden_states, frame_offset, b, f)
+        if members is not None:
+            caches = [seg.cache for m in members for seg in m.segments]
+        else:
+            caches = [kv_cache] if kv_cache is not None else []
+        for cache in caches or [None]:
+            self._validate(hidden_states, timestep, attention_mode, frames_per_block, cache)
+        for m in members or []:
+            self._check_context(m.context, b * m.rows)
+        if members is None:
+            self._check_context(encoder_hidden_states, b)
         pt, ph, pw = self.config.patch_size
         pf, pph, ppw = f // pt, h // ph, w // pw
         tpf = pph * ppw
-        if segments is not None:
-            for seg in segments:  # every segment is checked before any cache is touched
-                seg.cache.check_call(b, tpf, seg.frame_offset, seg.num_frames)
-            for seg in segments:
-                _bind_cache(seg.cache, tpf, encoder_hidden_states)
-            frames = torch.cat([torch.arange(s.frame_offset, s.frame_offset + s.num_frames) for s in segments])
+        if members is not None:
+            for m in members:  # every segment is checked before any cache is touched
+                for seg in m.segments:
+                    seg.cache.check_call(b * m.rows, tpf, seg.frame_offset, seg.num_frames)
+            for m in members:
+                for seg in m.segments:
+                    _bind_cache(seg.cache, tpf, m.context)
+            frames = torch.cat([torch.arange(seg.frame_offset, seg.frame_offset + seg.num_frames)
+                                for m in members for _ in range(m.rows) for seg in m.segments])
         else:
             if kv_cache is not None:
                 kv_cache.check_call(b, tpf, frame_offset, pf)
@@ -508,12 +568,15 @@ class CausalWanTransformer3DModel(ModelMixin, ConfigMixin):
 
         # With grad on and a detached cache (training), the prompt path is recomputed every call: "no gradient
         # through the cache" is about temporal context, and the text projections must still learn.
-        need_context = not caches or any(c.cross_kv(0) is None or _fresh_cross_kv(c) for c in caches)
-        context = self.condition_embedder.text_embedder(encoder_hidden_states) if need_context else None
+        def embed(text, caches):
+            need = not caches or any(c.cross_kv(0) is None or _fresh_cross_kv(c) for c in caches)
+            return self.condition_embedder.text_embedder(text) if need else None
 
-        if segments is not None:
-            plan = PackedSelfAttentionPlan(segments, tpf, x.device)
+        if members is not None:
+            context = [embed(m.context, [seg.cache for seg in m.segments]) for m in members]
+            plan = PackedSelfAttentionPlan(members, b, tpf, x.device)
         else:
+            context = embed(encoder_hidden_states, caches)
             plan = SelfAttentionPlan(attention_mode, k, tpf, frame_offset, pf, kv_cache, x.device)
         for i, block in enumerate(self.blocks):
             if torch.is_grad_enabled() and self.gradient_checkpointing:

@@ -143,6 +143,21 @@ class StepStage:
         sig = torch.tensor(sigma_per_frame, dtype=torch.float32, device=x.device)
         return self.velocity(x, sig, cache=self.cache, frame_offset=frame_offset)
 
+    def planned_call(self, x: torch.Tensor | None) -> tuple[torch.Tensor, list[float], int]:
+        """(input, sigma per frame, frame offset) of the model call ``process(next_block, x)`` makes next -- or
+        ``finish()``, when ``x`` is None. ``hiar.core.batching`` computes such calls of several stages (streams,
+        steps) in one forward and hands each stage its slice."""
+        k = self.k
+        if x is None:
+            ctx, ctx_sigma = self.pending
+            return ctx, [ctx_sigma] * k, (self.next_block - 1) * k
+        if self.pending is None:
+            return x, [self.sigma] * k, self.next_block * k
+        if not self.fused:
+            raise ValueError("an unfused stage writes its pending context in a call of its own first")
+        ctx, ctx_sigma = self.pending
+        return torch.cat([ctx, x], dim=2), [ctx_sigma] * k + [self.sigma] * k, (self.next_block - 1) * k
+
     def process(self, block: int, x: torch.Tensor) -> torch.Tensor:
         """Denoise block ``block`` (at ``sigmas[step]``) by one step; blocks must come as 0, 1, 2, ..."""
         if block != self.next_block:
@@ -150,13 +165,10 @@ class StepStage:
         k = self.k
         if x.shape[2] != k:
             raise ValueError(f"a block has {k} latent frames, got {x.shape[2]}")
-        if self.pending is not None and self.fused:
-            ctx, ctx_sigma = self.pending
-            v = self._call(torch.cat([ctx, x], dim=2), [ctx_sigma] * k + [self.sigma] * k, (block - 1) * k)[:, :, k:]
-        else:
-            if self.pending is not None:
-                self._write_pending()
-            v = self._call(x, [self.sigma] * k, block * k)
+        if self.pending is not None and not self.fused:
+            self._write_pending()
+        # fused with a pending context: [context of block - 1, x of block], whose last k frames are this block's
+        v = self._call(*self.planned_call(x))[:, :, -k:]
         x_next, x0 = advance(x, v, self.sigma, self.sigma_next, self.step_rule, self.seeds, block, self.step)
         self.last_x0 = x0  # the clean estimate: training's exit step takes its gradient from here
         # Detached: the next block reads this context through attention, and training allows no gradient
@@ -170,8 +182,7 @@ class StepStage:
         return x_next
 
     def _write_pending(self) -> None:
-        ctx, ctx_sigma = self.pending
-        self._call(ctx, [ctx_sigma] * self.k, (self.next_block - 1) * self.k)
+        self._call(*self.planned_call(None))
         self.pending = None
 
     def finish(self) -> None:

@@ -67,22 +67,9 @@ class GuidedVelocity:
         attention_mode: str = "block_causal",
     ) -> torch.Tensor:
         """``sigma``: a float, or one value per frame ``[F]``, or ``[B, F]``. Returns the velocity, shape of x."""
-        b, _, f = x.shape[:3]
-        if b != self.batch_size:
-            raise ValueError(f"x has batch size {b} but the prompt embeddings have {self.batch_size}")
-        sig = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
-        if sig.ndim == 0:
-            sig = sig.expand(b, f)
-        elif sig.ndim == 1:
-            sig = sig.expand(b, f)
-        timestep = sigma_to_timestep(sig)
-        if self.guided:
-            x, timestep = torch.cat([x, x]), torch.cat([timestep, timestep])
-        out_dtype = x.dtype
-        if self.dtype is not None and self.dtype != x.dtype:
-            x = x.to(self.dtype)
+        model_x, timestep = self.model_inputs(x, sigma)
         out = self.transformer(
-            x,
+            model_x,
             timestep,
             self.context,
             return_dict=False,
@@ -90,7 +77,29 @@ class GuidedVelocity:
             frames_per_block=self.frames_per_block if attention_mode == "block_causal" else None,
             kv_cache=cache,
             frame_offset=frame_offset,
-        )[0].to(out_dtype)
+        )[0]
+        return self.velocity_from(out, x.dtype)
+
+    def model_inputs(self, x: torch.Tensor, sigma: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the transformer takes for ``x`` at ``sigma``: (latents, per-frame timesteps ``[B', F]``), both
+        doubled under guidance (B' = 2B) and the latents in the model's dtype. ``hiar.core.batching`` packs these
+        of several streams into one forward."""
+        b, _, f = x.shape[:3]
+        if b != self.batch_size:
+            raise ValueError(f"x has batch size {b} but the prompt embeddings have {self.batch_size}")
+        sig = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        if sig.ndim in (0, 1):
+            sig = sig.expand(b, f)
+        timestep = sigma_to_timestep(sig)
+        if self.guided:
+            x, timestep = torch.cat([x, x]), torch.cat([timestep, timestep])
+        if self.dtype is not None and self.dtype != x.dtype:
+            x = x.to(self.dtype)
+        return x, timestep
+
+    def velocity_from(self, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The velocity from the transformer's output for ``model_inputs``: guidance applied, in ``dtype``."""
+        out = out.to(dtype)
         if not self.guided:
             return out
         cond, uncond = out.chunk(2)

@@ -1,6 +1,6 @@
-"""HiAR on Ray Serve: one deployment per denoising step, blocks streaming through them, video over HTTP.
+"""HiAR on Ray Serve: denoising deployments streaming blocks, video over HTTP. Two topologies (``serve.topology``).
 
-Graph (``build_app``)::
+Graph (``build_app``), ``per_step`` (the default: one device per denoising step)::
 
     HTTP -> Ingress (hiar.serving.ingress: FastAPI; validation, prompt encoding, concurrency limit, NDJSON / MP4)
               -> Decoder (codec decode + H.264 per block)
@@ -11,6 +11,14 @@ any moment Step1 works on block n while Step2 works on block n - 1 and so on (th
 N x S grid, paper §3.2) and the first chunk reaches the client while later blocks are still being denoised.
 Stream affinity, bit-identity with ``hierarchical_rollout`` and back-pressure: ``hiar.serving.stages`` and
 ``hiar.serving.flow``. The HTTP contract (request, limits, record format, status codes): ``hiar.serving.schema``.
+
+``diagonal`` (one device): ``Ingress -> Decoder -> Diagonal``, one deployment holding all S step caches of a
+stream and running each anti-diagonal as ONE packed forward (``hiar.serving.diagonal``).
+
+In both, the blocks of concurrent streams that wait at the same stage of one replica are denoised in one
+forward (``serve.max_batch`` blocks at most, waiting ``serve.batch_wait_ms`` at most for company:
+``hiar.serving.batcher``); every stage replica's ``stats`` shows the batch sizes it actually used, and every
+chunk record the batch its block was in. The app logs its topology and batching when it is built.
 
 Endpoints: ``POST /v1/videos`` (NDJSON stream, or one MP4 with ``"stream": false``), ``GET /v1/limits``,
 ``GET /v1/stats``, ``GET /healthz``, and FastAPI's ``/docs`` (OpenAPI page) and ``/openapi.json``.
@@ -44,8 +52,9 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 
 from hiar.config import ServeConfig, load_config
+from hiar.serving.diagonal import DiagonalDeployment
 from hiar.serving.ingress import Ingress
-from hiar.serving.stages import DecoderDeployment, StepDeployment, bundle_config
+from hiar.serving.stages import DecoderDeployment, StepDeployment, bundle_config, log
 
 APP_NAME = "hiar"
 DEFAULT_ARGS = {"preset": "tiny", "model_uri": None, "overrides": []}
@@ -81,6 +90,15 @@ def _check_serve_config(s: ServeConfig) -> None:
             raise ValueError(f"serve.{name} must be >= 0, got {getattr(s, name)}")
 
 
+def describe(s: ServeConfig, names: list[str], num_steps: int) -> str:
+    """One line: the topology, its denoising deployments and the cross-stream batching."""
+    layout = (f"topology diagonal ({names[0]}: all {num_steps} steps of a stream, one anti-diagonal per forward)"
+              if s.topology == "diagonal" else f"topology per_step ({' -> '.join(names)}, one deployment per step)")
+    batching = (f"cross-stream batching up to {s.max_batch} blocks per forward, waiting up to {s.batch_wait_ms:g} ms"
+                if s.max_batch > 1 else "no cross-stream batching (max_batch 1)")
+    return f"{layout}; {batching}; {s.stage_replicas} replica(s) per denoising deployment"
+
+
 def build_app(args: dict | None = None):
     """Ray Serve application builder (``import_path: hiar.serving.app:build_app``).
 
@@ -106,9 +124,14 @@ def build_app(args: dict | None = None):
                       health_check_period_s=s.health_check_period_s,
                       ray_actor_options={"num_cpus": s.stage_num_cpus, "num_gpus": s.stage_num_gpus})
     upstream, names = None, []
-    for j in range(model_cfg.schedule.num_steps):
-        names.append(f"Step{j + 1}")
-        upstream = StepDeployment.options(name=names[-1], **stage_opts).bind(model, j, serve_dict, upstream)
+    if s.topology == "diagonal":
+        names.append("Diagonal")
+        upstream = DiagonalDeployment.options(name="Diagonal", **stage_opts).bind(model, serve_dict)
+    else:
+        for j in range(model_cfg.schedule.num_steps):
+            names.append(f"Step{j + 1}")
+            upstream = StepDeployment.options(name=names[-1], **stage_opts).bind(model, j, serve_dict, upstream)
+    log.info("HiAR Serve app: %s", describe(s, names, model_cfg.schedule.num_steps))
     decoder = DecoderDeployment.options(
         name="Decoder", num_replicas=s.decoder_replicas, max_ongoing_requests=streams,
         health_check_period_s=s.health_check_period_s,
@@ -172,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
         serve.run(app, name=args.name, route_prefix="/")
         url = f"http://{host}:{port}"
         print(f"HiAR serving at {url}  (POST {url}/v1/videos, OpenAPI page {url}/docs)", flush=True)
+        s = cfg.serve
+        print(f"serving: topology {s.topology}, max_batch {s.max_batch}, batch_wait_ms {s.batch_wait_ms:g}", flush=True)
         if args.no_block:
             return
         while True:

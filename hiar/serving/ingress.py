@@ -29,7 +29,8 @@ api = FastAPI(
     title="HiAR video generation",
     version="1",
     description=(
-        "Hierarchical autoregressive video diffusion served as a pipeline of per-denoising-step stages. "
+        "Hierarchical autoregressive video diffusion served by denoising stages (one per step, or one running "
+        "each anti-diagonal of the block x step grid as one forward), blocks of concurrent streams batched. "
         "`POST /v1/videos` streams newline-delimited JSON records (`start`, one `chunk` per latent block with "
         "a self-contained base64 MP4 segment and per-stage timing, then `end` or `error`); `\"stream\": false` "
         "returns one `video/mp4`. See `hiar/serving/schema.py` for the record format and limits."
@@ -83,6 +84,7 @@ class Ingress:
         self.decoder, self.model, self.stage_names = decoder, model, list(stage_names)
         root = resolve_model_dir(model)
         self.cfg: HiarConfig = bundle_config(root)
+        self.num_steps = self.cfg.schedule.num_steps  # the decoder's flow-control boundary, in either topology
         self.text = load_text(root, device_for(self.serve_cfg.ingress_num_gpus), self.cfg)
         codec = load_codec(root)
         s, v = self.serve_cfg, self.cfg.video
@@ -183,11 +185,11 @@ class Ingress:
                 "type": "start", "stream_id": stream_id, "model": {k: self.model[k] for k in ("uri", "pinned")},
                 "num_blocks": num_blocks, "num_frames": self.limits.frames(num_blocks), "fps": self.limits.fps,
                 "width": self.width, "height": self.height, "seed": sreq["seed"], "guidance": sreq["guidance"],
-                "stages": self.stage_names + ["Decoder"], "created": arrived})
+                "stages": self.stage_names + ["Decoder"], "topology": self.serve_cfg.topology, "created": arrived})
             gen = self.decoder.options(stream=True).remote(sreq)
             async for item in gen:
                 n = item["block"]
-                report_taken(self.flow, stream_id, len(self.stage_names), n + 1)
+                report_taken(self.flow, stream_id, self.num_steps, n + 1)
                 now = time.time()
                 first = first if first is not None else now - arrived
                 calls = {t["stage"]: t["calls"] for t in item["timings"]}
@@ -229,7 +231,7 @@ class Ingress:
                 if item.get("final"):
                     video = item["mp4"]
                     continue
-                report_taken(self.flow, sreq["stream_id"], len(self.stage_names), item["block"] + 1)
+                report_taken(self.flow, sreq["stream_id"], self.num_steps, item["block"] + 1)
                 first = first if first is not None else time.time() - arrived
             done = True
         except CANCELLED:
@@ -252,8 +254,12 @@ class Ingress:
     @api.get("/v1/limits", summary="What a request may ask for, and which model is served")
     async def limits(self) -> dict:
         return {**self.limits.describe(), "model": {k: self.model[k] for k in ("uri", "pinned")},
-                "num_steps": len(self.stage_names), "stages": self.stage_names + ["Decoder"],
-                "width": self.width, "height": self.height}
+                "num_steps": self.num_steps, "stages": self.stage_names + ["Decoder"],
+                "width": self.width, "height": self.height, **self._serving()}
+
+    def _serving(self) -> dict:
+        s = self.serve_cfg
+        return {"topology": s.topology, "max_batch": s.max_batch, "batch_wait_ms": s.batch_wait_ms}
 
     @api.get("/v1/stats", summary="Running streams and counters of the ingress")
     async def stats_route(self) -> dict:

@@ -37,19 +37,23 @@ JSON object per line, in this order:
 ``{"type": "start", ...}``
     ``stream_id``, ``model`` (``uri`` as requested, ``pinned`` registry version or path), ``num_blocks``,
     ``num_frames`` (decoded frames in the whole video), ``fps``, ``width``, ``height``, ``seed``,
-    ``guidance``, ``stages`` (deployment names, in pipeline order), ``created`` (server wall time, s).
+    ``guidance``, ``stages`` (deployment names, in pipeline order), ``topology`` (``per_step`` or
+    ``diagonal``), ``created`` (server wall time, s).
 ``{"type": "chunk", ...}`` -- one per latent block, in block order, sent as the block leaves the decoder
     ``index`` (block n), ``frame_start``/``frame_end`` (its decoded frames ``[start, end)`` in the video),
     ``mp4`` (base64 of a self-contained H.264 MP4 holding just those frames, playable on its own),
     ``timing``: ``{"t": seconds since the request arrived, "sent": wall time,
     "stages": [{"stage": "Step1", "replica": <Serve replica actor name>, "start": wall, "end": wall,
-    "calls": model calls of that stage so far}, ..., {"stage": "Decoder", ...}]}``,
+    "calls": model calls of that stage so far, "batch": blocks of concurrent streams in that forward,
+    "queued_s": how long the block waited for it}, ..., {"stage": "Decoder", ...}]}`` (the diagonal
+    topology has one denoising entry, ``"Diagonal"``, whose ``calls`` count the stream's packed forwards),
     and with ``return_latents``: ``latents`` = ``{"dtype": "float32", "shape": [1, C, k, H, W],
     "data": base64 of the little-endian bytes}`` (the block's clean latents, before decoding).
 ``{"type": "end", ...}``
     ``num_blocks``, ``num_frames``, ``elapsed_s``, ``time_to_first_chunk_s``, ``chunks_per_s``,
     ``frames_per_s``, ``model_calls`` (``{stage: calls}``; N per step stage for N blocks: one plain call
-    and N - 1 fused KV-write+denoise calls; the trailing context write is skipped because nothing reads it).
+    and N - 1 fused KV-write+denoise calls; the trailing context write is skipped because nothing reads it;
+    the diagonal topology: N + S - 1 packed forwards).
 ``{"type": "error", "status": 503, "error": <kind>, "detail": <message>}``
     instead of ``end`` when the stream fails after it started (for example a stage replica died); the
     stream then ends. Clients must treat a stream without ``end`` as failed.

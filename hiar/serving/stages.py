@@ -13,16 +13,20 @@ be looked up on another replica, however many replicas a stage has. Bit-identity
 ``hierarchical_rollout``: each stage runs ``StepStage(velocity, sigmas, j, [seed], ...)`` with the velocity
 built like ``hiar.core.generation.student_velocity`` and processes blocks 0, 1, 2, ... in order with batch size
 one -- the same calls with the same inputs as Alg. 1's sweep (``hiar.core.rollout``: the pipelined order equals
-it exactly). The fused schedule makes N calls per stage for N blocks (one plain denoise, N - 1 fused
-[context of n-1, block n] calls; the trailing context write of the last block is skipped: nothing reads it).
+it exactly) whenever a block is alone in its batch (always with ``serve.max_batch = 1``); a block batched
+with other streams' blocks equals it within float round-off (``hiar.core.batching``). The fused schedule makes
+N calls per stage for N blocks (one plain denoise, N - 1 fused [context of n-1, block n] calls; the trailing
+context write of the last block is skipped: nothing reads it).
 
 Compute runs on one executor thread per replica (torch intra-op threads: ``serve.stage_torch_threads``), so
 the replica's event loop keeps receiving upstream blocks, answering health checks and serving other streams
-while a block is being denoised; streams sharing a replica take turns on that thread.
+while a block is being denoised. The blocks of the replica's streams that wait for that thread are batched
+into one forward (``hiar.serving.batcher``: ``serve.max_batch``, ``serve.batch_wait_ms``).
 
 Block payloads between deployments are small contiguous float32 numpy arrays ([1, C, k, H, W]); the prompt
 embeddings travel once per stream as an object-store reference. Every item carries per-stage timing
-(wall-clock start/end of the model call, replica, model calls so far) for the stream records.
+(wall-clock start/end of the model call, replica, model calls so far, the size of the batch it was computed in
+and how long it queued for it) for the stream records.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from ray import serve
 
 from hiar.config import HiarConfig, ServeConfig
 from hiar.io import bundle
+from hiar.serving.batcher import Batcher
 from hiar.serving.flow import CANCELLED, Producer, StreamClosed, report_taken
 
 log = logging.getLogger("ray.serve")
@@ -207,12 +212,12 @@ class _Replica:
 
 
 # ---------------------------------------------------------------------- step stages
-@serve.deployment
-class StepDeployment(_Replica):
-    """One denoising step ``sigmas[step] -> sigmas[step + 1]`` for every stream routed to this replica."""
+class _Denoiser(_Replica):
+    """What the denoising deployments (``StepDeployment``, ``hiar.serving.diagonal.DiagonalDeployment``) share:
+    the transformer on this replica's device, the schedule, one compute thread, and the cross-stream batcher in
+    front of it (``hiar.serving.batcher``; ``run_batch`` is the deployment's batch function)."""
 
-    def __init__(self, model: dict, step: int, serve_cfg: dict, upstream=None):
-        self.step = int(step)
+    def _open_denoiser(self, model: dict, serve_cfg: dict, upstream, run_batch) -> None:
         root = self._open(model, serve_cfg, upstream)
         self.device = device_for(self.serve_cfg.stage_num_gpus)
         self.transformer = load_transformer(root, self.device, self.cfg)
@@ -220,33 +225,61 @@ class StepDeployment(_Replica):
         v, r = self.cfg.video, self.cfg.rollout
         self.block_shape = (v.latent_channels, r.frames_per_block, v.latent_height, v.latent_width)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-compute")
-        log.info("%s (%s) ready: step %d on %s", self.name, self.replica, self.step, self.device)
+        self.batcher = Batcher(run_batch, self.executor, self.serve_cfg.max_batch, self.serve_cfg.batch_wait_ms)
 
-    # -- compute (executor thread)
-    def _make_stage(self, embeds: np.ndarray, negative: np.ndarray | None, guidance: float, seed: int):
+    def _velocity(self, embeds: np.ndarray, negative: np.ndarray | None, guidance: float):
+        """The stream's velocity (its prompt and guidance), built like ``hiar.core.generation.student_velocity``."""
         from hiar.core.generation import student_velocity
-        from hiar.core.rollout import StepStage
 
         cfg = copy.deepcopy(self.cfg)
         cfg.rollout.guidance_scale = float(guidance)
         neg = None if negative is None else as_tensor(negative, self.device)
-        velocity = student_velocity(self.transformer, as_tensor(embeds, self.device), cfg, neg)
-        r = cfg.rollout
-        return StepStage(velocity, self.sigmas, self.step, [seed], step_rule=r.step_rule,
-                         context_noise=r.context_noise, fused=True)
-
-    @staticmethod
-    def _process(stage, block: int, x: np.ndarray, device: str) -> tuple[np.ndarray, float, float]:
-        with torch.no_grad():
-            start = time.time()
-            out = stage.process(block, as_tensor(x, device))
-            out = out.to("cpu").numpy()
-            return out, start, time.time()
+        return student_velocity(self.transformer, as_tensor(embeds, self.device), cfg, neg)
 
     def _noise(self, seed: int, block: int) -> np.ndarray:
         from hiar.core.rollout import initial_block_noise  # the offline rollout's starting noise, per (seed, block)
 
         return initial_block_noise([seed], block, self.block_shape).numpy()
+
+    def _timing(self, info: dict, calls: int) -> dict:
+        """A chunk record's entry for this stage: compute span, its batch and how long the block queued for it."""
+        return {"stage": self.name, "replica": self.replica, "start": info["start"], "end": info["end"],
+                "calls": calls, "batch": info["batch"], "queued_s": round(info["queued_s"], 6)}
+
+    def _ready(self, what: str) -> None:
+        s = self.serve_cfg
+        log.info("%s (%s) ready: %s on %s, cross-stream batching max_batch=%d batch_wait_ms=%g", self.name,
+                 self.replica, what, self.device, s.max_batch, s.batch_wait_ms)
+
+    def stats(self) -> dict:
+        return {**self.book.stats(), "batching": self.batcher.stats()}
+
+
+@serve.deployment
+class StepDeployment(_Denoiser):
+    """One denoising step ``sigmas[step] -> sigmas[step + 1]`` for every stream routed to this replica."""
+
+    def __init__(self, model: dict, step: int, serve_cfg: dict, upstream=None):
+        self.step = int(step)
+        self._open_denoiser(model, serve_cfg, upstream, self._process_batch)
+        self._ready(f"step {self.step}")
+
+    # -- compute (executor thread)
+    def _make_stage(self, embeds: np.ndarray, negative: np.ndarray | None, guidance: float, seed: int):
+        from hiar.core.rollout import StepStage
+
+        r = self.cfg.rollout
+        return StepStage(self._velocity(embeds, negative, guidance), self.sigmas, self.step, [seed],
+                         step_rule=r.step_rule, context_noise=r.context_noise, fused=True)
+
+    def _process_batch(self, items: list) -> list[np.ndarray]:
+        """One block of each of several streams' stages (``(stage, block, x)``), their model calls one forward; a
+        batch of one is ``stage.process`` itself (bit-identical to the offline rollout)."""
+        from hiar.core.batching import process_together
+
+        with torch.no_grad():
+            outs = process_together([(stage, n, as_tensor(x, self.device)) for stage, n, x in items])
+            return [out.to("cpu").numpy() for out in outs]
 
     # -- the stream
     async def __call__(self, req: dict):
@@ -266,11 +299,8 @@ class StepDeployment(_Replica):
                     report_taken(flow, stream, self.step - 1, n + 1)
                 await producer.acquire(n)
                 self.book.max_lead = max(self.book.max_lead, producer.max_lead)
-                x, start, end = await loop.run_in_executor(self.executor, self._process, s.stage, n, item["x"],
-                                                           self.device)
-                timing = {"stage": self.name, "replica": self.replica, "start": start, "end": end,
-                          "calls": s.stage.calls}
-                yield {"block": n, "x": x, "timings": item["timings"] + [timing]}
+                x, info = await self.batcher.submit((s.stage, n, item["x"]))
+                yield {"block": n, "x": x, "timings": item["timings"] + [self._timing(info, s.stage.calls)]}
 
     async def _iterate(self, req: dict, upstream_gen):
         if upstream_gen is None:
