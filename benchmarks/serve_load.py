@@ -1,5 +1,6 @@
 """Load on the Serve app: S streams of N blocks read by slow clients; each process's resident memory over the
-run, and the answer to one stream more than ``serve.max_concurrent_streams``.
+run, and the answer to one stream more than ``serve.max_concurrent_streams``. (Over 400 lines because it is the
+one harness behind both this command and the slow test ``tests/integration/serving/test_load.py``.)
 
     RAY_AUTH_MODE=disabled python benchmarks/serve_load.py --streams 8 --blocks 64 --read-delay 2.0
 
