@@ -168,11 +168,11 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     runs (block-causal: every query of a block sees the same keys), as one mask-free call per run.
 
     Why: with an arbitrary mask a GPU runs no flash kernel, and at Wan2.1-1.3B's shapes the masked call takes about
-    twice as long as the same attention split this way (per layer, on an H200; a whole Wan-shaped video 0.83x the time: README "Benchmarks"); the split
-    also skips the scores of keys a query cannot see. A run's visible keys are taken as a slice when they are
-    contiguous (the cache window, then the live blocks up to the query's own) and gathered otherwise (sink frames
-    before a window). The keys each query attends to are exactly the mask's, so results equal the masked call's up
-    to the kernels' rounding.
+    twice as long as the same attention split this way (per layer, on an H200; a whole Wan-shaped video takes
+    0.83x the time: README "Benchmarks"); the split also skips the scores of keys a query cannot see. A run's
+    visible keys are taken as a slice when they are contiguous (the cache window, then the live blocks up to the
+    query's own) and gathered otherwise (sink frames before a window). The keys each query attends to are exactly
+    the mask's, so results equal the masked call's up to the kernels' rounding.
     """
     lq = mask.shape[0]
     starts = [0] + ((mask[1:] != mask[:-1]).any(dim=1).nonzero().flatten() + 1).tolist()
