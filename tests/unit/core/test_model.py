@@ -256,3 +256,32 @@ def test_missing_checkpoint_dir_names_the_path(tmp_path):
 def test_image_to_video_config_is_rejected():
     with pytest.raises(ValueError, match="text-to-video"):
         CausalWanTransformer3DModel(**{**TINY_KW, "image_dim": 32, "added_kv_proj_dim": 32})
+
+
+@pytest.mark.parametrize("sink_frames", [0, 1])
+def test_masked_attention_equals_sdpa_with_the_mask(sink_frames):
+    """The split attention against torch's masked SDPA, on a block-causal mask with a sliding window over a cache
+    (sink frames make a query block's keys non-contiguous: the gather branch)."""
+    import torch.nn.functional as F
+
+    from hiar.core.model import masked_attention
+
+    g = torch.Generator().manual_seed(0)
+    k_frames, tpf, cache_frames, live_frames, window = 2, 3, 8, 4, 6
+    key_frames = torch.arange(cache_frames + live_frames).repeat_interleave(tpf)
+    query_frames = torch.arange(cache_frames, cache_frames + live_frames).repeat_interleave(tpf)
+    qb, kb = (query_frames // k_frames)[:, None], (key_frames // k_frames)[None, :]
+    in_window = key_frames[None, :] >= (qb + 1) * k_frames - window
+    mask = (kb <= qb) & (in_window | (key_frames[None, :] < sink_frames))
+    q = torch.randn(2, 4, query_frames.numel(), 8, generator=g)
+    k = torch.randn(2, 4, key_frames.numel(), 8, generator=g)
+    v = torch.randn(2, 4, key_frames.numel(), 8, generator=g)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = masked_attention(q, k, v, mask)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() < 1e-6
+    rows = mask.unique(dim=0)
+    assert len(rows) == live_frames // k_frames  # one run per query block
+    if sink_frames:  # the keys of the last block are the sink and a window that no longer touches it
+        last = rows[-1].nonzero().flatten()
+        assert last.numel() != int(last[-1] - last[0]) + 1
