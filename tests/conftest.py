@@ -3,9 +3,15 @@ import os
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One intra-op thread in this process and the jobs it starts (the jobs' Ray workers set their own): the tests' models
+# are tiny, and on a 2-core box shared with Ray workers two OpenMP threads per process spun against each other,
+# up to 10x slower under load (the shipped-teacher scores: 228 s with two threads, 31 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from hiar.core.model import CausalWanTransformer3DModel
 

@@ -3,6 +3,7 @@ server (moto in server mode), an MLflow tracking server; and the random tiny mod
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -33,6 +34,31 @@ def wait_for(predicate, timeout: float, interval: float = 0.25) -> bool:
 def set_args(overrides) -> list[str]:
     """``["a.b=1", "c.d=2"]`` -> ``["--set", "a.b=1", "--set", "c.d=2"]``: config overrides for a job's argv."""
     return [arg for o in overrides for arg in ("--set", o)]
+
+
+def run_main(main, argv: list[str]) -> int:
+    """A job's ``main(argv)`` in this process, ending as its command line would: its exit code, also when argparse
+    ends it with a usage error (``SystemExit``). Any other exception propagates: a traceback fails the test."""
+    try:
+        return main(argv)
+    except SystemExit as done:
+        return done.code
+
+
+@contextlib.contextmanager
+def cluster_driver(monkeypatch, ray_address: str):
+    """Run a job's ``main`` in this process on the test cluster (RAY_ADDRESS; hiar.platform.ray_cluster.init_ray
+    joins it as the job's driver), then leave the cluster again, so that later tests find this process as a job's
+    own interpreter would. Saves each job an interpreter start-up and its imports (about 10 CPU-seconds here)."""
+    import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", ray_address)
+    joined = ray.is_initialized()
+    try:
+        yield
+    finally:
+        if not joined and ray.is_initialized():
+            ray.shutdown()
 
 
 def sample_table(means: dict, n: int = 4, offsets=None) -> dict:
@@ -85,8 +111,11 @@ class RayHead:
         self.address = f"127.0.0.1:{self.port}"
         ray_bin = str(Path(sys.executable).with_name("ray"))
         # Auth off explicitly: `ray start` turns token auth on whenever ~/.ray/auth_token exists, while clients
-        # default to off; this head listens on loopback only, for the tests of this session.
-        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+        # default to off; this head listens on loopback only, for the tests of this session. No drain on SIGTERM:
+        # `ray start --block` otherwise waits up to 30 s for Serve proxies to quiesce before it stops the node
+        # (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S), which stop() then spent in every session's teardown.
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+               "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
         self.proc = subprocess.Popen(
             [ray_bin, "start", "--head", "--block", f"--port={self.port}", f"--num-cpus={num_cpus}",
              f"--temp-dir={self.temp_dir}", "--include-dashboard=false", "--node-ip-address=127.0.0.1",

@@ -266,6 +266,7 @@ def run_stage(cfg, args, stage: str, storage: str, teacher: str, init: str | Non
               flush=True)
         return output
 
+    init_ray()  # only a stage that trains joins the cluster: a rerun whose every stage is done needs none
     run_id, resumed = find_or_create_run(experiment_id, IDENTITY_TAG, identity, name, parent_run_id,
                                          flatten(cfg.to_dict()))
     print(f"[train] {stage}: {kind} from {uri} ({manifest['count']} samples), teacher {teacher}, "
@@ -326,16 +327,21 @@ def main(argv=None) -> int:
     storage = cfg.data.storage or str(Path(run_dir) / "data")
     teacher = resolve_path(cfg.teacher.path)
     try:
-        init_ray()
+        init = args.init
+        if args.stage == "distill" and init is None:
+            init = str(plan_stage(cfg, "ode_init", storage, teacher, None)["output"])
+        # the first stage's inputs (data, teacher, init, resume checkpoint) and every stage's dataset, checked before
+        # MLflow or Ray start (Ray: only for a stage that trains, run_stage): a bad input fails in seconds, with
+        # nothing created
+        plan_stage(cfg, args.stages[0], storage, teacher, init)
+        for stage in args.stages[1:]:
+            check_dataset(cfg, DATASET_OF[stage], f"{storage.rstrip('/')}/{DATASET_OF[stage]}")
         experiment_id = mlflow_experiment(EXPERIMENT, run_dir)
         parent = args.parent_run_id
         own_parent = None
         if parent is None:
             own_parent = mlflow.start_run(experiment_id=experiment_id, run_name=f"train-{args.stage}")
             parent = own_parent.info.run_id
-        init = args.init
-        if args.stage == "distill" and init is None:
-            init = str(plan_stage(cfg, "ode_init", storage, teacher, None)["output"])
         out = None
         for stage in args.stages:
             out = run_stage(cfg, args, stage, storage, teacher, init, experiment_id, parent)

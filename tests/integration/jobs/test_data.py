@@ -17,7 +17,7 @@ from hiar.io.storage import committed_shards, load_manifest, read_rows
 from hiar.methods.datagen import TeacherSampler, load_teacher_components, merged_grid, prompt_source
 from hiar.core.schedule import teacher_sigmas
 from hiar.core.teacher import sample_teacher
-from tests.services import random_bundle, set_args
+from tests.services import random_bundle, run_main, set_args
 
 ROOT = Path(__file__).resolve().parents[3]
 FAST = ["teacher.num_steps=6", "data.trajectory_steps=7", "data.shard_size=3", "data.batch_size=2",
@@ -70,7 +70,7 @@ def progress_events(output: str, task: str) -> list:
     return [e for e in map(parse, output.splitlines()) if e is not None and e.task == task]
 
 
-def test_local_roundtrip_is_bit_identical_to_direct_sampling(ray_head, random_teacher, tmp_path):
+def test_local_roundtrip_is_bit_identical_to_direct_sampling(ray_head, random_teacher, tmp_path, monkeypatch, capsys):
     from hiar.jobs.results import DatasetResult, read_result
 
     out, result_json = tmp_path / "ode", tmp_path / "ode.json"
@@ -84,10 +84,18 @@ def test_local_roundtrip_is_bit_identical_to_direct_sampling(ray_head, random_te
     assert result.identity == load_manifest(str(out))["identity"] and result.samples_per_s > 0 and result.run_id
     events = progress_events(proc.stdout, "generate ode_pairs")
     assert events and events[0].done == 0 and (events[-1].done, events[-1].total, events[-1].unit) == (5, 5, "samples")
-    # a rerun skips every committed shard
-    again = run_generate(["--kind", "ode_pairs", "--count", "5", "--output", str(out), "--teacher", str(random_teacher),
-                          "--output-json", str(result_json)], env={"RAY_ADDRESS": ray_head.address})
-    assert again.returncode == 0 and "2 already committed, 0 to compute" in again.stdout
+    # a rerun skips every committed shard (its main, here: with nothing to compute it never joins the cluster)
+    import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", ray_head.address)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # as the command's environment; MLflow exports its own
+    joined = ray.is_initialized()
+    from hiar.jobs.generate import main
+
+    code = run_main(main, ["--preset", "tiny", *set_args(FAST), "--kind", "ode_pairs", "--count", "5",
+                           "--output", str(out), "--teacher", str(random_teacher), "--output-json", str(result_json)])
+    assert code == 0 and "2 already committed, 0 to compute" in capsys.readouterr().out
+    assert ray.is_initialized() == joined
     rerun = read_result(result_json, DatasetResult)
     assert (rerun.count, rerun.shards_written, rerun.samples_per_s, rerun.identity) == (5, 0, None, result.identity)
     assert rerun.run_id != result.run_id
@@ -167,25 +175,38 @@ def test_trajectory_states_sit_on_the_student_schedule(random_teacher):
     assert torch.equal(states[0], noise[0].permute(1, 0, 2, 3))  # noise first
 
 
+def generate_in_process(args, capsys) -> tuple[int, str]:
+    """``hiar.jobs.generate.main`` in this process, with run_generate's arguments (the input checks are the same; an
+    interpreter per case only added its start-up): its exit code and stderr."""
+    from hiar.jobs.generate import main
+
+    code = run_main(main, ["--preset", "tiny", *set_args(FAST), *args])
+    return code, capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args, message", [
     (["--count", "0"], "must be > 0"),
     (["--output", "/proc/hiar-cannot-write"], "cannot write"),
     (["--teacher", "/nonexistent/teacher"], "does not exist"),
 ])
-def test_bad_input_fails_fast(random_teacher, tmp_path, args, message):
+def test_bad_input_fails_fast(random_teacher, tmp_path, args, message, capsys):
     base = ["--kind", "ode_pairs", "--count", "3", "--output", str(tmp_path / "x"), "--teacher", str(random_teacher)]
     t0 = time.monotonic()
-    proc = run_generate(base + args)
-    assert proc.returncode != 0 and message in proc.stderr
+    code, err = generate_in_process(base + args, capsys)
+    assert code != 0 and message in err
     assert time.monotonic() - t0 < 60
     assert not (tmp_path / "x" / "shard-00000.parquet").exists()
 
 
-def test_s3_bad_bucket_and_unreachable_endpoint(s3_server, random_teacher):
+def test_s3_bad_bucket_and_unreachable_endpoint(s3_server, random_teacher, monkeypatch, capsys):
     common = ["--kind", "ode_pairs", "--count", "3", "--teacher", str(random_teacher)]
-    proc = run_generate(common + ["--output", "s3://no-such-bucket/x"], env=s3_server.env)
-    assert proc.returncode != 0 and "does not exist" in proc.stderr
-    dead = {**s3_server.env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "HIAR_S3_CONNECT_TIMEOUT": "1",
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    code, err = generate_in_process(common + ["--output", "s3://no-such-bucket/x"], capsys)
+    assert code != 0 and "does not exist" in err
+    dead = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "HIAR_S3_CONNECT_TIMEOUT": "1",
             "HIAR_S3_REQUEST_TIMEOUT": "2", "AWS_EC2_METADATA_DISABLED": "true"}
-    proc = run_generate(common + ["--output", "s3://hiar-data/x"], env=dead)
-    assert proc.returncode != 0 and ("cannot reach" in proc.stderr or "cannot write" in proc.stderr)
+    for key, value in dead.items():
+        monkeypatch.setenv(key, value)
+    code, err = generate_in_process(common + ["--output", "s3://hiar-data/x"], capsys)
+    assert code != 0 and ("cannot reach" in err or "cannot write" in err)

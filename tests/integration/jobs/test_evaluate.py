@@ -12,7 +12,7 @@ import pytest
 
 from hiar.config import load_config
 from hiar.core.rollout import ROLLOUT_MODES as MODES
-from tests.services import random_bundle, set_args
+from tests.services import cluster_driver, random_bundle, run_main, set_args
 
 ROOT = Path(__file__).resolve().parents[3]
 SMALL = ["eval.num_prompts=2", "video.eval_horizon_factor=2", "eval.sample_videos=2"]
@@ -103,7 +103,7 @@ def test_plan_defaults_to_four_times_the_training_horizon_on_held_out_prompts(bu
     assert wan_like.prompts == list(held[:2]) and not wan_like.use_oracle
 
 
-def test_registry_uri_end_to_end_on_the_cluster_then_reuse(ray_head, bundle, tmp_path, monkeypatch):
+def test_registry_uri_end_to_end_on_the_cluster_then_reuse(ray_head, bundle, tmp_path, monkeypatch, capsys):
     """--model models:/hiar-student@champion: resolved driver-side to version 1, evaluated by the Ray Data actor pool
     in both modes; the run holds per-mode drift/dynamics/oracle metrics, the segment plot and sample MP4s; the JSON
     names run, URI and version.  The same weights as a local directory with --reuse find that run again."""
@@ -123,13 +123,18 @@ def test_registry_uri_end_to_end_on_the_cluster_then_reuse(ray_head, bundle, tmp
     client = _client(uri)
     client.set_registered_model_alias("hiar-student", "champion", info.registered_model_version)
 
+    # the job's main, here, as the cluster's driver for the job (run_dir decides the store: SQLite, as `uri`)
+    from hiar.jobs import evaluate
+
     out = tmp_path / "eval.json"
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "hiar.jobs.evaluate", "--preset", "tiny",
-                        "--model", "models:/hiar-student@champion", "--output-json", str(out),
-                        *set_args(SMALL + [f"run_dir={runs}"])],
-                       env=_env(ray_head), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with cluster_driver(monkeypatch, ray_head.address):
+        code = run_main(evaluate.main, ["--preset", "tiny", "--model", "models:/hiar-student@champion",
+                                        "--output-json", str(out), *set_args(SMALL + [f"run_dir={runs}"])])
+    r = capsys.readouterr()
+    assert code == 0, (r.out[-3000:], r.err[-3000:])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     print(f"evaluate: {time.monotonic() - t0:.1f} s")
     from hiar.jobs.results import EvaluationResult, read_result
     from hiar.platform.progress import parse
@@ -137,8 +142,8 @@ def test_registry_uri_end_to_end_on_the_cluster_then_reuse(ray_head, bundle, tmp
     typed = read_result(out, EvaluationResult)
     assert typed.model_uri == "models:/hiar-student@champion" and typed.version == "1" and not typed.reused
     result = json.loads(out.read_text())
-    assert "drift/score" in r.stdout and "hierarchical" in r.stdout  # the summary table
-    events = [e for e in map(parse, r.stdout.splitlines()) if e is not None and e.task == "evaluate"]
+    assert "drift/score" in r.out and "hierarchical" in r.out  # the summary table
+    events = [e for e in map(parse, r.out.splitlines()) if e is not None and e.task == "evaluate"]
     assert events and (events[-1].done, events[-1].total, events[-1].unit) == (2, 2, "videos")
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
@@ -168,8 +173,6 @@ def test_registry_uri_end_to_end_on_the_cluster_then_reuse(ray_head, bundle, tmp
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # the same weights from their local directory, same settings: --reuse returns that run without computing
-    from hiar.jobs import evaluate
-
     out2 = tmp_path / "eval2.json"
     t0 = time.monotonic()
     assert evaluate.main(["--preset", "tiny", "--model", str(bundle), "--reuse", "--output-json", str(out2),

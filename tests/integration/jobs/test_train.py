@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hiar.io.bundle import load_bundle
-from tests.services import random_bundle, set_args
+from tests.services import random_bundle, run_main, set_args
 
 ROOT = Path(__file__).resolve().parents[3]
 DATA_FAST = ["teacher.num_steps=4", "data.trajectory_steps=5", "data.shard_size=2", "data.batch_size=2",
@@ -26,17 +26,31 @@ TRAIN_FAST = ["distill.num_workers=2", "distill.micro_batch_size=1", "distill.ba
 
 
 @pytest.fixture(scope="module")
-def world_dir(tmp_path_factory, ray_head):
-    """A random tiny teacher and small ode_pairs / trajectories datasets made by the real generate job."""
+def world_dir(tmp_path_factory):
+    """A random tiny teacher and small ode_pairs / trajectories datasets, as the generate job writes them: each
+    shard computed here by the job's own Ray Data actor class (hiar.jobs.generate.ShardGenerator, called directly),
+    then the job's main finds every shard committed and writes the manifest, as on a rerun after a kill. The job on
+    Ray Data itself, whose shards equal direct sampling bit for bit: tests/integration/jobs/test_data.py."""
+    from hiar.config import load_config
+    from hiar.io.prompts import prompt_set
+    from hiar.io.storage import ShardPlan, load_manifest
+    from hiar.jobs import generate
+    from hiar.methods.datagen import shard_items
+
     root = tmp_path_factory.mktemp("train")
     teacher = random_bundle(root / "teacher")
     base = [f"teacher.path={teacher}", f"data.storage={root / 'data'}", f"run_dir={root / 'runs'}"]
-    for kind in ("ode_pairs", "trajectories"):
-        r = subprocess.run([sys.executable, "-m", "hiar.jobs.generate", "--preset", "tiny",
-                            "--kind", kind, "--count", "4", "--actors", "1", *set_args(DATA_FAST + base)],
-                           env={**os.environ, "RAY_ADDRESS": ray_head.address}, capture_output=True, text=True,
-                           timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
+    cfg = load_config("tiny", DATA_FAST + base)
+    plan = ShardPlan(4, cfg.data.shard_size)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # the job's MLflow exports the URI it sets: not past here
+        for kind in ("ode_pairs", "trajectories"):
+            actor = generate.ShardGenerator("tiny", DATA_FAST + base, kind, str(root / "data" / kind), str(teacher))
+            for item in shard_items(prompt_set(cfg).train, range(plan.num_shards), plan):
+                actor({key: [value] for key, value in item.items()})  # a batch of one item, as Ray Data calls it
+            assert generate.main(["--preset", "tiny", "--kind", kind, "--count", "4", "--actors", "1",
+                                  *set_args(DATA_FAST + base)]) == 0
+            assert load_manifest(str(root / "data" / kind))["count"] == 4
     return root, base
 
 
@@ -50,6 +64,24 @@ def job_env(ray_head, env=None) -> dict:
 def run_train(ray_head, args, env=None, **kw):
     cmd = [sys.executable, "-m", "hiar.jobs.train", "--preset", "tiny", *args]
     return subprocess.run(cmd, env=job_env(ray_head, env), capture_output=True, text=True, timeout=900, **kw)
+
+
+def train_in_process(ray_head, args, monkeypatch, capsys, env=None) -> tuple[int, str, str]:
+    """``hiar.jobs.train.main`` in this process with run_train's environment, for runs that train nothing (input
+    errors, stages already done; an interpreter per call only added its start-up): (exit code, stdout, stderr).
+    Only a stage that trains joins the cluster, so this process must not have joined it."""
+    import ray
+
+    from hiar.jobs.train import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for key, value in {"RAY_ADDRESS": ray_head.address, **(env or {})}.items():
+        monkeypatch.setenv(key, value)
+    joined = ray.is_initialized()
+    code = run_main(main, ["--preset", "tiny", *args])
+    out = capsys.readouterr()
+    assert ray.is_initialized() == joined, "the job joined the cluster without training"
+    return code, out.out, out.err
 
 
 def ode_init_student(ray_head, world_dir) -> Path:
@@ -68,7 +100,7 @@ def _client(root):
     return mlflow.MlflowClient()
 
 
-def test_two_workers_end_to_end_logs_checkpoints_and_resumes_as_a_skip(ray_head, world_dir):
+def test_two_workers_end_to_end_logs_checkpoints_and_resumes_as_a_skip(ray_head, world_dir, monkeypatch, capsys):
     from hiar.jobs.results import TrainResult, read_result
     from hiar.platform.progress import parse
 
@@ -81,6 +113,7 @@ def test_two_workers_end_to_end_logs_checkpoints_and_resumes_as_a_skip(ray_head,
     assert [p.name.split("-")[0] for p in students] == ["distill", "ode_init"]
     distilled = load_bundle(students[0])
     assert distilled.card["steps"] == 4 and distilled.card["stage"] == "distill"
+    assert distilled.card["rollout"] == "hierarchical"  # the configured rollout, recorded by the workers
     assert distilled.config.distill.num_workers == 2
 
     client = _client(root)
@@ -115,17 +148,21 @@ def test_two_workers_end_to_end_logs_checkpoints_and_resumes_as_a_skip(ray_head,
         mine = [e for e in events if e.task == f"train {stage}"]
         assert mine and (mine[-1].done, mine[-1].total, mine[-1].unit) == (4, 4, "steps"), (stage, events)
 
-    # the same command again: both stages are recognised as done, nothing retrains
+    # the same command again (its main, here): both stages are recognised as done, nothing retrains, and the job
+    # does not even join the cluster (train_in_process checks)
     t0 = time.monotonic()
     result_json.unlink()
-    r2 = run_train(ray_head, ["--stage", "all", "--output-json", str(result_json),
-                              *set_args(DATA_FAST + base + TRAIN_FAST)])
-    assert r2.returncode == 0, r2.stderr[-2000:]
-    assert r2.stdout.count("skipping") == 2
+    code, out, err = train_in_process(ray_head, ["--stage", "all", "--output-json", str(result_json),
+                                                 *set_args(DATA_FAST + base + TRAIN_FAST)], monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    assert out.count("skipping") == 2
     assert read_result(result_json, TrainResult) == result  # a skipped stage hands on the same result
     assert time.monotonic() - t0 < 120
 
 
+@pytest.mark.slow  # one more Ray Train run (~80 s quiet); the default suite covers it: the end-to-end test above
+# (distill on Ray Train, overrides reaching the workers, the card's rollout) and Distiller.iteration_step with
+# distill.rollout=block_first in tests/unit/methods/test_sharding.py::test_activation_checkpointing_on_and_off_...
 def test_block_first_is_a_config_switch_on_the_same_path(ray_head, world_dir):
     root, base = world_dir
     init = ode_init_student(ray_head, world_dir)
@@ -249,7 +286,8 @@ def test_fsdp_on_two_ray_train_workers_matches_one_unsharded_worker(ray_head, wo
     assert gap <= 1e-6 < 10 * 1e-6 <= moved  # the tolerance is far below what training moved
 
 
-def test_a_resume_checkpoint_of_another_shape_or_stage_is_refused_before_training(ray_head, world_dir, tmp_path):
+def test_a_resume_checkpoint_of_another_shape_or_stage_is_refused_before_training(ray_head, world_dir, tmp_path,
+                                                                                   monkeypatch, capsys):
     from hiar.config import load_config
     from hiar.core.model import CausalWanTransformer3DModel
     from hiar.methods.sharding import save_checkpoint
@@ -263,11 +301,12 @@ def test_a_resume_checkpoint_of_another_shape_or_stage_is_refused_before_trainin
                         {"stage": stage, "iteration": 1})
     for stage, message in (("distill", "written for another model: generator.blocks.0.ffn"),
                            ("ode_init", "is a 'ode_init' checkpoint, not a 'distill' one")):
-        r = run_train(ray_head, ["--stage", "distill", "--init", str(init), *set_args(DATA_FAST + base + TRAIN_FAST),
-                                 "--set", f"distill.resume_from={tmp_path / stage}"])
-        assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
-        assert message in r.stderr and "Traceback" not in r.stderr
-        assert "[train] distill:" not in r.stdout  # no MLflow run, no trainer
+        code, out, err = train_in_process(
+            ray_head, ["--stage", "distill", "--init", str(init), *set_args(DATA_FAST + base + TRAIN_FAST),
+                       "--set", f"distill.resume_from={tmp_path / stage}"], monkeypatch, capsys)
+        assert code == 2, (out[-2000:], err[-2000:])
+        assert message in err and "Traceback" not in err
+        assert "[train] distill:" not in out  # no MLflow run, no trainer
 
 
 @pytest.mark.slow
@@ -319,21 +358,23 @@ def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint_in_the_same_run(ra
     (["video.latent_height=8", "video.latent_width=8"], "expects"),
     (["teacher.path=/nonexistent/teacher"], "/nonexistent/teacher"),
 ])
-def test_bad_input_fails_before_the_first_step(ray_head, world_dir, override, message):
+def test_bad_input_fails_before_the_first_step(ray_head, world_dir, override, message, monkeypatch, capsys):
     root, base = world_dir
-    r = run_train(ray_head, ["--stage", "ode_init", *set_args(DATA_FAST + base + TRAIN_FAST + override)])
-    assert r.returncode == 2
-    assert message in r.stderr
-    assert "Traceback" not in r.stderr
+    args = ["--stage", "ode_init", *set_args(DATA_FAST + base + TRAIN_FAST + override)]
+    code, _, err = train_in_process(ray_head, args, monkeypatch, capsys)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
 
 
-def test_s3_path_with_no_data_is_a_clear_error(ray_head, world_dir, s3_server):
+def test_s3_path_with_no_data_is_a_clear_error(ray_head, world_dir, s3_server, monkeypatch, capsys):
     root, base = world_dir
     s3_server.client().create_bucket(Bucket="hiar-train-empty")
-    r = run_train(ray_head, ["--stage", "ode_init", *set_args(DATA_FAST + base + TRAIN_FAST),
-                             "--set", "data.storage=s3://hiar-train-empty/nothing-here"], env=s3_server.env)
-    assert r.returncode == 2, r.stderr[-2000:]
-    assert "no ode_pairs dataset" in r.stderr
+    code, _, err = train_in_process(ray_head, ["--stage", "ode_init", *set_args(DATA_FAST + base + TRAIN_FAST),
+                                               "--set", "data.storage=s3://hiar-train-empty/nothing-here"],
+                                    monkeypatch, capsys, env=s3_server.env)
+    assert code == 2, err[-2000:]
+    assert "no ode_pairs dataset" in err
 
 
 def test_a_users_sqlite_tracking_uri_stays_the_users_for_the_workers(tmp_path, monkeypatch):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import free_port, set_args
+from hiar.pipeline.full import main as full_main
+from tests.services import free_port, run_main, set_args
 from tests.wan_checkpoint import cpu_overrides, write_prompts
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -47,7 +48,9 @@ def _without(src: Path, dst: Path, part: str) -> Path:
 
 @pytest.mark.parametrize("case", ["no_vae", "no_transformer", "incompatible_real_score", "no_prompts",
                                   "duplicate_prompts", "model_mismatch"])
-def test_bad_wan_input_is_refused_before_anything_runs(models, tmp_path, case):
+def test_bad_wan_input_is_refused_before_anything_runs(models, tmp_path, case, monkeypatch, capsys):
+    """The command's ``main`` in this process, with run_full's environment (the checks are the same; an interpreter
+    per case only added its start-up): exit code 2, the path and the problem named."""
     ckpt, real, prompts = models["ckpt"], models["real"], models["prompts"]
     overrides = cpu_overrides(ckpt, real, prompts)
     expected = {"no_vae": "missing ['vae/']", "no_transformer": "missing ['transformer/']",
@@ -70,9 +73,14 @@ def test_bad_wan_input_is_refused_before_anything_runs(models, tmp_path, case):
     if case == "model_mismatch":
         overrides += ["model.num_layers=5"]
     run_dir = tmp_path / "runs"
-    r = run_full(["--run-dir", str(run_dir), *set_args(overrides)], timeout=300, cache=tmp_path / "cache")
-    assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
-    assert expected in r.stderr and expected_path in r.stderr, r.stderr[-2000:]
+    for var in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HIAR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(ROOT)
+    code = run_main(full_main, ["--preset", "wan2.1-1.3b", "--run-dir", str(run_dir), *set_args(overrides)])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert expected in err and expected_path in err, err[-2000:]
     assert not run_dir.exists(), "nothing is written before the input is valid"
 
 

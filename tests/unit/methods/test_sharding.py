@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,7 +95,45 @@ def _ode_losses(cfg, rank: int, world: int) -> list[float]:
     return out
 
 
-def _worker(rank: int, world: int, port: int, scenario: dict, out_dir: str) -> None:
+def _scenario(rank: int, world: int, scenario: dict, out_dir: str) -> dict:
+    """One scenario on this rank: ``train`` (distill from scratch, checkpoints ``mid`` and ``end``, the exported EMA,
+    ODE-init losses unless ``"ode": False``) or ``resume`` (from each checkpoint in ``scenario["from"]`` to the end)."""
+    from hiar.methods import sharding
+    from hiar.config import load_config
+
+    cfg = load_config("tiny", TINY + scenario["overrides"])
+    out: dict = {}
+    if scenario["kind"] == "train":
+        d = _distiller(cfg, rank, world)
+        out["fsdp"] = d.fsdp
+        _, generator, real_score, _ = _models(cfg)
+        out["full_bytes"] = {"generator": sharding.local_param_bytes(generator),
+                             "real_score": sharding.local_param_bytes(real_score)}
+        out["bytes"] = {k: sharding.local_param_bytes(getattr(d, k))
+                        for k in ("generator", "critic", "ema", "real_score")}
+        out["logs"] = _run(d, cfg, SAVE_AT)
+        d.save_checkpoint(os.path.join(out_dir, f"mid-rank{rank}"))  # a directory per rank, as under Ray
+        out["logs"] += _run(d, cfg, ITERATIONS)
+        d.save_checkpoint(os.path.join(out_dir, f"end-rank{rank}"))
+        ema = d.export_model()  # collective with fsdp: the whole EMA generator on rank 0
+        if rank == 0:
+            out["ema"] = {k: v.detach().clone() for k, v in ema.state_dict().items()}
+        if scenario.get("ode", True):
+            out["ode_losses"] = _ode_losses(cfg, rank, world)
+    else:  # resume from each checkpoint in scenario["from"], continue to the end
+        for name, path in scenario["from"].items():
+            d = _distiller(cfg, rank, world)
+            d.load_checkpoint(path)
+            out[f"{name}_iteration"] = d.iteration
+            out[f"{name}_logs"] = _run(d, cfg, ITERATIONS)
+    return out
+
+
+def _worker(rank: int, world: int, port: int, scenarios: list[dict], out_dir: str) -> None:
+    """The scenarios in order in one process per rank (one interpreter, torch import and process group for all);
+    each scenario's checkpoints in ``out_dir/<name>/``, its result in ``out_dir/<name>/rank<r>.pt``, and the
+    checkpoints named in its ``merge`` merged by rank 0 (as Ray Train merges a report's uploads) before the next
+    scenario, which may resume from them."""
     import faulthandler
 
     import torch.distributed as dist
@@ -104,50 +143,34 @@ def _worker(rank: int, world: int, port: int, scenario: dict, out_dir: str) -> N
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from hiar.methods import sharding
-        from hiar.config import load_config
-
-        cfg = load_config("tiny", TINY + scenario["overrides"])
-        out: dict = {}
-        if scenario["kind"] == "train":
-            d = _distiller(cfg, rank, world)
-            out["fsdp"] = d.fsdp
-            _, generator, real_score, _ = _models(cfg)
-            out["full_bytes"] = {"generator": sharding.local_param_bytes(generator),
-                                 "real_score": sharding.local_param_bytes(real_score)}
-            out["bytes"] = {k: sharding.local_param_bytes(getattr(d, k))
-                            for k in ("generator", "critic", "ema", "real_score")}
-            out["logs"] = _run(d, cfg, SAVE_AT)
-            d.save_checkpoint(os.path.join(out_dir, f"mid-rank{rank}"))  # a directory per rank, as under Ray
-            out["logs"] += _run(d, cfg, ITERATIONS)
-            d.save_checkpoint(os.path.join(out_dir, f"end-rank{rank}"))
-            ema = d.export_model()  # collective with fsdp: the whole EMA generator on rank 0
+        for scenario in scenarios:
+            here = os.path.join(out_dir, scenario["name"])
+            out = _scenario(rank, world, scenario, here)
+            torch.save(out, os.path.join(here, f"rank{rank}.pt"))
+            # only on success: a rank that raised must not wait here for the others (start_processes then stops
+            # the other rank and raises the error)
+            dist.barrier()
             if rank == 0:
-                out["ema"] = {k: v.detach().clone() for k, v in ema.state_dict().items()}
-            out["ode_losses"] = _ode_losses(cfg, rank, world)
-        else:  # resume from each checkpoint in scenario["from"], continue to the end
-            for name, path in scenario["from"].items():
-                d = _distiller(cfg, rank, world)
-                d.load_checkpoint(path)
-                out[f"{name}_iteration"] = d.iteration
-                out[f"{name}_logs"] = _run(d, cfg, ITERATIONS)
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()  # only on success: a rank that raised must not wait here for the others
+                for name in scenario.get("merge", ()):
+                    _merge(Path(here), name)
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(scenario: dict, tmp_path, world: int = 2) -> list[dict]:
+def _spawn(scenarios: list[dict], tmp_path, world: int = 2) -> dict[str, list[dict]]:
+    """Run ``scenarios`` in order on ``world`` spawned processes; ``{scenario name: [each rank's result]}``."""
     import torch.multiprocessing as mp
 
-    out_dir = tmp_path / scenario["name"]
-    out_dir.mkdir()
+    for scenario in scenarios:
+        (tmp_path / scenario["name"]).mkdir()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(world, port, scenario, str(out_dir)), nprocs=world, join=True,
+    mp.start_processes(_worker, args=(world, port, scenarios, str(tmp_path)), nprocs=world, join=True,
                        start_method="spawn")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return {sc["name"]: [torch.load(tmp_path / sc["name"] / f"rank{r}.pt", weights_only=False) for r in range(world)]
+            for sc in scenarios}
 
 
 def _merge(out_dir, name: str, world: int = 2):
@@ -190,14 +213,22 @@ def _single(tmp):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """The unsharded reference in this process, then every two-worker scenario on one pair of spawned processes
+    (each start-up costs an interpreter, torch and a process group): the sharded run (its checkpoints merged), the
+    resumes from its and the reference's mid-run checkpoints, and the run with activation checkpointing and a
+    replicated real score."""
     tmp = tmp_path_factory.mktemp("sharding")
     (tmp / "single").mkdir()
     single, cfg, single_logs = _single(tmp / "single")
-    fsdp = _spawn({"name": "fsdp", "kind": "train", "overrides": ["distill.sharding=fsdp"]}, tmp)
-    for name in ("mid", "end"):
-        _merge(tmp / "fsdp", name)
-    return {"tmp": tmp, "single": single, "single_logs": single_logs, "single_ode": _ode_losses(cfg, 0, 1),
-            "fsdp": fsdp}
+    got = _spawn([
+        {"name": "fsdp", "kind": "train", "overrides": ["distill.sharding=fsdp"], "merge": ["mid", "end"]},
+        {"name": "resume", "kind": "resume", "overrides": ["distill.sharding=fsdp"],
+         "from": {"fsdp": str(tmp / "fsdp" / "mid"), "single": str(tmp / "single" / "mid")}},
+        {"name": "fsdp_ac", "kind": "train", "ode": False,
+         "overrides": ["distill.sharding=fsdp", "distill.activation_checkpointing=true",
+                       "distill.real_score_sharding=replicate"]},
+    ], tmp)
+    return {"tmp": tmp, "single": single, "single_logs": single_logs, "single_ode": _ode_losses(cfg, 0, 1), **got}
 
 
 def test_fsdp_on_two_workers_matches_one_unsharded_process(runs):
@@ -236,7 +267,7 @@ def test_each_of_two_workers_holds_half_the_parameters(runs):
         assert all(0.45 <= b / whole <= 0.55 for b in per_rank)
 
 
-def test_sharded_checkpoints_resume_exactly_with_the_same_and_another_worker_count(runs, tmp_path):
+def test_sharded_checkpoints_resume_exactly_with_the_same_and_another_worker_count(runs):
     """torch.distributed.checkpoint directories, each rank writing only its shards:
     2 -> 2 continues the uninterrupted sharded run bit for bit; 1 -> 2 (the unsharded process's checkpoint into 2
     sharded workers) and 2 -> 1 (the sharded checkpoint into one unsharded process) continue the uninterrupted
@@ -246,8 +277,7 @@ def test_sharded_checkpoints_resume_exactly_with_the_same_and_another_worker_cou
     tmp, fsdp = runs["tmp"], runs["fsdp"]
     files = {f.name for f in (tmp / "fsdp" / "mid").iterdir()}
     assert {".metadata", "trainer.json"} <= files and sum(f.endswith(".distcp") for f in files) == 2
-    got = _spawn({"name": "resume", "kind": "resume", "overrides": ["distill.sharding=fsdp"],
-                  "from": {"fsdp": str(tmp / "fsdp" / "mid"), "single": str(tmp / "single" / "mid")}}, tmp_path)
+    got = runs["resume"]  # 2 workers resumed from each mid-run checkpoint (the fixture's spawned scenarios)
     reference_f, reference_s = fsdp[0]["logs"][SAVE_AT:], runs["single_logs"][SAVE_AT:]
     assert got[0]["fsdp_iteration"] == got[0]["single_iteration"] == SAVE_AT
     assert got[0]["fsdp_logs"] == reference_f  # 2 -> 2: the same numbers as never stopping
@@ -295,10 +325,8 @@ def test_a_checkpoint_of_another_model_shape_or_stage_is_a_clear_error(runs, tmp
         _distiller(load_config("tiny", TINY), 0, 1).load_checkpoint(tmp_path)
 
 
-def test_fsdp_with_activation_checkpointing_and_a_replicated_real_score_matches_one_process(runs, tmp_path):
-    got = _spawn({"name": "fsdp_ac", "kind": "train",
-                  "overrides": ["distill.sharding=fsdp", "distill.activation_checkpointing=true",
-                                "distill.real_score_sharding=replicate"]}, tmp_path)
+def test_fsdp_with_activation_checkpointing_and_a_replicated_real_score_matches_one_process(runs):
+    got = runs["fsdp_ac"]  # 2 workers, fsdp with activation checkpointing and a replicated real score
     assert got[0]["bytes"]["real_score"] == got[0]["full_bytes"]["real_score"]  # replicated: whole on each rank
     _close(runs["single_logs"], got[0]["logs"], 1e-5)
 
