@@ -26,7 +26,7 @@ windows -- the pack handles that case too, at the price of one attention launch 
 layer instead of one (a varlen flash-attention kernel would fold those into one on a GPU).
 
 Exactness. The per-token layers compute the same sums on different row groupings, so a stream's velocity in a
-batch equals its own call to float round-off (checked: ``tests/unit/core/test_batching.py``, within 1e-4 on
+batch equals its own call to float round-off (checked: ``tests/unit/core/test_stream_batching.py``, within 1e-4 on
 the tiny preset), not bit for bit. A batch of ONE is the stream's own call, unchanged: ``process_together``
 with one stage calls ``StepStage.process`` itself (bit-identical to ``hierarchical_rollout``), and
 ``batched_forward`` with one call makes that call as it is (for the diagonal: its single-stream pack).
