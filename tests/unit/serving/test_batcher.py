@@ -32,6 +32,14 @@ def run_async(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
 
 
+def submit_all(batcher, count: int) -> list:
+    """Submit items 0..count-1 at once and wait for every result."""
+    async def main():
+        return await asyncio.gather(*(batcher.submit(i) for i in range(count)))
+
+    return run_async(main())
+
+
 @pytest.fixture
 def executor():
     with ThreadPoolExecutor(max_workers=1) as ex:
@@ -41,11 +49,7 @@ def executor():
 def test_max_batch_one_runs_every_item_alone(executor):
     rec = Recorder()
     b = Batcher(rec, executor, max_batch=1, batch_wait_ms=50)
-
-    async def main():
-        return await asyncio.gather(*(b.submit(i) for i in range(5)))
-
-    out = run_async(main())
+    out = submit_all(b, 5)
     assert [r for r, _ in out] == [0, 2, 4, 6, 8] and all(info["batch"] == 1 for _, info in out)
     assert rec.batches == [[0], [1], [2], [3], [4]]
     assert b.stats()["batch_sizes"] == {"1": 5} and b.stats()["items"] == 5
@@ -54,11 +58,7 @@ def test_max_batch_one_runs_every_item_alone(executor):
 def test_waiting_items_form_batches_of_at_most_max_batch(executor):
     rec = Recorder()
     b = Batcher(rec, executor, max_batch=4, batch_wait_ms=0)
-
-    async def main():
-        return await asyncio.gather(*(b.submit(i) for i in range(6)))
-
-    out = run_async(main())
+    out = submit_all(b, 6)
     assert [r for r, _ in out] == [0, 2, 4, 6, 8, 10]
     assert rec.batches == [[0, 1, 2, 3], [4, 5]]
     assert [info["batch"] for _, info in out] == [4, 4, 4, 4, 2, 2]
