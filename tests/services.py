@@ -3,7 +3,6 @@ server (moto in server mode), an MLflow tracking server; and the random tiny mod
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -45,20 +44,39 @@ def run_main(main, argv: list[str]) -> int:
         return done.code
 
 
-@contextlib.contextmanager
-def cluster_driver(monkeypatch, ray_address: str):
-    """Run a job's ``main`` in this process on the test cluster (RAY_ADDRESS; hiar.platform.ray_cluster.init_ray
-    joins it as the job's driver), then leave the cluster again, so that later tests find this process as a job's
-    own interpreter would. Saves each job an interpreter start-up and its imports (about 10 CPU-seconds here)."""
+def job_here(main, argv: list[str], capsys, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A job's command without an interpreter of its own: ``main(argv)`` in this process, with this process's
+    environment plus ``env`` (a value of None unsets the variable), as the job's driver on the cluster that
+    RAY_ADDRESS names (hiar.platform.ray_cluster.init_ray joins it). Afterwards this process is as before: the
+    environment (and whatever the job exported into it: MLflow exports its tracking URI), no cluster connection and
+    no active MLflow run, as if the job had had its own interpreter. Returns what ``subprocess.run(...,
+    capture_output=True, text=True)`` would (stdout and stderr through capsys), plus ``joined``: whether the job
+    joined the cluster. Saves each job an interpreter start-up and its imports (about 10 CPU-seconds here)."""
     import ray
 
-    monkeypatch.setenv("RAY_ADDRESS", ray_address)
-    joined = ray.is_initialized()
+    saved = dict(os.environ)
+    for key, value in (env or {}).items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    connected = ray.is_initialized()
+    capsys.readouterr()
     try:
-        yield
+        code = run_main(main, argv)
+        joined = ray.is_initialized() and not connected
     finally:
-        if not joined and ray.is_initialized():
+        mlflow = sys.modules.get("mlflow")
+        if mlflow is not None and mlflow.active_run() is not None:  # a job that raised mid-run
+            mlflow.end_run(status="FAILED")
+        if ray.is_initialized() and not connected:
             ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+    out = capsys.readouterr()
+    done = subprocess.CompletedProcess(argv, code, out.out, out.err)
+    done.joined = joined
+    return done
 
 
 def sample_table(means: dict, n: int = 4, offsets=None) -> dict:
@@ -139,7 +157,9 @@ class RayHead:
         raise RuntimeError("the Ray head did not start in time")
 
     def stop(self) -> None:
-        stop_process_group(self.proc)
+        # SIGTERM reaches every process of the group at once; `ray start` then waits up to a second for each kind
+        # of process in turn (about 4 s in all) although they are already going: one second, then SIGKILL
+        stop_process_group(self.proc, timeout=1.0)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

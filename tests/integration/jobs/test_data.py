@@ -17,7 +17,7 @@ from hiar.io.storage import committed_shards, load_manifest, read_rows
 from hiar.methods.datagen import TeacherSampler, load_teacher_components, merged_grid, prompt_source
 from hiar.core.schedule import teacher_sigmas
 from hiar.core.teacher import sample_teacher
-from tests.services import random_bundle, run_main, set_args
+from tests.services import job_here, random_bundle, set_args
 
 ROOT = Path(__file__).resolve().parents[3]
 FAST = ["teacher.num_steps=6", "data.trajectory_steps=7", "data.shard_size=3", "data.batch_size=2",
@@ -36,10 +36,13 @@ def latent_chw() -> tuple[int, int, int]:
     return v.latent_channels, v.latent_height, v.latent_width
 
 
-def run_generate(args, env=None, **kw):
-    cmd = [sys.executable, "-m", "hiar.jobs.generate", "--preset", "tiny", *set_args(FAST)]
-    return subprocess.run(cmd + args, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=600, **kw)
+def generate_here(capsys, args, env=None) -> subprocess.CompletedProcess:
+    """``python -m hiar.jobs.generate --preset tiny <FAST> <args>`` with ``env``, as the job's main in this process
+    (tests.services.job_here: what subprocess.run would return, plus ``joined``). The command in an interpreter of
+    its own: the killed-driver test."""
+    from hiar.jobs.generate import main
+
+    return job_here(main, ["--preset", "tiny", *set_args(FAST), *args], capsys, env)
 
 
 def direct_states(teacher: Path, kind: str, index: int) -> torch.Tensor:
@@ -70,12 +73,13 @@ def progress_events(output: str, task: str) -> list:
     return [e for e in map(parse, output.splitlines()) if e is not None and e.task == task]
 
 
-def test_local_roundtrip_is_bit_identical_to_direct_sampling(ray_head, random_teacher, tmp_path, monkeypatch, capsys):
+def test_local_roundtrip_is_bit_identical_to_direct_sampling(ray_head, random_teacher, tmp_path, capsys):
     from hiar.jobs.results import DatasetResult, read_result
 
     out, result_json = tmp_path / "ode", tmp_path / "ode.json"
-    proc = run_generate(["--kind", "ode_pairs", "--count", "5", "--output", str(out), "--teacher", str(random_teacher),
-                         "--actors", "1", "--output-json", str(result_json)], env={"RAY_ADDRESS": ray_head.address})
+    proc = generate_here(capsys, ["--kind", "ode_pairs", "--count", "5", "--output", str(out), "--teacher",
+                                  str(random_teacher), "--actors", "1", "--output-json", str(result_json)],
+                         env={"RAY_ADDRESS": ray_head.address})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "5 samples committed" in proc.stdout
     check_roundtrip(str(out), random_teacher, "ode_pairs", 5, "latents")
@@ -84,28 +88,23 @@ def test_local_roundtrip_is_bit_identical_to_direct_sampling(ray_head, random_te
     assert result.identity == load_manifest(str(out))["identity"] and result.samples_per_s > 0 and result.run_id
     events = progress_events(proc.stdout, "generate ode_pairs")
     assert events and events[0].done == 0 and (events[-1].done, events[-1].total, events[-1].unit) == (5, 5, "samples")
-    # a rerun skips every committed shard (its main, here: with nothing to compute it never joins the cluster)
-    import ray
-
-    monkeypatch.setenv("RAY_ADDRESS", ray_head.address)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # as the command's environment; MLflow exports its own
-    joined = ray.is_initialized()
-    from hiar.jobs.generate import main
-
-    code = run_main(main, ["--preset", "tiny", *set_args(FAST), "--kind", "ode_pairs", "--count", "5",
-                           "--output", str(out), "--teacher", str(random_teacher), "--output-json", str(result_json)])
-    assert code == 0 and "2 already committed, 0 to compute" in capsys.readouterr().out
-    assert ray.is_initialized() == joined
+    # a rerun skips every committed shard; with nothing to compute it does not even join the cluster
+    again = generate_here(capsys, ["--kind", "ode_pairs", "--count", "5", "--output", str(out), "--teacher",
+                                   str(random_teacher), "--output-json", str(result_json)],
+                          env={"RAY_ADDRESS": ray_head.address})
+    assert again.returncode == 0 and "2 already committed, 0 to compute" in again.stdout
+    assert not again.joined
     rerun = read_result(result_json, DatasetResult)
     assert (rerun.count, rerun.shards_written, rerun.samples_per_s, rerun.identity) == (5, 0, None, result.identity)
     assert rerun.run_id != result.run_id
 
 
-def test_s3_roundtrip_trajectories(ray_head, s3_server, random_teacher):
+def test_s3_roundtrip_trajectories(ray_head, s3_server, random_teacher, capsys):
     s3_server.client().create_bucket(Bucket="hiar-data")
     uri = "s3://hiar-data/runs/trajectories"
-    proc = run_generate(["--kind", "trajectories", "--count", "4", "--output", uri, "--teacher", str(random_teacher),
-                         "--actors", "1"], env={"RAY_ADDRESS": ray_head.address, **s3_server.env})
+    proc = generate_here(capsys, ["--kind", "trajectories", "--count", "4", "--output", uri, "--teacher",
+                                  str(random_teacher), "--actors", "1"],
+                         env={"RAY_ADDRESS": ray_head.address, **s3_server.env})
     assert proc.returncode == 0, proc.stderr[-3000:]
     objects = s3_server.client().list_objects_v2(Bucket="hiar-data")["Contents"]
     keys = [o["Key"] for o in objects if not o["Key"].endswith("/")]  # pyarrow may add a prefix marker
@@ -123,7 +122,7 @@ def test_s3_roundtrip_trajectories(ray_head, s3_server, random_teacher):
         assert f"secret_key={secret}" not in proc.stdout + proc.stderr
 
 
-def test_killed_driver_resumes_without_recomputing(ray_head, random_teacher, tmp_path):
+def test_killed_driver_resumes_without_recomputing(ray_head, random_teacher, tmp_path, capsys):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "hiar.jobs.generate", "--preset", "tiny", "--kind", "ode_pairs",
            "--count", "12", "--output", str(out), "--teacher", str(random_teacher), "--actors", "1", *set_args(FAST)]
@@ -140,8 +139,8 @@ def test_killed_driver_resumes_without_recomputing(ray_head, random_teacher, tmp
     time.sleep(2)  # let the orphaned actor (if still running) finish its current shard or die with the job
     first = committed_shards(str(out))
     mtimes = {s: (out / f"shard-{s:05d}.parquet").stat().st_mtime_ns for s in first}
-    again = run_generate(["--kind", "ode_pairs", "--count", "12", "--output", str(out), "--teacher", str(random_teacher),
-                          "--actors", "1"], env={"RAY_ADDRESS": ray_head.address})
+    again = generate_here(capsys, ["--kind", "ode_pairs", "--count", "12", "--output", str(out), "--teacher",
+                                   str(random_teacher), "--actors", "1"], env={"RAY_ADDRESS": ray_head.address})
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{len(first)} already committed, {4 - len(first)} to compute" in again.stdout
     rows = list(read_rows(str(out)))
@@ -175,15 +174,6 @@ def test_trajectory_states_sit_on_the_student_schedule(random_teacher):
     assert torch.equal(states[0], noise[0].permute(1, 0, 2, 3))  # noise first
 
 
-def generate_in_process(args, capsys) -> tuple[int, str]:
-    """``hiar.jobs.generate.main`` in this process, with run_generate's arguments (the input checks are the same; an
-    interpreter per case only added its start-up): its exit code and stderr."""
-    from hiar.jobs.generate import main
-
-    code = run_main(main, ["--preset", "tiny", *set_args(FAST), *args])
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("args, message", [
     (["--count", "0"], "must be > 0"),
     (["--output", "/proc/hiar-cannot-write"], "cannot write"),
@@ -192,21 +182,17 @@ def generate_in_process(args, capsys) -> tuple[int, str]:
 def test_bad_input_fails_fast(random_teacher, tmp_path, args, message, capsys):
     base = ["--kind", "ode_pairs", "--count", "3", "--output", str(tmp_path / "x"), "--teacher", str(random_teacher)]
     t0 = time.monotonic()
-    code, err = generate_in_process(base + args, capsys)
-    assert code != 0 and message in err
+    proc = generate_here(capsys, base + args)
+    assert proc.returncode != 0 and message in proc.stderr
     assert time.monotonic() - t0 < 60
     assert not (tmp_path / "x" / "shard-00000.parquet").exists()
 
 
-def test_s3_bad_bucket_and_unreachable_endpoint(s3_server, random_teacher, monkeypatch, capsys):
+def test_s3_bad_bucket_and_unreachable_endpoint(s3_server, random_teacher, capsys):
     common = ["--kind", "ode_pairs", "--count", "3", "--teacher", str(random_teacher)]
-    for key, value in s3_server.env.items():
-        monkeypatch.setenv(key, value)
-    code, err = generate_in_process(common + ["--output", "s3://no-such-bucket/x"], capsys)
-    assert code != 0 and "does not exist" in err
-    dead = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "HIAR_S3_CONNECT_TIMEOUT": "1",
+    proc = generate_here(capsys, common + ["--output", "s3://no-such-bucket/x"], env=s3_server.env)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr
+    dead = {**s3_server.env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "HIAR_S3_CONNECT_TIMEOUT": "1",
             "HIAR_S3_REQUEST_TIMEOUT": "2", "AWS_EC2_METADATA_DISABLED": "true"}
-    for key, value in dead.items():
-        monkeypatch.setenv(key, value)
-    code, err = generate_in_process(common + ["--output", "s3://hiar-data/x"], capsys)
-    assert code != 0 and ("cannot reach" in err or "cannot write" in err)
+    proc = generate_here(capsys, common + ["--output", "s3://hiar-data/x"], env=dead)
+    assert proc.returncode != 0 and ("cannot reach" in proc.stderr or "cannot write" in proc.stderr)

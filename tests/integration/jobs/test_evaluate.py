@@ -12,7 +12,7 @@ import pytest
 
 from hiar.config import load_config
 from hiar.core.rollout import ROLLOUT_MODES as MODES
-from tests.services import cluster_driver, random_bundle, run_main, set_args
+from tests.services import job_here, random_bundle, set_args
 
 ROOT = Path(__file__).resolve().parents[3]
 SMALL = ["eval.num_prompts=2", "video.eval_horizon_factor=2", "eval.sample_videos=2"]
@@ -128,13 +128,10 @@ def test_registry_uri_end_to_end_on_the_cluster_then_reuse(ray_head, bundle, tmp
 
     out = tmp_path / "eval.json"
     t0 = time.monotonic()
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    with cluster_driver(monkeypatch, ray_head.address):
-        code = run_main(evaluate.main, ["--preset", "tiny", "--model", "models:/hiar-student@champion",
-                                        "--output-json", str(out), *set_args(SMALL + [f"run_dir={runs}"])])
-    r = capsys.readouterr()
-    assert code == 0, (r.out[-3000:], r.err[-3000:])
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    r = job_here(evaluate.main, ["--preset", "tiny", "--model", "models:/hiar-student@champion", "--output-json",
+                                 str(out), *set_args(SMALL + [f"run_dir={runs}"])], capsys,
+                 env={"RAY_ADDRESS": ray_head.address, "MLFLOW_TRACKING_URI": None})  # run_dir's store: `uri`
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     print(f"evaluate: {time.monotonic() - t0:.1f} s")
     from hiar.jobs.results import EvaluationResult, read_result
     from hiar.platform.progress import parse
@@ -142,8 +139,8 @@ def test_registry_uri_end_to_end_on_the_cluster_then_reuse(ray_head, bundle, tmp
     typed = read_result(out, EvaluationResult)
     assert typed.model_uri == "models:/hiar-student@champion" and typed.version == "1" and not typed.reused
     result = json.loads(out.read_text())
-    assert "drift/score" in r.out and "hierarchical" in r.out  # the summary table
-    events = [e for e in map(parse, r.out.splitlines()) if e is not None and e.task == "evaluate"]
+    assert "drift/score" in r.stdout and "hierarchical" in r.stdout  # the summary table
+    events = [e for e in map(parse, r.stdout.splitlines()) if e is not None and e.task == "evaluate"]
     assert events and (events[-1].done, events[-1].total, events[-1].unit) == (2, 2, "videos")
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"

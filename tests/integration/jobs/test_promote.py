@@ -13,7 +13,7 @@ import pytest
 from hiar.config import load_config
 from hiar.io.storage import checksum_dir
 from hiar.eval.gate import append_line, decide, gate_metric_keys, push_history, rollback_target
-from tests.services import random_bundle, sample_table, set_args
+from tests.services import job_here, random_bundle, sample_table, set_args
 
 ROOT = Path(__file__).resolve().parents[3]
 SMALL = ["eval.num_prompts=2", "video.eval_horizon_factor=2", "eval.sample_videos=1"]
@@ -209,14 +209,15 @@ def test_gate_decides_on_real_evaluations_rollback_and_serving_resolution(ray_he
     assert promote.main(["register", "--model-dir", str(b), *base]) == 0
     assert str(client.get_registered_model(NAME).aliases["challenger"]) == "2"
 
-    # the real CLI on the cluster: both versions evaluated on the same prompts and seeds, the gate says no
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the SQLite store of run_dir
-    env["RAY_ADDRESS"] = ray_head.address
+    # the job's main on the cluster (as its driver, here): both versions evaluated on the same prompts and seeds,
+    # the gate says no
+    import ray
+
     out = tmp_path / "promote.json"
     parent = client.create_run(client.create_experiment("hiar-full-test")).info.run_id
-    r = subprocess.run([sys.executable, "-m", "hiar.jobs.promote", "promote", "--output-json", str(out),
-                        "--parent-run-id", parent, *base, *set_args(REJECT)],
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = job_here(promote.main, ["promote", "--output-json", str(out), "--parent-run-id", parent, *base,
+                                *set_args(REJECT)], capsys,
+                 env={"RAY_ADDRESS": ray_head.address, "MLFLOW_TRACKING_URI": None})  # run_dir's store: `uri`
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert "NOT PROMOTED" in r.stdout and "gate failed: drift" in r.stdout
     decision = json.loads(out.read_text())
@@ -266,8 +267,10 @@ def test_gate_decides_on_real_evaluations_rollback_and_serving_resolution(ray_he
 
     # thresholds that pass: the finished evaluations are reused (no Ray needed in this process), champion moves
     t0 = time.monotonic()
+    joined = ray.is_initialized()
     assert promote.main(["promote", "--output-json", str(out), *base, *set_args(PASS)]) == 0
     assert time.monotonic() - t0 < 60
+    assert ray.is_initialized() == joined  # nothing was evaluated again: the cluster was not even joined
     decision = json.loads(out.read_text())
     assert decision["decision"] == "promoted" and decision["details"]["eval_runs"] == evals
     assert _champion(client) == "2" and _version(client, 2).tags["promotion.decision"] == "promoted"
@@ -297,9 +300,10 @@ def test_gate_decides_on_real_evaluations_rollback_and_serving_resolution(ray_he
 # ---------------------------------------------------------------------------------------------- a real server
 def test_register_promote_and_resolve_through_an_mlflow_server(mlflow_server, bundles, tmp_path, monkeypatch,
                                                                capsys):
-    """The CLI with MLFLOW_TRACKING_URI=http://127.0.0.1:PORT in its environment: register, promote (first model);
-    registering the same bundle again adds no version; models:/hiar-student@champion resolves through the server
-    to that bundle, for the serving loader too."""
+    """The CLI with MLFLOW_TRACKING_URI=http://127.0.0.1:PORT in its environment: register (a fresh interpreter
+    whose only hint is that variable), promote (first model; its main, here, with the same variable); registering
+    the same bundle again adds no version; models:/hiar-student@champion resolves through the server to that
+    bundle, for the serving loader too."""
     from mlflow import MlflowClient
 
     from hiar.jobs import promote
@@ -312,12 +316,12 @@ def test_register_promote_and_resolve_through_an_mlflow_server(mlflow_server, bu
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "1"
-    r = subprocess.run([sys.executable, *script, "promote", *base], env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0 and "first model" in r.stdout, r.stderr[-3000:]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    capsys.readouterr()
+    assert promote.main(["promote", *base]) == 0
+    assert "first model" in capsys.readouterr().out
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # the server was used, not the SQLite default
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     assert promote.main(["register", "--model-dir", str(bundles[1]), *base]) == 0
     assert promote.main(["status", *base]) == 0
     assert "champion -> v1" in capsys.readouterr().out

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ from hiar.methods.pretrain import (TeacherPretraining, build_world_components, e
 from hiar.core.schedule import teacher_sigmas
 from hiar.core.teacher import sample_teacher
 from hiar.tiny.captions import heldout_prompts, train_prompts
+from tests.services import job_here
 
 ROOT = Path(__file__).resolve().parents[3]
 SHIPPED = ROOT / "hiar" / "assets" / "tiny-teacher"
@@ -158,17 +156,20 @@ def test_unknown_word_in_prompt_is_a_clear_error():
         text.encode(["a purple square moves left quickly over a black background"])
 
 
-def test_pretrain_job_on_the_local_ray_cluster_checkpoints_and_saves(ray_head, tmp_path):
-    """Two runs of the job (each a Ray Train start-up, the cost of this test): a new run started from a teacher this
-    job wrote (the shipped one, ``pretrain.init_from``; how the shipped one was grown from a 3-channel run: its
-    card) checkpoints and saves; the same command with a larger step budget resumes from its checkpoint."""
+def test_pretrain_job_on_the_local_ray_cluster_checkpoints_and_saves(ray_head, tmp_path, capsys):
+    """Two runs of the job (its main, as the job's driver on the cluster: tests.services.job_here), each a Ray Train
+    start-up: a new run started from a teacher this job wrote (the shipped one, ``pretrain.init_from``; how the
+    shipped one was grown from a 3-channel run: its card) checkpoints and saves; the same command with a larger
+    step budget resumes from its checkpoint."""
+    from hiar.jobs.pretrain_teacher import main
+
     out = tmp_path / "teacher"
-    cmd = [sys.executable, "-m", "hiar.jobs.pretrain_teacher", "--preset", "tiny", "--output", str(out),
-           "--set", f"run_dir={tmp_path / 'run'}", "--set", f"pretrain.init_from={SHIPPED}",
-           "--set", "pretrain.batch_size=2", "--set", "pretrain.checkpoint_every=2", "--set", "pretrain.eval_prompts=2",
-           "--set", "teacher.num_steps=3", "--set", "pretrain.threads_per_worker=1", "--set", "pretrain.max_steps=4"]
-    env = {**os.environ, "RAY_ADDRESS": ray_head.address}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    args = ["--preset", "tiny", "--output", str(out), "--set", f"run_dir={tmp_path / 'run'}",
+            "--set", f"pretrain.init_from={SHIPPED}", "--set", "pretrain.batch_size=2",
+            "--set", "pretrain.checkpoint_every=2", "--set", "pretrain.eval_prompts=2", "--set", "teacher.num_steps=3",
+            "--set", "pretrain.threads_per_worker=1"]
+    env = {"RAY_ADDRESS": ray_head.address}
+    proc = job_here(main, [*args, "--set", "pretrain.max_steps=4"], capsys, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the new run started from that teacher's weights (one line: see the tee below)
     assert (proc.stdout + proc.stderr).count(f"initialised from {SHIPPED}") == 1
@@ -178,8 +179,7 @@ def test_pretrain_job_on_the_local_ray_cluster_checkpoints_and_saves(ray_head, t
     assert card["config"]["pretrain"]["init_from"] == str(SHIPPED)
     assert (out / "MODEL_CARD.md").exists()
     # rerunning with a larger step budget resumes from the checkpoint instead of starting over (or from init_from)
-    proc = subprocess.run([*cmd[:-2], "--set", "pretrain.max_steps=6"], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = job_here(main, [*args, "--set", "pretrain.max_steps=6"], capsys, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # once: Ray Train's print patch would tee each worker line to the driver twice (hiar.platform.ray_cluster.train_worker_env)
     assert (proc.stdout + proc.stderr).count("resumed at step 4") == 1

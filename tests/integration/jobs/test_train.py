@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from hiar.io.bundle import load_bundle
-from tests.services import random_bundle, run_main, set_args
+from tests.services import job_here, random_bundle, set_args
 
 ROOT = Path(__file__).resolve().parents[3]
 DATA_FAST = ["teacher.num_steps=4", "data.trajectory_steps=5", "data.shard_size=2", "data.batch_size=2",
@@ -66,22 +66,13 @@ def run_train(ray_head, args, env=None, **kw):
     return subprocess.run(cmd, env=job_env(ray_head, env), capture_output=True, text=True, timeout=900, **kw)
 
 
-def train_in_process(ray_head, args, monkeypatch, capsys, env=None) -> tuple[int, str, str]:
-    """``hiar.jobs.train.main`` in this process with run_train's environment, for runs that train nothing (input
-    errors, stages already done; an interpreter per call only added its start-up): (exit code, stdout, stderr).
-    Only a stage that trains joins the cluster, so this process must not have joined it."""
-    import ray
-
+def train_here(ray_head, args, capsys, env=None) -> subprocess.CompletedProcess:
+    """run_train without an interpreter of its own: the job's main in this process with run_train's environment
+    (tests.services.job_here: what subprocess.run would return, plus ``joined``: whether it joined the cluster)."""
     from hiar.jobs.train import main
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    for key, value in {"RAY_ADDRESS": ray_head.address, **(env or {})}.items():
-        monkeypatch.setenv(key, value)
-    joined = ray.is_initialized()
-    code = run_main(main, ["--preset", "tiny", *args])
-    out = capsys.readouterr()
-    assert ray.is_initialized() == joined, "the job joined the cluster without training"
-    return code, out.out, out.err
+    return job_here(main, ["--preset", "tiny", *args], capsys,
+                    {"RAY_ADDRESS": ray_head.address, "MLFLOW_TRACKING_URI": None, **(env or {})})
 
 
 def ode_init_student(ray_head, world_dir) -> Path:
@@ -100,14 +91,14 @@ def _client(root):
     return mlflow.MlflowClient()
 
 
-def test_two_workers_end_to_end_logs_checkpoints_and_resumes_as_a_skip(ray_head, world_dir, monkeypatch, capsys):
+def test_two_workers_end_to_end_logs_checkpoints_and_resumes_as_a_skip(ray_head, world_dir, capsys):
     from hiar.jobs.results import TrainResult, read_result
     from hiar.platform.progress import parse
 
     root, base = world_dir
     result_json = root / "train-result.json"
-    r = run_train(ray_head, ["--stage", "all", "--output-json", str(result_json),
-                             *set_args(DATA_FAST + base + TRAIN_FAST)])
+    r = train_here(ray_head, ["--stage", "all", "--output-json", str(result_json),
+                              *set_args(DATA_FAST + base + TRAIN_FAST)], capsys)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     students = sorted((root / "runs" / "students").iterdir())
     assert [p.name.split("-")[0] for p in students] == ["distill", "ode_init"]
@@ -148,14 +139,14 @@ def test_two_workers_end_to_end_logs_checkpoints_and_resumes_as_a_skip(ray_head,
         mine = [e for e in events if e.task == f"train {stage}"]
         assert mine and (mine[-1].done, mine[-1].total, mine[-1].unit) == (4, 4, "steps"), (stage, events)
 
-    # the same command again (its main, here): both stages are recognised as done, nothing retrains, and the job
-    # does not even join the cluster (train_in_process checks)
+    # the same command again: both stages are recognised as done, nothing retrains: the job does not even join
+    # the cluster
     t0 = time.monotonic()
     result_json.unlink()
-    code, out, err = train_in_process(ray_head, ["--stage", "all", "--output-json", str(result_json),
-                                                 *set_args(DATA_FAST + base + TRAIN_FAST)], monkeypatch, capsys)
-    assert code == 0, err[-2000:]
-    assert out.count("skipping") == 2
+    r2 = train_here(ray_head, ["--stage", "all", "--output-json", str(result_json),
+                               *set_args(DATA_FAST + base + TRAIN_FAST)], capsys)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert r2.stdout.count("skipping") == 2 and not r2.joined
     assert read_result(result_json, TrainResult) == result  # a skipped stage hands on the same result
     assert time.monotonic() - t0 < 120
 
@@ -287,7 +278,7 @@ def test_fsdp_on_two_ray_train_workers_matches_one_unsharded_worker(ray_head, wo
 
 
 def test_a_resume_checkpoint_of_another_shape_or_stage_is_refused_before_training(ray_head, world_dir, tmp_path,
-                                                                                   monkeypatch, capsys):
+                                                                                   capsys):
     from hiar.config import load_config
     from hiar.core.model import CausalWanTransformer3DModel
     from hiar.methods.sharding import save_checkpoint
@@ -301,12 +292,11 @@ def test_a_resume_checkpoint_of_another_shape_or_stage_is_refused_before_trainin
                         {"stage": stage, "iteration": 1})
     for stage, message in (("distill", "written for another model: generator.blocks.0.ffn"),
                            ("ode_init", "is a 'ode_init' checkpoint, not a 'distill' one")):
-        code, out, err = train_in_process(
-            ray_head, ["--stage", "distill", "--init", str(init), *set_args(DATA_FAST + base + TRAIN_FAST),
-                       "--set", f"distill.resume_from={tmp_path / stage}"], monkeypatch, capsys)
-        assert code == 2, (out[-2000:], err[-2000:])
-        assert message in err and "Traceback" not in err
-        assert "[train] distill:" not in out  # no MLflow run, no trainer
+        r = train_here(ray_head, ["--stage", "distill", "--init", str(init), *set_args(DATA_FAST + base + TRAIN_FAST),
+                                  "--set", f"distill.resume_from={tmp_path / stage}"], capsys)
+        assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
+        assert message in r.stderr and "Traceback" not in r.stderr
+        assert "[train] distill:" not in r.stdout and not r.joined  # no MLflow run, no trainer, not even Ray
 
 
 @pytest.mark.slow
@@ -358,23 +348,21 @@ def test_sigkill_of_a_worker_resumes_from_the_last_checkpoint_in_the_same_run(ra
     (["video.latent_height=8", "video.latent_width=8"], "expects"),
     (["teacher.path=/nonexistent/teacher"], "/nonexistent/teacher"),
 ])
-def test_bad_input_fails_before_the_first_step(ray_head, world_dir, override, message, monkeypatch, capsys):
+def test_bad_input_fails_before_the_first_step(ray_head, world_dir, override, message, capsys):
     root, base = world_dir
-    args = ["--stage", "ode_init", *set_args(DATA_FAST + base + TRAIN_FAST + override)]
-    code, _, err = train_in_process(ray_head, args, monkeypatch, capsys)
-    assert code == 2
-    assert message in err
-    assert "Traceback" not in err
+    r = train_here(ray_head, ["--stage", "ode_init", *set_args(DATA_FAST + base + TRAIN_FAST + override)], capsys)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and not r.joined
 
 
-def test_s3_path_with_no_data_is_a_clear_error(ray_head, world_dir, s3_server, monkeypatch, capsys):
+def test_s3_path_with_no_data_is_a_clear_error(ray_head, world_dir, s3_server, capsys):
     root, base = world_dir
     s3_server.client().create_bucket(Bucket="hiar-train-empty")
-    code, _, err = train_in_process(ray_head, ["--stage", "ode_init", *set_args(DATA_FAST + base + TRAIN_FAST),
-                                               "--set", "data.storage=s3://hiar-train-empty/nothing-here"],
-                                    monkeypatch, capsys, env=s3_server.env)
-    assert code == 2, err[-2000:]
-    assert "no ode_pairs dataset" in err
+    r = train_here(ray_head, ["--stage", "ode_init", *set_args(DATA_FAST + base + TRAIN_FAST),
+                              "--set", "data.storage=s3://hiar-train-empty/nothing-here"], capsys, env=s3_server.env)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "no ode_pairs dataset" in r.stderr and not r.joined
 
 
 def test_a_users_sqlite_tracking_uri_stays_the_users_for_the_workers(tmp_path, monkeypatch):
