@@ -287,24 +287,36 @@ class ServeConfig:
     batch_wait_ms: float = 0.0  # how long a waiting block may wait for others to join its batch
 
 
+def with_default_sections(cls):
+    """Give each field of ``cls`` that is annotated with a config dataclass and has no default a fresh default
+    instance of that class (``field(default_factory=...)``), so a section is declared once, by its type. Applied
+    under ``@dataclass``."""
+    hints = typing.get_type_hints(cls)
+    for name in cls.__annotations__:
+        if dataclasses.is_dataclass(hints[name]) and name not in vars(cls):
+            setattr(cls, name, field(default_factory=hints[name]))
+    return cls
+
+
 @dataclass
+@with_default_sections
 class HiarConfig:
     preset: str = "custom"
     seed: int = 0
     run_dir: str = "runs"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    video: VideoConfig = field(default_factory=VideoConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    world: WorldConfig = field(default_factory=WorldConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    registry: RegistryConfig = field(default_factory=RegistryConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
+    model: ModelConfig
+    schedule: ScheduleConfig
+    rollout: RolloutConfig
+    video: VideoConfig
+    teacher: TeacherConfig
+    precision: PrecisionConfig
+    data: DataConfig
+    distill: DistillConfig
+    world: WorldConfig
+    pretrain: PretrainConfig
+    eval: EvalConfig
+    registry: RegistryConfig
+    serve: ServeConfig
 
     def __post_init__(self):
         validate(self)

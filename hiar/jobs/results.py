@@ -50,20 +50,20 @@ class TrainResult:
     output: str  # the exported bundle directory
     identity: str  # the stage identity in the bundle's card
     steps: int
-    losses: dict = field(default_factory=dict)  # last logged value of each loss
+    losses: dict[str, float] = field(default_factory=dict)  # last logged value of each loss
     run_id: str | None = None
 
 
 @dataclass(frozen=True)
 class EvaluationResult:
     """``hiar.jobs.evaluate``: the drift suite (and oracle, dynamics) on one generator."""
-    run_id: str
     model_uri: str
+    modes: list[str]  # the rollout modes scored (hierarchical, block_first)
     checksum: str
     eval_identity: str
-    modes: list
+    metrics: dict[str, float]  # "<mode>/<group>/<metric>" -> mean, and "<...>_se" -> its standard error
     reused: bool
-    metrics: dict  # "<mode>/<group>/<metric>" -> mean, and "<...>_se" -> its standard error
+    run_id: str
     model_name: str | None = None
     version: str | None = None
 

@@ -40,6 +40,14 @@ def submit_all(batcher, count: int) -> list:
     return run_async(main())
 
 
+async def hold_first_batch(batcher, rec: Recorder) -> asyncio.Future:
+    """Submit item 0 and return once its batch is computing and held there (until ``rec.release`` is set)."""
+    rec.release.clear()
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.get_running_loop().run_in_executor(None, rec.started.wait, 60)
+    return first
+
+
 @pytest.fixture
 def executor():
     with ThreadPoolExecutor(max_workers=1) as ex:
@@ -89,9 +97,7 @@ def test_items_arriving_during_a_batch_go_into_the_next(executor):
     b = Batcher(rec, executor, max_batch=8, batch_wait_ms=0)
 
     async def main():
-        rec.release.clear()
-        first = asyncio.ensure_future(b.submit(0))
-        await asyncio.get_running_loop().run_in_executor(None, rec.started.wait, 60)  # batch [0] is computing
+        first = await hold_first_batch(b, rec)
         later = [asyncio.ensure_future(b.submit(i)) for i in (1, 2, 3)]
         await asyncio.sleep(0)
         rec.release.set()
@@ -106,9 +112,7 @@ def test_a_cancelled_stream_leaves_the_queue_and_others_are_served(executor):
     b = Batcher(rec, executor, max_batch=8, batch_wait_ms=0)
 
     async def main():
-        rec.release.clear()
-        first = asyncio.ensure_future(b.submit(0))
-        await asyncio.get_running_loop().run_in_executor(None, rec.started.wait, 60)
+        first = await hold_first_batch(b, rec)
         gone, kept = asyncio.ensure_future(b.submit(1)), asyncio.ensure_future(b.submit(2))
         await asyncio.sleep(0)
         gone.cancel()  # the client of stream 1 went away while its block waited
