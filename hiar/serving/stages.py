@@ -1,5 +1,8 @@
 """The per-denoising-step stage deployments and the decoder of the HiAR Serve graph.
 
+About 400 lines because a stream's whole life on a replica is here: the stages and the decoder share its book,
+its flow control and its cancellation handling.
+
 A stream is one call through the chain ``Decoder -> StepS -> ... -> Step1``: each deployment's ``__call__``
 is an async generator that calls its upstream with ``.options(stream=True)``, takes the upstream's block
 outputs as they arrive, processes each and yields its own (Ray Serve cannot pass a response generator into

@@ -2,6 +2,7 @@
 included, so a forbidden edge fails here before it surprises anyone at run time."""
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,3 +108,16 @@ def test_the_checker_sees_a_forbidden_edge(tmp_path, monkeypatch):
         assert "hiar/core/x.py:2" in str(err) and "hiar/jobs/y.py:1" in str(err)
     else:
         raise AssertionError("the forbidden edges were not reported")
+
+
+def test_a_file_over_400_lines_says_why_at_its_top():
+    """Issue 21: no source file over about 400 lines without a reason stated at its top (in its first 12 lines,
+    as "... 400 lines because ...")."""
+    long_without_reason = []
+    for folder in ("hiar", "tests", "benchmarks"):
+        for path in (ROOT / folder).rglob("*.py"):
+            lines = path.read_text().splitlines()
+            head = " ".join(lines[:12]).lower()
+            if len(lines) > 410 and not re.search(r"400 lines\s+because", head):
+                long_without_reason.append(f"{path.relative_to(ROOT)} ({len(lines)} lines)")
+    assert not long_without_reason, long_without_reason

@@ -1,5 +1,7 @@
 """infra/: KubeRay manifests, cluster launcher config, Docker image, MLflow server recipes.
 
+Over 400 lines because it mirrors infra/ as one file: a section per artefact, each checked against its schema.
+
 What is checked against what:
 * KubeRay RayJob/RayService/RayCluster and the MLflow Deployment/StatefulSet/Services against
   infra/_schema/kuberay_v1_subset.json (closed JSON Schema transcribed from the KubeRay v1 CRDs; provenance in

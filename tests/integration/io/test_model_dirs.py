@@ -1,5 +1,6 @@
 """What a model directory is (hiar.io.bundle): both layouts, local and s3://, the checks made before any compute,
-bundles that reference their text encoder and VAE by hash, and the real score DMD uses.
+bundles that reference their text encoder and VAE by hash, and the real score DMD uses. Over 400 lines because
+it mirrors hiar/io/bundle.py, one module, as one file.
 
 Every test points HIAR_CACHE_DIR at its own temporary directory, so no test shares (or trusts) the node cache.
 """

@@ -1,7 +1,8 @@
 """The HiAR Ray Serve app on a real local Ray cluster over real HTTP (issue 7).
 
 One app for the module (deploying takes about a minute on a 2-core box): a random tiny student bundle, TWO
-replicas per step stage (so stream affinity is exercised by every test), one decoder, one ingress.
+replicas per step stage (so stream affinity is exercised by every test), one decoder, one ingress. Over 400 lines
+because every test shares that one deployed app.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """FSDP2 sharding of the distillation models (hiar.methods.sharding, ``distill.sharding: fsdp``) on CPU with gloo.
 
+Over 400 lines because every scenario shares one pair of spawned processes (the ``runs`` fixture).
+
 Two processes started with ``torch.multiprocessing`` (spawn) and a gloo process group on 127.0.0.1 run a tiny
 Distiller; no Ray here (``tests/integration/jobs/test_train.py`` covers the Ray Train wiring).
 
