@@ -173,7 +173,10 @@ class DistillConfig:
     # a worker keeps its dataset shard in memory after the first pass when it fits in this many MB (the tiny
     # datasets always do), so later epochs do not execute the Ray dataset again; 0 = stream every epoch
     dataset_cache_mb: int = 2048
-    checkpoint_every: int = 20  # generator steps
+    checkpoint_every: int = 20  # generator steps between distillation checkpoints
+    # ODE-init steps between its checkpoints: an ODE-init step costs about a tenth of a generator step, and a
+    # checkpoint on tiny about one to four seconds, so every 10 steps spent a quarter of the stage writing them
+    ode_checkpoint_every: int = 100
     keep_checkpoints: int = 2
     max_failures: int = 3
     sample_every: int = 50  # generator steps between sample MP4s in MLflow (0 = only at the end)
@@ -345,6 +348,9 @@ def validate(cfg: HiarConfig) -> None:
     choice("distill.real_score_sharding", cfg.distill.real_score_sharding, ("shard", "replicate"))
     for part in ("transformer", "text_encoder", "vae"):
         choice(f"precision.{part}", getattr(cfg.precision, part), ("fp32", "bf16", "fp16"))
+    for key in ("checkpoint_every", "ode_checkpoint_every"):
+        if getattr(cfg.distill, key) < 1:
+            raise ValueError(f"distill.{key} must be >= 1 (steps between checkpoints), got {getattr(cfg.distill, key)}")
     if cfg.distill.dataset_cache_mb < 0:
         raise ValueError(f"distill.dataset_cache_mb must be >= 0 (0 = no cache), got {cfg.distill.dataset_cache_mb}")
     if not 0.0 <= cfg.distill.min_t < cfg.distill.max_t <= 1.0:

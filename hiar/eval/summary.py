@@ -11,6 +11,12 @@ from __future__ import annotations
 import io
 import json
 
+#: The evaluation's headline question, HiAR against the block-first baseline, asked of the per-sample table: each
+#: (prompt, seed) sample is rolled out in both modes, so the difference is paired and its noise is that of the
+#: paired differences (far less than the two means' standard errors suggest when prompts differ in difficulty)
+CONTRAST_MODES = ("hierarchical", "block_first")
+CONTRAST_KEYS = ("drift/score", "oracle/caption_consistency")
+SEPARATED_SE = 2.0  # a contrast is reported as separated beyond this many standard errors of the paired difference
 NOT_MEANS = ("drift/num_metrics",)  # per-sample values that are counts, reported as such: no standard error
 SUMMARY_KEYS = ("drift/score", "drift/num_metrics", "drift/saturation_slope", "drift/sharpness_slope",
                 "drift/pixel_similarity_slope", "dynamics/dynamic_degree", "dynamics/magnitude_mean",
@@ -54,6 +60,45 @@ def standard_errors(metrics: dict, table: dict) -> dict:
     return out
 
 
+def mode_contrast(table: dict) -> dict:
+    """``contrast/<key>`` (the mean over samples of hierarchical minus block-first, paired by sample), with its
+    ``_se`` and ``_pairs`` (how many samples were paired), for each key of :data:`CONTRAST_KEYS` that both modes
+    of ``table`` have on two or more samples."""
+    from hiar.eval.gate import mean_se
+
+    a, b = CONTRAST_MODES
+    out: dict[str, float] = {}
+    for key in CONTRAST_KEYS:
+        x, y = table["values"].get(f"{a}/{key}"), table["values"].get(f"{b}/{key}")
+        if x is None or y is None:
+            continue
+        diffs = [p - q for p, q in zip(x, y) if p is not None and q is not None]
+        if len(diffs) >= 2:
+            out[f"contrast/{key}"], out[f"contrast/{key}_se"], n = mean_se(diffs)
+            out[f"contrast/{key}_pairs"] = float(n)
+    return out
+
+
+def contrast(metrics: dict, key: str = "drift/score") -> tuple[float, float, int, bool] | None:
+    """``(difference, standard error, n, separated)`` of ``contrast/<key>`` in ``metrics`` (None without it):
+    separated when the difference is further from zero than :data:`SEPARATED_SE` standard errors."""
+    if f"contrast/{key}" not in metrics:
+        return None
+    d, se, n = metrics[f"contrast/{key}"], metrics[f"contrast/{key}_se"], int(metrics[f"contrast/{key}_pairs"])
+    return d, se, n, abs(d) > SEPARATED_SE * se
+
+
+def contrast_text(metrics: dict, key: str = "drift/score") -> str | None:
+    """The :func:`contrast` of ``key`` in one line, saying so when the modes are not told apart."""
+    c = contrast(metrics, key)
+    if c is None:
+        return None
+    d, se, n, separated = c
+    verdict = (f"separated (> {SEPARATED_SE:g} SE)" if separated else
+               f"NOT separated (within {SEPARATED_SE:g} SE): at n = {n} the two modes are not told apart")
+    return f"hierarchical - block_first {key}: {d:+.4g} ± {se:.2g} (paired, n = {n}), {verdict}"
+
+
 def summarize(rows: list[dict], modes: list[str]) -> tuple[dict, dict, dict, dict]:
     """``(metrics, aggregated DriftReport per mode, sample frames per mode [N, T, H, W, 3] uint8, per-sample table)``
     from actor rows; ``metrics`` holds each mean's standard error (:func:`standard_errors`)."""
@@ -84,6 +129,7 @@ def summarize(rows: list[dict], modes: list[str]) -> tuple[dict, dict, dict, dic
     samples = {m: np.stack(v) for m, v in samples.items() if v}
     table = sample_values(rows, modes)
     metrics.update(standard_errors(metrics, table))
+    metrics.update(mode_contrast(table))
     metrics["eval/num_videos"] = float(len(rows))
     return metrics, reports, samples, table
 
@@ -103,4 +149,5 @@ def summary_table(metrics: dict, modes: list[str]) -> str:
     for k in keys:
         lines.append(f"{k:<{width}}" + "".join(f"{_cell(metrics, f'{m}/{k}'):>24}" for m in modes))
     lines.append(f"(mean ± standard error over n = {metrics.get('eval/num_videos', 0):g} (prompt, seed) samples)")
+    lines += [t for t in (contrast_text(metrics, k) for k in CONTRAST_KEYS) if t]
     return "\n".join(lines)

@@ -160,6 +160,7 @@ def train_loop_per_worker(c: dict) -> None:
     batches = _batches(session, DATASET_OF[stage], "latents" if stage == "ode_init" else "states", micro,
                        d.dataset_cache_mb)
     t0, steps0 = time.monotonic(), step_of()
+    every = d.ode_checkpoint_every if stage == "ode_init" else d.checkpoint_every
     metrics: dict = {}
     session.progress(steps0, total)
     while step_of() < total:
@@ -184,7 +185,7 @@ def train_loop_per_worker(c: dict) -> None:
             model = model_of()
             if rank == 0:
                 _sample_and_log(session, model, text, codec, cfg, step, stage)
-        if step % d.checkpoint_every == 0 or step == total:
+        if step % every == 0 or step == total:
             report({k: float(v) for k, v in metrics.items()})
             if rank == 0:
                 print(f"[train:{stage}] checkpoint at step {step}", flush=True)
@@ -214,9 +215,9 @@ def stage_identity(cfg, stage: str, inputs: dict) -> str:
     """Identity of what determines a stage's weights (config sections + input checksums), not its logging."""
     dd = cfg.to_dict()
     distill = {k: v for k, v in dd["distill"].items()
-               if k not in ("sample_every", "sample_prompts", "checkpoint_every", "keep_checkpoints",
-                            "max_failures", "storage_path", "num_workers", "cpus_per_worker", "use_gpu",
-                            "activation_checkpointing", "real_score_sharding", "resume_from",
+               if k not in ("sample_every", "sample_prompts", "checkpoint_every", "ode_checkpoint_every",
+                            "keep_checkpoints", "max_failures", "storage_path", "num_workers", "cpus_per_worker",
+                            "use_gpu", "activation_checkpointing", "real_score_sharding", "resume_from",
                             "dataset_cache_mb")}
     if stage == "ode_init":
         distill = {k: distill[k] for k in ("ode_steps", "lr_ode", "ode_batch_size", "micro_batch_size", "betas",

@@ -51,6 +51,17 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _contrast(m: dict) -> str:
+    """``; difference ± SE, separated or not`` of the two modes' drift scores, when the evaluation has it."""
+    from hiar.eval.summary import contrast
+
+    c = contrast(m)
+    if c is None:
+        return ""
+    d, se, _, separated = c
+    return f"; difference {d:+.2g} ± {se:.2g}, {'separated' if separated else 'not separated'}"
+
+
 def _version(value) -> int | None:
     return None if value is None else int(value)
 
@@ -165,7 +176,7 @@ def evaluate(t: StageTools, o: Outcome) -> None:
     drift = m.get("hierarchical/drift/score")
     o.key = f"drift={_fmt(drift)}" if drift is not None else "(no hierarchical/drift/score)"
     if "block_first/drift/score" in m:
-        o.key += f" (block-first {_fmt(m['block_first/drift/score'])})"
+        o.key += f" (block-first {_fmt(m['block_first/drift/score'])}{_contrast(m)})"
     if "hierarchical/oracle/caption_consistency" in m:
         o.key += f", caption_consistency={_fmt(m['hierarchical/oracle/caption_consistency'])}"
     o.detail.update({"output": str(path), "stage_run_id": result.run_id})
