@@ -3,12 +3,13 @@ gradient ends as the mean of the two ranks' gradients, whatever the bucket bound
 parameters, checked against the mean computed here from the gradients each rank was given."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from tests.services import free_port
 
 
 def grads_of(rank: int) -> dict[str, torch.Tensor | None]:
@@ -53,16 +54,10 @@ def _worker(rank: int, port: int, bucket_bytes: int, out: dict) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("bucket_bytes", [256, 2**20])  # many buckets, and one per dtype
 def test_every_gradient_is_the_mean_over_ranks(bucket_bytes):
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), bucket_bytes, out), nprocs=2)
+    mp.spawn(_worker, args=(free_port(), bucket_bytes, out), nprocs=2)
     expected = {}
     for name in grads_of(0):
         per_rank = [grads_of(r)[name] for r in (0, 1)]
