@@ -64,7 +64,7 @@ def mode_contrast(table: dict) -> dict:
     """``contrast/<key>`` (the mean over samples of hierarchical minus block-first, paired by sample), with its
     ``_se`` and ``_pairs`` (how many samples were paired), for each key of :data:`CONTRAST_KEYS` that both modes
     of ``table`` have on two or more samples."""
-    from hiar.eval.gate import mean_se
+    from hiar.eval.gate import paired_difference
 
     a, b = CONTRAST_MODES
     out: dict[str, float] = {}
@@ -72,9 +72,10 @@ def mode_contrast(table: dict) -> dict:
         x, y = table["values"].get(f"{a}/{key}"), table["values"].get(f"{b}/{key}")
         if x is None or y is None:
             continue
-        diffs = [p - q for p, q in zip(x, y) if p is not None and q is not None]
-        if len(diffs) >= 2:
-            out[f"contrast/{key}"], out[f"contrast/{key}_se"], n = mean_se(diffs)
+        pairs = [(p, q) for p, q in zip(x, y) if p is not None and q is not None]
+        if len(pairs) >= 2:  # "higher": the difference is hierarchical minus block-first, as the gate orients it
+            out[f"contrast/{key}"], out[f"contrast/{key}_se"], n = paired_difference(
+                [p for p, _ in pairs], [q for _, q in pairs], "higher")
             out[f"contrast/{key}_pairs"] = float(n)
     return out
 
