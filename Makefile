@@ -24,7 +24,12 @@ ARGS ?=
 # The working_dir upload leaves out what the cluster does not need (runs, the venv, git objects).
 # Progress stays plain (a line per stage at most every 30 s): `ray job submit` reads the driver's log as text lines,
 # so a live line's carriage returns would arrive as one new line per update.
-RUNTIME_ENV := {"excludes": [".venv", ".git", "runs", "mlruns", ".pytest_cache", ".hypothesis", "**/__pycache__", "*.egg-info"], "env_vars": {"HIAR_PROGRESS": "plain"}}
+# HIAR_RAY_LOGS_DIR tells the run's summary where Ray's own logs are: the session of the head `make ray-up` started
+# (resolved now, so a later restart of the head does not move it), or empty on a cluster make did not start.
+# Recursive (=): expanded when `submit` runs, after `ray-up`.
+HEAD_LOGS = $(shell [ -f $(RAY_TMP)/head.pid ] && kill -0 $$(cat $(RAY_TMP)/head.pid) 2>/dev/null \
+	&& [ -e $(RAY_TMP)/session_latest ] && echo $$(readlink -f $(RAY_TMP)/session_latest)/logs)
+RUNTIME_ENV = {"excludes": [".venv", ".git", "runs", "mlruns", ".pytest_cache", ".hypothesis", "**/__pycache__", "*.egg-info"], "env_vars": {"HIAR_PROGRESS": "plain", "HIAR_RAY_LOGS_DIR": "$(HEAD_LOGS)"}}
 
 .PHONY: setup run ray-up stop submit test test-slow bench clean
 

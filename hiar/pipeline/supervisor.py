@@ -61,9 +61,13 @@ class RayTarget:
         return self.address
 
     def logs(self) -> str:
-        """Where Ray's own logs (raylet, GCS, workers) are, for the summary."""
+        """Where Ray's own logs (raylet, GCS, workers) are, for the summary: the session this process started, or
+        the one named by ``HIAR_RAY_LOGS_DIR`` (``make run`` sets it to the head ``make ray-up`` started)."""
         if self.owned and self.session_dir:
             return f"{Path(self.session_dir) / 'logs'} (the local cluster this run started)"
+        named = os.environ.get("HIAR_RAY_LOGS_DIR")
+        if self.address and named:
+            return f"{named} (the head node of the cluster at {self.address})"
         if self.address:
             return (f"on the cluster at {self.address}: its head node's Ray session logs (by default "
                     f"/tmp/ray/session_latest/logs) or the dashboard's Logs page")
