@@ -95,8 +95,11 @@ stop:
 		rm -f $(RAY_TMP)/head.pid; \
 	else echo "no Ray head started by make (nothing to stop)"; fi
 
+# Two pytest workers, whole files each (module fixtures such as the deployed Serve app stay one per file): much of
+# a test's time is spent waiting on process start-ups, so two files overlap on two cores.
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

@@ -138,6 +138,8 @@ class RayHead:
             [ray_bin, "start", "--head", "--block", f"--port={self.port}", f"--num-cpus={num_cpus}",
              f"--temp-dir={self.temp_dir}", "--include-dashboard=false", "--node-ip-address=127.0.0.1",
              f"--ray-client-server-port={free_port()}", f"--min-worker-port={free_port()}",
+             # Ray's fixed default (52365) would collide with a second head on the machine (pytest -n, make run)
+             f"--dashboard-agent-listen-port={free_port()}",
              "--max-worker-port=0", "--disable-usage-stats"],
             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )

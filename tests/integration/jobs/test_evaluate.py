@@ -15,7 +15,8 @@ from hiar.core.rollout import ROLLOUT_MODES as MODES
 from tests.services import job_here, random_bundle, set_args
 
 ROOT = Path(__file__).resolve().parents[3]
-SMALL = ["eval.num_prompts=2", "video.eval_horizon_factor=2", "eval.sample_videos=2"]
+# one seed and one actor: the tiny preset evaluates 32 prompts x 2 seeds on 2 actors
+SMALL = ["eval.num_prompts=2", "eval.seeds=[0]", "eval.actors=1", "video.eval_horizon_factor=2", "eval.sample_videos=2"]
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,8 @@ def test_plan_defaults_to_four_times_the_training_horizon_on_held_out_prompts(bu
     assert plan.num_blocks == 16 and plan.modes == list(MODES) and plan.use_oracle
     assert plan.prompts == eval_prompts(cfg.eval.num_prompts, "heldout") and plan.seeds == cfg.eval.seeds
     assert len(plan.items()) == len(plan.prompts) * len(plan.seeds)
-    assert plan_evaluation(load_config("tiny", [f"run_dir={tmp_path}", "eval.seeds=[0,1]"]),
+    more_seeds = f"eval.seeds={[*cfg.eval.seeds, max(cfg.eval.seeds) + 1]}".replace(" ", "")
+    assert plan_evaluation(load_config("tiny", [f"run_dir={tmp_path}", more_seeds]),
                            str(bundle)).identity() != plan.identity()
     ablation = plan_evaluation(cfg, str(bundle), ["rollout.context_noise=current", "eval.actors=2"])
     assert ablation.gen_config["rollout"]["context_noise"] == "current"

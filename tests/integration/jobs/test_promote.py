@@ -16,7 +16,8 @@ from hiar.eval.gate import append_line, decide, gate_metric_keys, push_history, 
 from tests.services import job_here, random_bundle, sample_table, set_args
 
 ROOT = Path(__file__).resolve().parents[3]
-SMALL = ["eval.num_prompts=2", "video.eval_horizon_factor=2", "eval.sample_videos=1"]
+# one seed and one actor: the tiny preset evaluates 32 prompts x 2 seeds on 2 actors
+SMALL = ["eval.num_prompts=2", "eval.seeds=[0]", "eval.actors=1", "video.eval_horizon_factor=2", "eval.sample_videos=1"]
 REJECT = ["registry.max_drift_increase=-1e9"]  # no challenger can pass: forces a rejection on real metrics
 # every degradation tolerated and no improvement required: any challenger passes (the real evaluations of two
 # random students cannot be relied on to differ beyond noise)

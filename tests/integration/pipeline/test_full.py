@@ -31,7 +31,7 @@ SMALL = ["data.num_ode_pairs=4", "data.num_trajectories=4", "teacher.num_steps=4
          "distill.num_workers=1", "distill.micro_batch_size=1", "distill.batch_size=2", "distill.ode_batch_size=2",
          "distill.ode_steps=4", "distill.steps=4", "distill.critic_ratio=2", "distill.checkpoint_every=2",
          "distill.sample_every=0", "distill.sample_prompts=1",
-         "eval.num_prompts=1", "eval.sample_videos=1", "eval.batch_size=1"]
+         "eval.num_prompts=1", "eval.seeds=[0]", "eval.actors=1", "eval.sample_videos=1", "eval.batch_size=1"]
 
 
 
