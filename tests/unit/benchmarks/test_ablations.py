@@ -1,0 +1,59 @@
+"""benchmarks/ablations.py's own logic: argument checks (before any compute) and how a table cell combines the
+training seeds' evaluations. The script end to end: tests/integration/pipeline/test_ablations.py (slow)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from benchmarks.ablations import VARIANTS, cell, combine, parse_args, table
+
+
+def test_combine_is_the_mean_of_seed_means_with_the_se_of_that_mean():
+    mean, se = combine([(0.2, 0.03), (0.4, 0.04)])
+    assert mean == pytest.approx(0.3)
+    # Var(mean of two independent means) = (0.03^2 + 0.04^2) / 4
+    assert se == pytest.approx(math.sqrt(0.03 ** 2 + 0.04 ** 2) / 2)
+    assert combine([(0.5, 0.1)]) == (0.5, 0.1)
+
+
+def test_cell_shows_each_seed_and_skips_a_missing_metric():
+    seeds = {"0": {"4x": {"hierarchical/drift/score": 0.1, "hierarchical/drift/score_se": 0.01}},
+             "1": {"4x": {"hierarchical/drift/score": 0.3, "hierarchical/drift/score_se": 0.01}}}
+    assert cell(seeds, "4x", "drift/score") == "0.200 ± 0.007 (0.100 / 0.300)"
+    assert cell(seeds, "4x", "oracle/motion") == "n/a"
+    one = {"-": {"1x": {"hierarchical/oracle/motion": 1.25}}}  # n = 1: no SE key
+    assert cell(one, "1x", "oracle/motion") == "1.250 ± 0.000"
+
+
+def test_table_has_a_row_per_variant_and_a_column_per_metric_and_horizon():
+    m = {"hierarchical/oracle/caption_consistency": 0.5}
+    results = {"factors": [1, 4], "rows": [
+        {"variant": "ode_init", "label": "ODE init", "seeds": {"-": {"1x": m, "4x": m}}},
+        {"variant": "next", "label": VARIANTS["next"][0], "seeds": {"0": {"1x": m, "4x": m}}}]}
+    lines = table(results).splitlines()
+    assert len(lines) == 4
+    assert lines[0].count("|") == 2 + 4 * 2  # variant + 4 metrics x 2 horizons
+    assert lines[3].startswith(f"| {VARIANTS['next'][0]} | 0.500 ± 0.000 | 0.500 ± 0.000 | n/a")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variants", "next,bogus"], "unknown variant(s) ['bogus']"),
+    (["--seeds", "0", "0"], "repeats a seed"),
+    (["--set", "rollout.context_noise=clean"], "set by this script"),
+    (["--set", "seed=3"], "set by this script"),
+    (["--set", "distill.steps"], "KEY=VALUE"),
+])
+def test_bad_arguments_are_usage_errors_before_any_compute(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--work-dir", "unused", *argv])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_defaults_are_every_variant_and_two_training_seeds():
+    args = parse_args(["--work-dir", "w"])
+    assert args.variants == list(VARIANTS) and args.seeds == [0, 1]
+    assert {"next", "current", "clean"} <= set(VARIANTS)  # Table 2's three context levels
+    assert "distill.fkl_weight=0" in VARIANTS["no_fkl"][1]  # Table 3's without-FKL
