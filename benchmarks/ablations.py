@@ -84,7 +84,7 @@ class Ablations:
         self.args = args
         self.work = Path(args.work_dir).resolve()
         self.out = self.work / "ablations"
-        self.console = StageConsole()
+        self.console = StageConsole(label="ablations")
         self.ray = RayTarget(self.console)
         self.jobs = JobSupervisor(self.work / "logs", self.console, self.ray, None)
         self.common = [arg for o in args.overrides for arg in ("--set", o)]

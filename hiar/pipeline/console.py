@@ -60,7 +60,7 @@ def rate_of(first: _Baseline, event: Progress) -> float | None:
     return (event.done - first.done) / elapsed
 
 
-def progress_text(stage: str, event: Progress, rate: float | None) -> str:
+def progress_text(stage: str, event: Progress, rate: float | None, label: str = "full") -> str:
     """``[full] distill: 37/120 steps, 0.31 steps/s, ETA 4:28``; the job's task is named when it does not name the
     stage (``promote (evaluate challenger)``), not when it does (``train distill``)."""
     name = stage if not event.task or stage in event.task.split() else f"{stage} ({event.task})"
@@ -69,7 +69,7 @@ def progress_text(stage: str, event: Progress, rate: float | None) -> str:
         parts.append(f"{format_rate(rate)} {event.unit}/s")
         if event.total is not None and event.total > event.done:
             parts.append(f"ETA {format_duration((event.total - event.done) / rate)}")
-    return f"[full] {name}: " + ", ".join(parts)
+    return f"[{label}] {name}: " + ", ".join(parts)
 
 
 class StageConsole:
@@ -77,7 +77,8 @@ class StageConsole:
     ETA come from the events' own timestamps, so they are right however late the events are read."""
 
     def __init__(self, stream=None, live: bool | None = None, interval: float = PLAIN_INTERVAL_S,
-                 clock=time.monotonic):
+                 clock=time.monotonic, label: str = "full"):
+        self.label = label  # the program whose console this is, in front of its lines: ``[full] distill: ...``
         self.stream = stream if stream is not None else sys.stdout
         self.live = is_live(self.stream) if live is None else live
         self.interval, self.clock = interval, clock
@@ -95,7 +96,7 @@ class StageConsole:
     def progress(self, stage: str, event: Progress) -> str:
         key = (stage, event.task)
         first = self._baselines.setdefault(key, _Baseline(event.done, event.at))
-        text = progress_text(stage, event, rate_of(first, event))
+        text = progress_text(stage, event, rate_of(first, event), self.label)
         if self.live:
             self.stream.write(CLEAR_LINE + text)
             self.stream.flush()

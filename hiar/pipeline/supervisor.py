@@ -57,7 +57,7 @@ class RayTarget:
         interrupt_on_sigterm()  # ray.init replaced it (hiar.platform.ray_cluster)
         self.address, self.owned = ctx.address_info["gcs_address"], True
         self.session_dir = ctx.address_info.get("session_dir")
-        self.console.say(f"[full] no RAY_ADDRESS: started a local Ray cluster at {self.address} for this run")
+        self.console.say(f"[{self.console.label}] no RAY_ADDRESS: started a local Ray cluster at {self.address} for this run")
         return self.address
 
     def logs(self) -> str:
@@ -106,7 +106,7 @@ class JobSupervisor:
         child_env = {**self.child_env(), **(env or {})}
         log_path = self.log_path(stage)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.console.say(f"[full] {stage}: running hiar.jobs.{job}; log {log_path}")
+        self.console.say(f"[{self.console.label}] {stage}: running hiar.jobs.{job}; log {log_path}")
         tail: deque[str] = deque(maxlen=TAIL_LINES)
         with open(log_path, "a", buffering=1, errors="replace") as log:
             log.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(cmd)}\n")

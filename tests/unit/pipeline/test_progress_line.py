@@ -30,6 +30,14 @@ def test_the_line_shows_count_rate_and_eta_measured_from_the_first_event():
         "[full] distill: 37/120 steps, 0.31 steps/s, ETA 4:28"
 
 
+def test_another_program_on_the_same_console_names_itself():
+    out = io.StringIO()
+    console = StageConsole(out, live=False, label="ablations")
+    assert console.progress("distill-next-s0", event(0)) == "[ablations] distill-next-s0 (distill): 0/120 steps"
+    console.say(f"[{console.label}] done")
+    assert out.getvalue().splitlines() == ["[ablations] distill-next-s0 (distill): 0/120 steps", "[ablations] done"]
+
+
 def test_a_resumed_job_measures_its_rate_from_where_it_resumed_not_from_zero():
     console = StageConsole(io.StringIO(), live=False)
     console.progress("distill", event(60, at=0.0))
