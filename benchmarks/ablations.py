@@ -99,6 +99,8 @@ class Ablations:
                str(self.work), "--stages", BASE_STAGES, "--summary-json", str(summary), *self.common]
         self.console.say(f"[ablations] shared stages {BASE_STAGES}: {' '.join(cmd[3:])}")
         env = {**self.jobs.child_env(), "HIAR_PROGRESS": "plain"}
+        if self.ray.session_dir:  # the cluster started here: its summary names that session's logs
+            env["HIAR_RAY_LOGS_DIR"] = str(Path(self.ray.session_dir) / "logs")
         if subprocess.run(cmd, env=env).returncode != 0:
             raise StageFailed(f"the shared stages failed; their logs are under {self.work / 'logs'}")
         stages = {s["stage"]: s for s in json.loads(summary.read_text())["stages"]}
