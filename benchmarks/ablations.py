@@ -24,7 +24,8 @@ the noise from sampling. ``<work-dir>/ablations/results.json`` keeps every numbe
 Everything is reused on a rerun: a finished stage, student (same identity) or evaluation (``--reuse``: same weights
 and settings) is not recomputed, so an interrupted run picks up where it stopped. Job logs go to
 ``<work-dir>/logs/``; a failed job stops the script with its last log lines. Every job joins one Ray cluster:
-``RAY_ADDRESS``, or a local one started here. About 70 minutes for the default 4 x 2 on an idle 2-core box.
+``RAY_ADDRESS``, or a local one started here. The default 4 x 2 took 41.7 minutes on this
+2-core box (README "Quality on the tiny preset").
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from pathlib import Path
 from hiar.io.storage import write_local_json
 from hiar.jobs.results import EvaluationResult, TrainResult
 from hiar.pipeline.console import StageConsole
-from hiar.pipeline.outcome import StageFailed, read_stage_result
+from hiar.pipeline.outcome import StageFailed
 from hiar.pipeline.supervisor import JobSupervisor, RayTarget
 
 # name -> (what the table calls it, the distillation's --set overrides). "next" is the preset's method.
@@ -110,21 +111,15 @@ class Ablations:
 
     def distill(self, variant: str, seed: int, init: str, storage: str) -> TrainResult:
         name = f"distill-{variant}-s{seed}"
-        path = self.out / f"{name}.json"
-        path.unlink(missing_ok=True)  # an earlier attempt's result must not pass for this one's
         sets = [arg for o in [*VARIANTS[variant][1], f"seed={seed}", f"data.storage={storage}"] for arg in ("--set", o)]
-        self.jobs.run(name, "train", [*self.job_args(sets), "--stage", "distill", "--init", init,
-                                      "--output-json", str(path)])
-        return read_stage_result(name, path, TrainResult)
+        return self.jobs.run_for_result(name, "train", [*self.job_args(sets), "--stage", "distill", "--init", init],
+                                        TrainResult, self.out / f"{name}.json")
 
     def evaluate(self, name: str, bundle: str, factor: int) -> EvaluationResult:
         name = f"eval-{name}-{factor}x"
-        path = self.out / f"{name}.json"
-        path.unlink(missing_ok=True)
         sets = ["--set", f"video.eval_horizon_factor={factor}", "--set", f"eval.rollouts=[{MODE}]"]
-        self.jobs.run(name, "evaluate", [*self.job_args(sets), "--model", bundle, "--reuse", "--run-name", name,
-                                         "--output-json", str(path)])
-        return read_stage_result(name, path, EvaluationResult)
+        return self.jobs.run_for_result(name, "evaluate", [*self.job_args(sets), "--model", bundle, "--reuse",
+                                                           "--run-name", name], EvaluationResult, self.out / f"{name}.json")
 
     def run(self) -> dict:
         from hiar.config import load_config

@@ -17,7 +17,7 @@ from typing import TypeVar
 from hiar.jobs.results import (DatasetResult, EvaluationResult, PromoteResult, RegisterResult, TeacherResult,
                                TrainResult, write_result)
 from hiar.pipeline.console import StageConsole
-from hiar.pipeline.outcome import Outcome, StageFailed, read_record, read_stage_result
+from hiar.pipeline.outcome import Outcome, StageFailed, read_record
 from hiar.pipeline.plans import PipelinePlans, is_bundle
 from hiar.pipeline.runs import PipelineRuns
 from hiar.pipeline.supervisor import JobSupervisor
@@ -40,11 +40,8 @@ class StageTools:
 
 def run_for_result(t: StageTools, stage: str, job: str, args: list[str], kind: type[R], name: str,
                    env: dict | None = None) -> R:
-    """Run the stage's job with ``--output-json`` and return the ``kind`` result it wrote."""
-    path = t.plans.result_path(name)
-    path.unlink(missing_ok=True)  # an earlier attempt's result must not pass for this one's
-    t.jobs.run(stage, job, [*args, "--output-json", str(path)], env=env)
-    return read_stage_result(stage, path, kind)
+    """Run the stage's job with ``--output-json <run_dir>/results/<name>.json`` and return the ``kind`` result."""
+    return t.jobs.run_for_result(stage, job, args, kind, t.plans.result_path(name), env)
 
 
 def _fmt(v) -> str:

@@ -19,12 +19,14 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
+from typing import TypeVar
 
 from hiar.pipeline.console import StageConsole
-from hiar.pipeline.outcome import StageFailed
+from hiar.pipeline.outcome import StageFailed, read_stage_result
 from hiar.platform import progress
 from hiar.platform.ray_cluster import interrupt_on_sigterm
 
+R = TypeVar("R")
 TAIL_LINES = 15  # of a failed job's log, in the error
 
 
@@ -126,6 +128,13 @@ class JobSupervisor:
         if rc != 0:
             lines = "\n".join(tail)
             raise StageFailed(f"hiar.jobs.{job} exited with code {rc}; log {log_path}; its last lines:\n{lines}")
+
+    def run_for_result(self, stage: str, job: str, args: list[str], kind: type[R], path: Path,
+                       env: dict | None = None) -> R:
+        """:meth:`run` with ``--output-json path``; returns the ``kind`` result the job wrote there."""
+        path.unlink(missing_ok=True)  # an earlier attempt's result must not pass for this one's
+        self.run(stage, job, [*args, "--output-json", str(path)], env=env)
+        return read_stage_result(stage, path, kind)
 
     def stop(self) -> None:
         child = self.child

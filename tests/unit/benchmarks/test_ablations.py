@@ -1,5 +1,5 @@
 """benchmarks/ablations.py's own logic: argument checks (before any compute) and how a table cell combines the
-training seeds' evaluations. The script end to end: tests/integration/pipeline/test_ablations.py (slow)."""
+training seeds' evaluations. The script end to end: tests/integration/pipeline/test_ablations_script.py (slow)."""
 
 from __future__ import annotations
 

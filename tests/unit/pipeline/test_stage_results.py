@@ -14,6 +14,7 @@ from hiar.jobs.results import DatasetResult, EvaluationResult, TrainResult, to_d
 from hiar.pipeline.console import StageConsole
 from hiar.pipeline.outcome import Outcome, StageFailed, read_record, read_stage_result
 from hiar.pipeline.stages import StageTools, dataset, run_for_result
+from hiar.pipeline.supervisor import JobSupervisor
 
 
 EVALUATION = to_dict(EvaluationResult(run_id="r", model_uri="m", checksum="c", eval_identity="e", modes=[],
@@ -25,10 +26,11 @@ def dataset_result(identity="abc", **kw) -> DatasetResult:
                             "shards_written": 4, "samples_per_s": 1.5, "run_id": "run-1", **kw})
 
 
-class FakeJobs:
-    """Stands in for the JobSupervisor: records the command and writes what the job would (or nothing)."""
+class FakeJobs(JobSupervisor):
+    """The JobSupervisor with its child process replaced: ``run`` records the command and writes what the job would
+    (or nothing); ``run_for_result`` is the supervisor's own."""
 
-    def __init__(self, writes=None):
+    def __init__(self, writes=None):  # no log directory, console or cluster: nothing is started
         self.writes, self.calls = writes, []
 
     def run(self, stage, job, args, env=None):
