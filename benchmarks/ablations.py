@@ -15,11 +15,11 @@ rollouts. Here:
    at ``video.eval_horizon_factor`` (4x) in its own rollout (hierarchical, with the t_c it was trained with: the
    bundle's own config), on the preset's held-out prompts x eval seeds.
 
-Printed: one table, a row per variant: caption consistency (the tiny oracle), Drift Score, VBench dynamic degree
-and the oracle's mean motion (px/frame) at 1x and 4x. A cell is the mean over training seeds of each student's
-mean over the evaluation's videos, ``± SE`` the standard error of that mean from the videos
-(sqrt(sum SE_i^2) / k), then in brackets each training seed's own value, so the spread between seeds shows next to
-the noise from sampling. ``<work-dir>/ablations/results.json`` keeps every number.
+Printed: one table, a row per variant: caption consistency (the tiny oracle), Drift Score, VBench dynamic degree,
+the oracle's mean motion (px/frame) and its share of videos that stand still, at 1x and 4x. A cell is the mean
+over training seeds of each student's mean over the evaluation's videos, ``± SE`` the standard error of that mean
+from the videos (sqrt(sum SE_i^2) / k), then in brackets each training seed's own value, so the spread between
+seeds shows next to the noise from sampling. ``<work-dir>/ablations/results.json`` keeps every number.
 
 Everything is reused on a rerun: a finished stage, student (same identity) or evaluation (``--reuse``: same weights
 and settings) is not recomputed, so an interrupted run picks up where it stopped. Job logs go to
@@ -55,7 +55,8 @@ VARIANTS = {
 BASE_STAGES = "teacher,ode_pairs,trajectories,ode_init"
 # metric key in EvaluationResult.metrics (hierarchical rollout) -> column name
 METRICS = {"oracle/caption_consistency": "caption", "drift/score": "Drift",
-           "dynamics/dynamic_degree": "dynamic degree", "oracle/motion": "motion px/frame"}
+           "dynamics/dynamic_degree": "dynamic degree", "oracle/motion": "motion px/frame",
+           "oracle/static": "static videos"}
 MODE = "hierarchical"
 
 

@@ -190,6 +190,9 @@ class WorldConfig:
     frame_size: int = 32
     seed: int = 0
     start_jitter: int | None = None  # None: shapes start anywhere; k: within k px of the centre (hiar.tiny.world)
+    # share of the teacher's training clips whose caption says "moves" but whose shape stands still: a world where
+    # a static video is a cheap mode of every caption (the low-motion shortcut the paper's FKL counters)
+    static_share: float = 0.0
     frames_per_latent: int = 1  # video frames packed into one latent frame by the pixel codec (hiar.io.codec)
     history_frames: int = 0  # earlier video frames the pixel codec adds to each latent frame (hiar.io.codec)
     text_max_length: int = 16
@@ -377,6 +380,8 @@ def validate(cfg: HiarConfig) -> None:
         raise ValueError(f"serve.batch_wait_ms must be a finite number >= 0, got {cfg.serve.batch_wait_ms!r}")
     if cfg.data.heldout_prompts < 1:
         raise ValueError(f"data.heldout_prompts must be >= 1, got {cfg.data.heldout_prompts}")
+    if not 0.0 <= cfg.world.static_share < 1.0:
+        raise ValueError(f"world.static_share must be in [0, 1), got {cfg.world.static_share!r}")
     for mode in cfg.eval.rollouts:
         choice("eval.rollouts[]", mode, ROLLOUT_MODES)
     if r.frames_per_block < 1:

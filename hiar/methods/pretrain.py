@@ -35,7 +35,7 @@ from hiar.tiny.world import SyntheticWorld
 
 def build_world_components(cfg: HiarConfig) -> tuple[SyntheticWorld, TextEncoder, PixelCodec]:
     """The tiny preset's world, its frozen text encoder and a pixel codec fitted on training clips."""
-    world = SyntheticWorld(cfg.world.frame_size, cfg.world.seed, cfg.world.start_jitter)
+    world = SyntheticWorld(cfg.world.frame_size, cfg.world.seed, cfg.world.start_jitter, cfg.world.static_share)
     text = TextEncoder.tiny(vocabulary(), d_model=cfg.model.text_dim, max_length=cfg.world.text_max_length,
                             seed=cfg.world.seed)
     k, h = cfg.world.frames_per_latent, cfg.world.history_frames

@@ -81,6 +81,7 @@ SCORE_KEYS: Tuple[str, ...] = (
     "shape_present",
     "shape_ok",
     "motion",
+    "static",
     "motion_accuracy",
     "speed_ok",
     "mean_saturation",
@@ -313,7 +314,11 @@ class Oracle:
         right, ``caption_consistency``) over T-1 pairs.  ``motion`` is the mean
         displacement magnitude (px/frame) over pairs with the shape present in
         both frames (0 if none).  Speed classes: static < 0.5 px, slow
-        [0.5, 2), fast >= 2.
+        [0.5, 2), fast >= 2.  ``static`` is 1 when the clip as a whole stands
+        still: a shape present in some frame pair and a mean ``motion`` in the
+        static class (a clip with no shape is broken, not static); its mean
+        over clips is the share of videos that stopped moving (the low-motion
+        shortcut).
         """
         x = self._as_frames(frames, min_frames=2)
         _captions.parse_caption(caption)  # fail fast on a bad caption
@@ -330,6 +335,7 @@ class Oracle:
             "shape_present": float(a.present.mean()),
             "shape_ok": float(shape_ok.mean()),
             "motion": motion,
+            "static": float(bool(a.pair_valid.any()) and motion < self.static_px),
             "motion_accuracy": float((dir_ok & speed_ok).mean()),
             "speed_ok": float(speed_ok.mean()),
             "mean_saturation": float(a.saturation.mean()),

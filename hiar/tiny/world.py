@@ -149,7 +149,8 @@ class Scene:
 
     ``(x0, y0)`` is the top-left corner of the shape's ``size x size`` box at
     frame 0 (column, row), on the torus; at frame ``t`` it is
-    ``((x0 + vx*t) mod W, (y0 + vy*t) mod H)``.
+    ``((x0 + vx*t) mod W, (y0 + vy*t) mod H)``.  ``frozen``: the shape stands
+    still whatever the caption says (``SyntheticWorld(static_share=...)``).
     """
 
     shape: str
@@ -160,6 +161,7 @@ class Scene:
     x0: int
     y0: int
     size: int
+    frozen: bool = False
 
     def __post_init__(self) -> None:
         self.attributes  # validates the attribute values
@@ -181,12 +183,14 @@ class Scene:
     @property
     def velocity(self) -> Tuple[int, int]:
         """(vx, vy) in pixels per frame; integers so rendering is exact."""
+        if self.frozen:
+            return 0, 0
         ux, uy = DIRECTION_VECTORS[self.direction]
         s = SPEED_PX[self.speed]
         return ux * s, uy * s
 
     @classmethod
-    def from_attributes(cls, attrs: Attributes, x0: int, y0: int, size: int) -> "Scene":
+    def from_attributes(cls, attrs: Attributes, x0: int, y0: int, size: int, frozen: bool = False) -> "Scene":
         return cls(
             shape=attrs.shape,
             color=attrs.color,
@@ -196,6 +200,7 @@ class Scene:
             x0=int(x0),
             y0=int(y0),
             size=int(size),
+            frozen=bool(frozen),
         )
 
 
@@ -213,9 +218,17 @@ class SyntheticWorld:
         frame_size: ``S`` for ``S x S`` frames or ``(H, W)``; default 32.
         seed: world seed (changes start positions and the prompt order of
             :meth:`sample_scene`, never the prompt sets or the held-out split).
+        start_jitter: ``None``, shapes start anywhere; ``k``, within ``k`` px of the centre.
+        static_share: the share of *training* scenes whose shape stands still although the caption says it
+            moves (``Scene.frozen``).  0 (the default) is the world as described above.  Above 0 it is a world
+            where a static video is a cheap mode of every caption: the teacher learns that mixture, and a
+            mode-seeking distillation loss (DMD's reverse KL) can settle on the static mode -- the low-motion
+            shortcut the paper's forward-KL term counters.  Held-out scenes and :meth:`scene_for_prompt` (the
+            oracle's reference) always move as captioned.
     """
 
-    def __init__(self, frame_size: FrameSize = 32, seed: int = 0, start_jitter: int | None = None) -> None:
+    def __init__(self, frame_size: FrameSize = 32, seed: int = 0, start_jitter: int | None = None,
+                 static_share: float = 0.0) -> None:
         if isinstance(frame_size, (tuple, list)):
             if len(frame_size) != 2:
                 raise ValueError(f"frame_size must be an int or (H, W), got {frame_size!r}")
@@ -231,10 +244,13 @@ class SyntheticWorld:
         if start_jitter is not None and int(start_jitter) < 0:
             raise ValueError(f"start_jitter must be >= 0 or None, got {start_jitter}")
         self.start_jitter = None if start_jitter is None else int(start_jitter)
+        if not 0.0 <= float(static_share) < 1.0:
+            raise ValueError(f"static_share must be in [0, 1), got {static_share!r}")
+        self.static_share = float(static_share)
 
     def __repr__(self) -> str:
         return (f"SyntheticWorld(frame_size=({self.height}, {self.width}), seed={self.seed}, "
-                f"start_jitter={self.start_jitter})")
+                f"start_jitter={self.start_jitter}, static_share={self.static_share})")
 
     # -- prompt sets (same for every world; methods for convenience) --------
     @staticmethod
@@ -274,7 +290,8 @@ class SyntheticWorld:
         Prompts are dealt in epochs: indices ``[k*n, (k+1)*n)`` cover each of
         the split's ``n`` prompts exactly once, in an order shuffled per epoch
         (so any dataset of ``m*n`` samples is perfectly balanced).  The start
-        position comes from a generator seeded by ``(seed, split, index)``.
+        position comes from a generator seeded by ``(seed, split, index)``,
+        and so does whether a training scene is ``frozen`` (``static_share``).
         """
         if split not in _SPLITS:
             raise ValueError(f"split must be one of {list(_SPLITS)}, got {split!r}")
@@ -286,7 +303,10 @@ class SyntheticWorld:
         order = np.random.default_rng([self.seed, _SPLITS[split], 0, epoch]).permutation(len(prompts))
         attrs = parse_caption(prompts[int(order[slot])])
         x0, y0 = self._position(np.random.default_rng([self.seed, _SPLITS[split], 1, index]))
-        return Scene.from_attributes(attrs, x0, y0, self.shape_size)
+        # its own stream, so static_share = 0 leaves every scene (and position) exactly as before
+        frozen = split == "train" and self.static_share > 0 and (
+            np.random.default_rng([self.seed, _SPLITS[split], 3, index]).random() < self.static_share)
+        return Scene.from_attributes(attrs, x0, y0, self.shape_size, frozen=frozen)
 
     def scene_for_prompt(self, prompt: str, seed: int) -> Scene:
         """Scene for any valid caption (train, held-out or static); ``seed`` picks the start position.

@@ -44,6 +44,8 @@ def test_overrides_are_typed_and_change_the_hash():
         ("serve.max_batch=0", "serve.max_batch must be >= 1"),
         ("serve.batch_wait_ms=-1", "serve.batch_wait_ms must be a finite number >= 0"),
         ("serve.batch_wait_ms=.nan", "serve.batch_wait_ms"),
+        ("world.static_share=1.0", r"world.static_share must be in \[0, 1\)"),
+        ("world.static_share=.nan", "world.static_share"),
     ],
 )
 def test_bad_values_are_rejected_with_the_valid_choices(override, message):

@@ -74,6 +74,18 @@ def test_pretraining_batches_never_contain_heldout_prompts_and_resume_exactly():
     assert a.train_step()["loss"] == b.train_step()["loss"]  # same data, noise and weights after a resume
 
 
+def test_pretraining_reads_world_static_share_and_trains_on_frozen_clips_of_moving_captions():
+    cfg = load_config("tiny", ["pretrain.batch_size=8", "model.num_layers=1", "world.static_share=0.5"])
+    world, text, codec = build_world_components(cfg)
+    assert world.static_share == 0.5
+    trainer = TeacherPretraining(cfg, world, text, codec)
+    x0, _, captions = trainer.batch(0)
+    video = codec.decode(x0)  # [B, T, H, W, 3]
+    still = [bool((video[i] - video[i, :1]).abs().max() < 1e-5) for i in range(len(captions))]
+    assert still == [world.sample_scene(i).frozen for i in range(len(captions))]  # batch 0 of rank 0: scenes 0..7
+    assert 0 < sum(still) < len(still) and all(" moves " in c for c in captions)
+
+
 @pytest.mark.parametrize("codec_sets, frames_per_latent", [(["world.history_frames=1"], 1),
                                                           (["world.frames_per_latent=2", "world.history_frames=0"], 2)])
 def test_pretraining_with_six_channel_latents_trains_on_clips_of_the_right_length(codec_sets, frames_per_latent):

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from benchmarks.ablations import VARIANTS, cell, combine, parse_args, table
+from benchmarks.ablations import METRICS, VARIANTS, cell, combine, parse_args, table
 
 
 def test_combine_is_the_mean_of_seed_means_with_the_se_of_that_mean():
@@ -34,7 +34,8 @@ def test_table_has_a_row_per_variant_and_a_column_per_metric_and_horizon():
         {"variant": "next", "label": VARIANTS["next"][0], "seeds": {"0": {"1x": m, "4x": m}}}]}
     lines = table(results).splitlines()
     assert len(lines) == 4
-    assert lines[0].count("|") == 2 + 4 * 2  # variant + 4 metrics x 2 horizons
+    assert lines[0].count("|") == 2 + len(METRICS) * 2  # variant + every metric x 2 horizons
+    assert "static videos 4×" in lines[0]
     assert lines[3].startswith(f"| {VARIANTS['next'][0]} | 0.500 ± 0.000 | 0.500 ± 0.000 | n/a")
 
 

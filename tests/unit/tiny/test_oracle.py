@@ -208,3 +208,13 @@ def test_scoring_is_fast(wld):
     for _ in range(5):
         score_clip(frames, caption)
     assert (time.perf_counter() - t0) / 5 < 0.25  # ~8 ms here; generous for a loaded box
+
+
+def test_static_marks_a_shape_that_stands_still_not_a_moving_or_missing_one(wld):
+    moving = wld.clip_for_prompt(LEFT, 0, 12)
+    still = np.repeat(moving[:1], 12, axis=0)  # the same first frame held: a shape that never moves
+    blank = np.repeat(moving[:1, :1, :1], 12, axis=0) * np.ones_like(moving)  # background only
+    assert score_clip(moving, LEFT)["static"] == 0.0
+    assert score_clip(still, LEFT)["static"] == 1.0
+    assert score_clip(blank, LEFT)["static"] == 0.0
+    assert score_batch([(moving, LEFT), (still, LEFT)])["static"] == pytest.approx(0.5)

@@ -248,3 +248,48 @@ def test_parse_caption_errors(caption, match):
 def test_scene_for_prompt_rejects_bad_prompt(wld):
     with pytest.raises(ValueError, match="'dog'"):
         wld.scene_for_prompt("a red dog moves left quickly over a black background", 0)
+
+
+# ------------------------------------------------------------------- static_share
+
+
+def test_static_share_zero_is_the_unchanged_world(wld):
+    default = SyntheticWorld(frame_size=32, seed=0)
+    explicit = SyntheticWorld(frame_size=32, seed=0, static_share=0.0)
+    for i in range(50):
+        assert default.sample_scene(i) == explicit.sample_scene(i)
+        assert not default.sample_scene(i).frozen
+
+
+def test_static_share_freezes_that_share_of_training_scenes_and_keeps_their_captions():
+    base = SyntheticWorld(frame_size=16, seed=0, start_jitter=2)
+    mixed = SyntheticWorld(frame_size=16, seed=0, start_jitter=2, static_share=0.3)
+    n = 2000
+    frozen = 0
+    for i in range(n):
+        scene, plain = mixed.sample_scene(i), base.sample_scene(i)
+        # the same caption and start: only the motion differs, so the caption now also names static clips
+        assert (scene.caption, scene.x0, scene.y0) == (plain.caption, plain.x0, plain.y0)
+        assert not scene.attributes.is_static
+        if scene.frozen:
+            frozen += 1
+            frames = mixed.render(scene, 5)
+            assert all(np.array_equal(frames[0], f) for f in frames[1:])
+        else:
+            assert np.array_equal(mixed.render(scene, 5), base.render(plain, 5))
+    # binomial(2000, 0.3): SE 0.0102, so 0.3 +- 0.05 fails only on a wrong share
+    assert abs(frozen / n - 0.3) < 0.05
+
+
+def test_static_share_never_touches_heldout_scenes_or_the_oracle_reference():
+    mixed = SyntheticWorld(frame_size=16, seed=0, start_jitter=2, static_share=0.9)
+    base = SyntheticWorld(frame_size=16, seed=0, start_jitter=2)
+    assert not any(mixed.sample_scene(i, "heldout").frozen for i in range(200))
+    p = "a red circle moves up quickly over a gray background"
+    assert mixed.scene_for_prompt(p, 3) == base.scene_for_prompt(p, 3)
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.0, float("nan")])
+def test_static_share_out_of_range_is_rejected(share):
+    with pytest.raises(ValueError, match="static_share"):
+        SyntheticWorld(frame_size=16, static_share=share)

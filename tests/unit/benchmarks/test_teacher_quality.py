@@ -1,0 +1,25 @@
+"""benchmarks/teacher_quality.py: argument errors before any compute, and one real (small) run on the shipped teacher."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.teacher_quality import COLUMNS, SHIPPED, main
+
+
+def test_a_path_that_is_not_a_teacher_bundle_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--teacher", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "not a teacher bundle" in capsys.readouterr().err
+
+
+def test_the_shipped_teacher_gets_a_row_of_scores_with_standard_errors(capsys):
+    assert main(["--teacher", str(SHIPPED), "--prompts", "3", "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "| teacher | n | " + " | ".join(COLUMNS) + " |"
+    cells = lines[2].strip("| ").split(" | ")
+    assert cells[:2] == [str(SHIPPED), "3"]
+    means = [float(c.split(" ± ")[0]) for c in cells[2:]]
+    assert len(means) == len(COLUMNS) and all(v >= 0 for v in means)
+    assert 0.0 <= means[COLUMNS.index("static")] <= 1.0
