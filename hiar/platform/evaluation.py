@@ -34,7 +34,7 @@ SAMPLES_TAG = "hiar.per_sample"  # the per-sample artifact's format version, on 
 SAMPLES_FORMAT = "1"
 SAMPLES_ARTIFACT = "per_sample.json"
 ORACLE_KEYS = ("caption_consistency", "motion_accuracy", "color_ok", "direction_ok", "background_ok",
-               "shape_present", "shape_ok", "speed_ok", "motion", "mean_saturation")
+               "shape_present", "shape_ok", "speed_ok", "motion", "static", "mean_saturation")
 
 
 def _print(*args) -> None:

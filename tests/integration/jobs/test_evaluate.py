@@ -55,8 +55,9 @@ def test_actor_and_summary_without_ray(bundle, tmp_path):
     for mode in MODES:
         for key in ("drift/score", "drift/saturation_slope", "drift/sharpness_slope", "drift/pixel_similarity_slope",
                     "drift/saturation_seg4", "dynamics/dynamic_degree", "oracle/caption_consistency",
-                    "oracle/motion_accuracy"):
+                    "oracle/motion_accuracy", "oracle/static"):
             assert f"{mode}/{key}" in metrics, (mode, key)
+        assert metrics[f"{mode}/oracle/static"] in (0.0, 0.5, 1.0)  # the share of the 2 videos that stand still
         assert reports[mode].num_videos == 2
         # learned scorers have no weights here: reported as skipped, never as a number
         assert "musiq" in reports[mode].skipped and f"{mode}/drift/musiq_slope" not in metrics

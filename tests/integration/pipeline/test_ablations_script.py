@@ -48,6 +48,7 @@ def test_two_variants_from_one_ode_init_then_a_rerun_that_reuses_everything(tmp_
         for horizon in ("1x", "4x"):
             metrics = next(iter(row["seeds"].values()))[horizon]
             assert 0.0 <= metrics["hierarchical/oracle/caption_consistency"] <= 1.0
+            assert 0.0 <= metrics["hierarchical/oracle/static"] <= 1.0
             assert "hierarchical/drift/score" in metrics and "block_first/drift/score" not in metrics
     table = first.stdout[first.stdout.index("| variant |"):]
     assert "t_c = t_{j+1} (HiAR)" in table and "no forward KL" in table and "ODE init" in table
