@@ -146,6 +146,9 @@ class DistillConfig:
     betas: list[float] = field(default_factory=lambda: [0.0, 0.999])
     batch_size: int = 64
     ema_decay: float = 0.99
+    # generator steps before the EMA starts averaging (until then it is a copy of the generator): Self-Forcing's
+    # ema_start_step. An EMA that averaged from step 1 would keep 0.99^60 = 55% of the ODE init after 60 steps
+    ema_start_step: int = 200
     steps: int = 20000  # generator steps (critic steps = critic_ratio x this)
     grad_clip: float = 10.0
     micro_batch_size: int = 1  # per worker per forward; batch_size = micro x workers x accumulation steps
@@ -397,6 +400,10 @@ def validate(cfg: HiarConfig) -> None:
         raise ValueError(
             f"video.latent_channels ({cfg.video.latent_channels}) must equal model.in_channels ({cfg.model.in_channels})"
         )
+    if not 0.0 <= cfg.distill.ema_decay < 1.0:
+        raise ValueError(f"distill.ema_decay must be in [0, 1), got {cfg.distill.ema_decay!r}")
+    if cfg.distill.ema_start_step < 0:
+        raise ValueError(f"distill.ema_start_step must be >= 0, got {cfg.distill.ema_start_step}")
     if not 0 <= cfg.distill.fkl_steps <= cfg.schedule.num_steps:
         raise ValueError(f"distill.fkl_steps must be in [0, {cfg.schedule.num_steps}], got {cfg.distill.fkl_steps}")
     cfg.schedule.sigmas()  # raises on a malformed schedule

@@ -12,6 +12,7 @@ def test_presets_load_with_the_papers_numbers():
     d = wan.distill
     assert (d.fkl_weight, d.fkl_steps, d.critic_ratio) == (0.1, 1, 5)
     assert (d.lr_generator, d.lr_critic, d.betas, d.batch_size, d.ema_decay) == (2e-6, 3e-7, [0.0, 0.999], 64, 0.99)
+    assert d.ema_start_step == 200
     assert (wan.data.num_ode_pairs, wan.data.num_trajectories) == (16000, 20000)
     assert wan.model.num_layers == 30 and wan.model.num_attention_heads * wan.model.attention_head_dim == 1536
     tiny = load_config("tiny")
@@ -46,6 +47,8 @@ def test_overrides_are_typed_and_change_the_hash():
         ("serve.batch_wait_ms=.nan", "serve.batch_wait_ms"),
         ("world.static_share=1.0", r"world.static_share must be in \[0, 1\)"),
         ("world.static_share=.nan", "world.static_share"),
+        ("distill.ema_decay=1.0", r"distill.ema_decay must be in \[0, 1\)"),
+        ("distill.ema_start_step=-1", "distill.ema_start_step must be >= 0"),
     ],
 )
 def test_bad_values_are_rejected_with_the_valid_choices(override, message):

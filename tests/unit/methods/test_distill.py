@@ -138,6 +138,23 @@ def test_distiller_updates_critic_every_iteration_and_generator_every_ratio(setu
     assert d2.opt_g.state_dict()["state"][0]["exp_avg"].equal(d.opt_g.state_dict()["state"][0]["exp_avg"])
 
 
+@pytest.mark.parametrize("start", [0, 2])
+def test_ema_follows_the_generator_until_ema_start_step_then_averages(setup, start):
+    cfg, model, text = setup
+    cfg = copy.deepcopy(cfg)
+    cfg.distill.critic_ratio, cfg.distill.ema_start_step, cfg.distill.ema_decay = 1, start, 0.9
+    d = Distiller(cfg, copy.deepcopy(model), copy.deepcopy(model), text)
+    batch = [(train_prompts()[:2], torch.randn(2, 5, C, 6, 16, 16))]
+    for step in range(1, 4):
+        before = [p.detach().clone() for p in d.ema.parameters()]
+        d.iteration_step(batch)
+        for e, g, b in zip(d.ema.parameters(), d.generator.parameters(), before):
+            # ema <- decay * ema + (1 - decay) * generator once started; a copy of the generator before
+            want = g.detach() if step <= start else 0.9 * b + 0.1 * g.detach()
+            torch.testing.assert_close(e, want, rtol=0, atol=1e-6)
+    assert any(not torch.equal(e, g) for e, g in zip(d.ema.parameters(), d.generator.parameters()))
+
+
 def test_ode_init_step_reduces_loss_on_a_fixed_batch(setup):
     cfg, model, text = setup
     cfg2 = load_config("tiny", ["distill.ode_batch_size=2", "distill.micro_batch_size=2", "distill.lr_ode=1e-3",
