@@ -14,9 +14,16 @@ def test_a_path_that_is_not_a_teacher_bundle_is_a_usage_error(tmp_path, capsys):
     assert "not a teacher bundle" in capsys.readouterr().err
 
 
+def test_a_bad_override_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--set", "teacher.num_step=24"])
+    assert exc.value.code == 2
+    assert "unknown field" in capsys.readouterr().err
+
+
 def test_the_shipped_teacher_gets_a_row_of_scores_with_standard_errors(capsys):
     assert main(["--teacher", str(SHIPPED), "--prompts", "3", "--threads", "1"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = capsys.readouterr().out.strip().splitlines()[1:]  # after the sampler's settings
     assert lines[0] == "| teacher | n | " + " | ".join(COLUMNS) + " |"
     cells = lines[2].strip("| ").split(" | ")
     assert cells[:2] == [str(SHIPPED), "3"]
