@@ -88,6 +88,9 @@ class JobSupervisor:
         return self.log_dir / f"{stage}.log"
 
     def child_env(self) -> dict:
+        # the cluster first: a local one started here turns Ray's token auth on by setting RAY_AUTH_MODE=token in
+        # this process's environment (Ray >= 2.59, unless the user set it), and its jobs must inherit that to join
+        address = self.ray.ensure()
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         # MLflow exports MLFLOW_TRACKING_URI when set_tracking_uri is called; the jobs must not mistake our SQLite
@@ -98,7 +101,7 @@ class JobSupervisor:
             env.pop("MLFLOW_TRACKING_URI", None)
         # the console's mode is ours: a job run by us prints plain lines into its log
         env.pop("HIAR_PROGRESS", None)
-        env["RAY_ADDRESS"] = self.ray.ensure()
+        env["RAY_ADDRESS"] = address
         return env
 
     def run(self, stage: str, job: str, args: list[str], env: dict | None = None) -> None:
