@@ -90,8 +90,8 @@ def main(argv=None) -> int:
         videos[label] = generate_frames(bundle, prompts, [args.seed] * len(prompts), num_blocks, "hierarchical")
         print(f"[frame_strip] {label}: {path} ({num_blocks} blocks, t_c = {bundle.config.rollout.context_noise})")
     blocks = []
+    num_frames = videos[models[0][0]].shape[1]
     for i, prompt in enumerate(prompts):
-        num_frames = videos[models[0][0]].shape[1]
         reference = world.clip_for_prompt(prompt, args.seed, num_frames)
         rows = [labelled(strip(reference, args.every, args.scale), "reference (the world)")]
         for label, _ in models:

@@ -4,9 +4,9 @@
     python benchmarks/teacher_quality.py --teacher hiar/assets/tiny-teacher --teacher runs/static/teacher --prompts 64
     python benchmarks/teacher_quality.py --set teacher.num_steps=24          # the sampler's settings are config
 
-Each teacher samples the same prompts with the same noise (``hiar.methods.pretrain.evaluate_teacher``: 48 Euler
-steps, shift 8, CFG 2 from the tiny preset's ``teacher.*``, which ``--set`` changes; one seed per prompt); every clip is scored by the tiny
-world's oracle. Printed per teacher: caption consistency, motion accuracy, mean motion (px/frame) and the share of
+Each teacher samples the same prompts with the same noise (``hiar.methods.pretrain.sample_eval_clips``: 48 Euler
+steps, shift 8, CFG 2 from the tiny preset's ``teacher.*``, which ``--set`` changes; one seed per prompt); every
+clip is scored by the tiny world's oracle. Printed per teacher: caption consistency, motion accuracy, mean motion (px/frame) and the share of
 clips that stand still (``oracle/static``), as mean ± SE over the clips. This is how the teacher of a world with
 ``world.static_share`` (README "Quality on the tiny preset") was checked to have learned the static mode.
 """
@@ -20,7 +20,7 @@ import torch
 
 from hiar.config import load_config
 from hiar.eval.gate import mean_se
-from hiar.methods.pretrain import evaluate_teacher, load_teacher
+from hiar.methods.pretrain import load_teacher, sample_eval_clips
 from hiar.tiny.oracle import score_clip
 
 SHIPPED = Path(__file__).resolve().parents[1] / "hiar" / "assets" / "tiny-teacher"
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     print("|---" * (len(COLUMNS) + 2) + "|")
     for path in teachers:
         model, text, codec, _ = load_teacher(path)
-        _, frames, prompts = evaluate_teacher(model.eval(), text, codec, cfg, num_prompts=args.prompts)
+        frames, prompts = sample_eval_clips(model.eval(), text, codec, cfg, num_prompts=args.prompts)
         clips = [score_clip(f, p) for f, p in zip(frames, prompts)]
         cells = [mean_se([c[k] for c in clips])[:2] for k in COLUMNS]
         print(f"| {path} | {len(clips)} | " + " | ".join(f"{m:.3f} ± {se:.3f}" for m, se in cells) + " |")

@@ -308,8 +308,9 @@ class Distiller:
                 average_gradients(self.generator)  # FSDP reduce-scatters the gradients in backward
             metrics["generator_grad_norm"] = clip_gradients(self.generator, d.grad_clip)
             self.opt_g.step()
-            # until ema_start_step generator updates are done the EMA follows the generator (decay 0: a copy)
-            started = self.iteration // d.critic_ratio + 1 > d.ema_start_step
+            # until ema_start_step generator updates are done the EMA follows the generator (decay 0: a copy);
+            # generator_steps counts the updates before this one
+            started = self.generator_steps >= d.ema_start_step
             sharding.ema_update(self.ema, self.generator, d.ema_decay if started else 0.0)  # local shards or whole
 
         # Critic: flow matching on the generator's (detached) samples -- the fake score tracks the generator.

@@ -200,9 +200,10 @@ def eval_prompts(num: int, split: str = "heldout") -> list[str]:
 
 
 @torch.no_grad()
-def evaluate_teacher(transformer, text: TextEncoder, codec, cfg: HiarConfig, num_prompts: int | None = None,
-                     split: str = "heldout") -> tuple[dict, np.ndarray, list[str]]:
-    """Sample the teacher (bidirectional, Euler, CFG) on fixed prompts and seeds and score with the oracle."""
+def sample_eval_clips(transformer, text: TextEncoder, codec, cfg: HiarConfig, num_prompts: int | None = None,
+                      split: str = "heldout") -> tuple[np.ndarray, list[str]]:
+    """The teacher's clips ``[N, T, H, W, 3]`` (bidirectional, Euler, CFG) for fixed prompts and seeds, and those
+    prompts."""
     prompts = eval_prompts(num_prompts or cfg.pretrain.eval_prompts, split)
     t = cfg.teacher
     sigmas = t.sigmas()
@@ -214,9 +215,14 @@ def evaluate_teacher(transformer, text: TextEncoder, codec, cfg: HiarConfig, num
     null = text.null_embedding(len(prompts))
     latents, _ = sample_teacher(transformer, noise, embeds, sigmas, negative_embeds=null,
                                 guidance_scale=t.guidance_scale)
-    frames = codec.decode(latents).cpu().numpy()
-    scores = oracle.score_batch(zip(frames, prompts))
-    return scores, frames, prompts
+    return codec.decode(latents).cpu().numpy(), prompts
+
+
+def evaluate_teacher(transformer, text: TextEncoder, codec, cfg: HiarConfig, num_prompts: int | None = None,
+                     split: str = "heldout") -> tuple[dict, np.ndarray, list[str]]:
+    """:func:`sample_eval_clips`, scored with the oracle: ``(mean scores, frames, prompts)``."""
+    frames, prompts = sample_eval_clips(transformer, text, codec, cfg, num_prompts, split)
+    return oracle.score_batch(zip(frames, prompts)), frames, prompts
 
 
 def save_teacher(directory: str | Path, transformer, text: TextEncoder, codec, card: dict,
@@ -247,6 +253,6 @@ def count_params(model: torch.nn.Module) -> int:
 
 
 __all__ = [
-    "TeacherPretraining", "build_world_components", "widen_channels", "missing_init_from", "evaluate_teacher",
-    "save_teacher", "load_teacher", "eval_prompts", "time_budget_left", "count_params",
+    "TeacherPretraining", "build_world_components", "widen_channels", "missing_init_from", "sample_eval_clips",
+    "evaluate_teacher", "save_teacher", "load_teacher", "eval_prompts", "time_budget_left", "count_params",
 ]
