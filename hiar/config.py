@@ -278,8 +278,8 @@ class ServeConfig:
     stage_num_cpus: float = 0.0  # fractional on a small box (DESIGN §8: whole CPUs deadlock on 2 cores)
     stage_num_gpus: float = 0.0
     max_buffered_blocks: int = 2  # back-pressure between stages
-    decoder_replicas: int = 1
-    decoder_num_gpus: float = 0.0
+    decoder_replicas: int = 1  # per_step only: in diagonal the Diagonal replica decodes its own streams
+    decoder_num_gpus: float = 0.0  # per_step only
     ingress_num_gpus: float = 0.0  # the ingress encodes prompts: UMT5-XXL (bf16 on a GPU, precision.text_encoder)
     stage_torch_threads: int = 1  # intra-op threads per replica (CPU): one stage per core, not all on one
     max_prompt_chars: int = 2000  # checked before tokenising; the token limit is the text encoder's max_length
@@ -287,7 +287,7 @@ class ServeConfig:
     health_check_period_s: float = 2.0  # how soon Serve notices (and replaces) a dead replica
     stall_timeout_s: float = 120.0  # a stage waiting this long for its consumer gives the stream up
     # per_step: one deployment per denoising step (a device each); diagonal: one deployment holds all S step caches
-    # of a stream and runs each anti-diagonal as one packed forward (the one-device way to pipeline)
+    # of a stream, runs each anti-diagonal as one packed forward and decodes the blocks (the one-device way)
     topology: str = "per_step"
     # blocks of concurrent streams waiting at the same stage, denoised in one forward (1: unbatched, bit-identical
     # to the offline rollout; > 1: equal to it within float round-off, 1e-4 on tiny). The shipped serve configs

@@ -12,8 +12,9 @@ N x S grid, paper §3.2) and the first chunk reaches the client while later bloc
 Stream affinity, bit-identity with ``hierarchical_rollout`` and back-pressure: ``hiar.serving.stages`` and
 ``hiar.serving.flow``. The HTTP contract (request, limits, record format, status codes): ``hiar.serving.schema``.
 
-``diagonal`` (one device): ``Ingress -> Decoder -> Diagonal``, one deployment holding all S step caches of a
-stream and running each anti-diagonal as ONE packed forward (``hiar.serving.diagonal``).
+``diagonal`` (one device): ``Ingress -> Diagonal``, one deployment holding all S step caches of a stream,
+running each anti-diagonal as ONE packed forward and decoding the blocks on a second thread
+(``hiar.serving.diagonal``); ``serve.decoder_replicas`` and ``serve.decoder_num_gpus`` apply to ``per_step`` only.
 
 In both, the blocks of concurrent streams that wait at the same stage of one replica are denoised in one
 forward (``serve.max_batch`` blocks at most, waiting ``serve.batch_wait_ms`` at most for company:
@@ -95,7 +96,8 @@ def _check_serve_config(s: ServeConfig) -> None:
 
 def describe(s: ServeConfig, names: list[str], num_steps: int) -> str:
     """One line: the topology, its denoising deployments and the cross-stream batching."""
-    layout = (f"topology diagonal ({names[0]}: all {num_steps} steps of a stream, one anti-diagonal per forward)"
+    layout = (f"topology diagonal ({names[0]}: all {num_steps} steps of a stream, one anti-diagonal per forward, "
+              f"and its decoder)"
               if s.topology == "diagonal" else f"topology per_step ({' -> '.join(names)}, one deployment per step)")
     batching = (f"cross-stream batching up to {s.max_batch} blocks per forward, waiting up to {s.batch_wait_ms:g} ms"
                 if s.max_batch > 1 else "no cross-stream batching (max_batch 1)")
@@ -129,18 +131,18 @@ def build_app(args: dict | None = None):
     stage_opts = dict(num_replicas=s.stage_replicas, max_ongoing_requests=streams, **common,
                       ray_actor_options={"num_cpus": s.stage_num_cpus, "num_gpus": s.stage_num_gpus})
     upstream, names = None, []
-    if s.topology == "diagonal":
+    if s.topology == "diagonal":  # one deployment, the Decoder stage included (hiar.serving.diagonal)
         names.append("Diagonal")
-        upstream = DiagonalDeployment.options(name="Diagonal", **stage_opts).bind(model, serve_dict)
+        decoder = DiagonalDeployment.options(name="Diagonal", **stage_opts).bind(model, serve_dict)
     else:
         for j in range(model_cfg.schedule.num_steps):
             names.append(f"Step{j + 1}")
             upstream = StepDeployment.options(name=names[-1], **stage_opts).bind(model, j, serve_dict, upstream)
+        decoder = DecoderDeployment.options(
+            name="Decoder", num_replicas=s.decoder_replicas, max_ongoing_requests=streams, **common,
+            ray_actor_options={"num_cpus": s.stage_num_cpus, "num_gpus": s.decoder_num_gpus},
+        ).bind(model, serve_dict, upstream)
     log.info("HiAR Serve app: %s", describe(s, names, model_cfg.schedule.num_steps))
-    decoder = DecoderDeployment.options(
-        name="Decoder", num_replicas=s.decoder_replicas, max_ongoing_requests=streams, **common,
-        ray_actor_options={"num_cpus": s.stage_num_cpus, "num_gpus": s.decoder_num_gpus},
-    ).bind(model, serve_dict, upstream)
     # Rejections (4xx/429) are answered by the ingress itself: give it room for them beyond the streams. Past
     # that, a bounded queue, then Serve itself answers 429 (overload never grows memory or hangs a client).
     ingress_ongoing = max(64, 4 * streams)

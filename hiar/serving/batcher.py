@@ -8,7 +8,10 @@ single compute thread (the executor every model call of the replica goes through
 receiving blocks and answering health checks meanwhile). A batch starts when ``max_batch`` items wait, or
 ``batch_wait_ms`` after the first of them arrived, whichever comes first; items that arrive while a batch is
 computing wait for the next one, so under load batches fill without any wait (``batch_wait_ms = 0`` batches
-only what queued up while the thread was busy; a few ms let streams that are almost in step meet).
+only what queued up while the thread was busy; a few ms let streams that are almost in step meet). The wait is
+skipped when no company can come: once every stream open on the replica (``open_streams``, e.g. one stream
+alone) has its item queued, the batch starts at once -- on the tiny preset a lone stream otherwise paid
+``batch_wait_ms`` on each of its N + S - 1 diagonals.
 
 A stream has at most one item queued (it awaits each result before it submits again), so a stream's caches
 are in a batch at most once and a stream never leaves the replica it started on. ``max_batch = 1`` runs every
@@ -57,7 +60,7 @@ class Batcher:
     """Micro-batches ``submit``\\ ted items into calls of ``run(list of items) -> list of results`` on ``executor``."""
 
     def __init__(self, run: Callable[[list], list], executor, max_batch: int, batch_wait_ms: float,
-                 history: int = 4096):
+                 history: int = 4096, open_streams: Callable[[], int] | None = None):
         if int(max_batch) < 1:
             raise ValueError(f"serve.max_batch must be >= 1, got {max_batch}")
         if not batch_wait_ms >= 0:
@@ -65,6 +68,8 @@ class Batcher:
         self.run, self.executor = run, executor
         self.max_batch, self.wait_s = int(max_batch), float(batch_wait_ms) / 1000.0
         self.batch_wait_ms = float(batch_wait_ms)
+        # how many streams could submit at all (each has at most one item queued); None: unknown, always wait
+        self.open_streams = open_streams
         self.queue: deque[_Item] = deque()
         self.task: asyncio.Task | None = None
         self.wake: asyncio.Event | None = None  # made in the loop the streams run in
@@ -94,7 +99,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while self._live():
             deadline = self.queue[0].queued + self.wait_s
-            while self._live() < self.max_batch and time.monotonic() < deadline:
+            while self._live() < self._company_cap() and time.monotonic() < deadline:
                 self.wake.clear()
                 try:
                     await asyncio.wait_for(self.wake.wait(), deadline - time.monotonic())
@@ -123,6 +128,12 @@ class Batcher:
                 if not item.future.done():
                     item.future.set_result((result, {"batch": len(batch), "queued_s": queued, "start": start,
                                                      "end": end}))
+
+    def _company_cap(self) -> int:
+        """The most items a batch can get by waiting: ``max_batch``, or fewer when fewer streams are open."""
+        if self.open_streams is None:
+            return self.max_batch
+        return min(self.max_batch, max(1, int(self.open_streams())))
 
     def _timed(self, values: list) -> tuple[list, float, float]:
         start = time.time()

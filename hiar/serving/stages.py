@@ -220,7 +220,8 @@ class _Denoiser(_Replica):
     the transformer on this replica's device, the schedule, one compute thread, and the cross-stream batcher in
     front of it (``hiar.serving.batcher``; ``run_batch`` is the deployment's batch function)."""
 
-    def _open_denoiser(self, model: dict, serve_cfg: dict, upstream, run_batch) -> None:
+    def _open_denoiser(self, model: dict, serve_cfg: dict, upstream, run_batch) -> Path:
+        """Set up the denoiser; returns the local model directory."""
         root = self._open(model, serve_cfg, upstream)
         self.device = device_for(self.serve_cfg.stage_num_gpus)
         self.transformer = load_transformer(root, self.device, self.cfg)
@@ -228,7 +229,9 @@ class _Denoiser(_Replica):
         v, r = self.cfg.video, self.cfg.rollout
         self.block_shape = (v.latent_channels, r.frames_per_block, v.latent_height, v.latent_width)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{self.name}-compute")
-        self.batcher = Batcher(run_batch, self.executor, self.serve_cfg.max_batch, self.serve_cfg.batch_wait_ms)
+        self.batcher = Batcher(run_batch, self.executor, self.serve_cfg.max_batch, self.serve_cfg.batch_wait_ms,
+                               open_streams=lambda: len(self.book.active))
+        return root
 
     def _velocity(self, embeds: np.ndarray, negative: np.ndarray | None, guidance: float):
         """The stream's velocity (its prompt and guidance), built like ``hiar.core.generation.student_velocity``."""
@@ -347,17 +350,20 @@ class StreamingDecoder:
         return to_uint8(frames.cpu().numpy())
 
 
-@serve.deployment
-class DecoderDeployment(_Replica):
-    """Codec decode + H.264 encoding of each block as it leaves the last step stage."""
+#: the Decoder stage's name in chunk records and ``stages`` lists, in either topology (in ``diagonal`` it runs
+#: inside the Diagonal replica)
+DECODER_STAGE = "Decoder"
 
-    def __init__(self, model: dict, serve_cfg: dict, upstream):
-        root = self._open(model, serve_cfg, upstream)
-        self.device = device_for(self.serve_cfg.decoder_num_gpus)
-        self.codec = load_codec(root, self.device, self.cfg)
+
+class _BlockEncoder:
+    """The Decoder stage: codec decode + H.264 of a stream's denoised blocks, in order, each as it arrives.
+    ``DecoderDeployment`` runs it on the last step stage's blocks; ``DiagonalDeployment`` runs it in its own
+    replica, on a second thread, so a block never crosses a process between denoising and encoding."""
+
+    def _open_encoder(self, root: Path, device: str) -> None:
+        self.codec = load_codec(root, device, self.cfg)
         self.fps = self.cfg.video.fps
-        self.num_steps = self.cfg.schedule.num_steps
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
+        self.encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
 
     def _encode_block(self, dec: StreamingDecoder, x: np.ndarray, mode: str):
         from hiar.io.video import encode_mp4
@@ -372,35 +378,53 @@ class DecoderDeployment(_Replica):
 
         return encode_mp4(np.concatenate(frames), self.fps)
 
-    async def __call__(self, req: dict):
-        """Yields per block ``{"block", "mp4", "frames": (start, end), "latents"?, "timings"}``; with
-        ``mode == "whole"`` the per-block items carry no MP4 and a last item ``{"final": True, "mp4"}`` holds
-        the whole video."""
-        stream, loop, flow = req["stream_id"], asyncio.get_running_loop(), req["flow"]
-        async with _Stream(self.book, stream) as s:
-            producer = Producer(flow, stream, self.num_steps, req["window"], self.serve_cfg.stall_timeout_s)
-            dec, mode = StreamingDecoder(self.codec), req.get("mode", "segments")
-            kept = []
-            s.upstream = self.upstream.options(stream=True).remote(req)
-            async for item in s.upstream:
-                n = item["block"]
-                report_taken(flow, stream, self.num_steps - 1, n + 1)
-                await producer.acquire(n)
-                self.book.max_lead = max(self.book.max_lead, producer.max_lead)
-                first = dec.frames_done
-                frames, mp4, start, end = await loop.run_in_executor(self.executor, self._encode_block, dec,
-                                                                     item["x"], mode)
-                if mode != "segments":
-                    kept.append(frames)
-                timing = {"stage": self.name, "replica": self.replica, "start": start, "end": end, "calls": n + 1}
-                out = {"block": n, "mp4": mp4, "frames": (first, dec.frames_done),
-                       "timings": item["timings"] + [timing]}
-                if req.get("return_latents"):
-                    out["latents"] = item["x"]
-                yield out
+    async def _encoded(self, req: dict, blocks, taken=None):
+        """Yields per block ``{"block", "mp4", "frames": (start, end), "latents"?, "timings"}`` for the blocks
+        (``{"block", "x", "timings"}``) of the async iterator ``blocks``; with ``mode == "whole"`` the per-block
+        items carry no MP4 and a last item ``{"final": True, "mp4"}`` holds the whole video. ``taken(n)`` is
+        called as block ``n`` is taken. The stage produces boundary S (towards the ingress): block n is
+        encoded only once the ingress has taken block n - window."""
+        stream, loop = req["stream_id"], asyncio.get_running_loop()
+        producer = Producer(req["flow"], stream, self.num_steps, req["window"], self.serve_cfg.stall_timeout_s)
+        dec, mode = StreamingDecoder(self.codec), req.get("mode", "segments")
+        kept = []
+        async for item in blocks:
+            n = item["block"]
+            if taken is not None:
+                taken(n)
+            await producer.acquire(n)
+            self.book.max_lead = max(self.book.max_lead, producer.max_lead)
+            first = dec.frames_done
+            frames, mp4, start, end = await loop.run_in_executor(self.encoder, self._encode_block, dec, item["x"],
+                                                                 mode)
             if mode != "segments":
-                yield {"final": True, "mp4": await loop.run_in_executor(self.executor, self._encode_whole, kept)}
+                kept.append(frames)
+            timing = {"stage": DECODER_STAGE, "replica": self.replica, "start": start, "end": end, "calls": n + 1}
+            out = {"block": n, "mp4": mp4, "frames": (first, dec.frames_done), "timings": item["timings"] + [timing]}
+            if req.get("return_latents"):
+                out["latents"] = item["x"]
+            yield out
+        if mode != "segments":
+            yield {"final": True, "mp4": await loop.run_in_executor(self.encoder, self._encode_whole, kept)}
 
 
-__all__ = ["StepDeployment", "DecoderDeployment", "StreamingDecoder", "resolve_model_dir", "bundle_config",
+@serve.deployment
+class DecoderDeployment(_BlockEncoder, _Replica):
+    """The Decoder stage as its own deployment, after the last step stage (``per_step``)."""
+
+    def __init__(self, model: dict, serve_cfg: dict, upstream):
+        root = self._open(model, serve_cfg, upstream)
+        self._open_encoder(root, device_for(self.serve_cfg.decoder_num_gpus))
+        self.num_steps = self.cfg.schedule.num_steps
+
+    async def __call__(self, req: dict):
+        stream, flow = req["stream_id"], req["flow"]
+        async with _Stream(self.book, stream) as s:
+            s.upstream = self.upstream.options(stream=True).remote(req)
+            async for out in self._encoded(req, s.upstream,
+                                           lambda n: report_taken(flow, stream, self.num_steps - 1, n + 1)):
+                yield out
+
+
+__all__ = ["StepDeployment", "DecoderDeployment", "DECODER_STAGE", "StreamingDecoder", "resolve_model_dir", "bundle_config",
            "load_text", "load_codec", "load_transformer"]

@@ -191,8 +191,13 @@ def test_diagonal_streams_a_video_equal_to_the_offline_rollout(diagonal_app, bun
     assert err <= TOL, err
     # N + S - 1 packed forwards for N blocks (one per anti-diagonal; no trailing context writes)
     assert end["model_calls"] == {"Diagonal": 6 + STEPS - 1, "Decoder": 6}
-    # one replica holds the whole stream: every block names the same Diagonal replica
-    assert len({t["replica"] for c in chunks for t in c["timing"]["stages"] if t["stage"] == "Diagonal"}) == 1
+    # one replica holds the whole stream, its decoding included: every block names the same replica for both
+    assert len({t["replica"] for c in chunks for t in c["timing"]["stages"]}) == 1
+    assert [t["stage"] for t in chunks[0]["timing"]["stages"]] == ["Diagonal", "Decoder"]
+    from ray import serve
+
+    deployments = set(serve.status().applications[diagonal_app.name].deployments)
+    assert deployments == {"Ingress", "Diagonal"}, deployments  # no Decoder process to hop into
     _, frames = offline(bundle, body["prompt"], body["seed"], 6, body["guidance"])
     k, fps = bundle.config.rollout.frames_per_block, bundle.config.video.fps
     worst = 0

@@ -145,3 +145,30 @@ def test_a_failing_batch_fails_its_streams_only(executor):
 def test_bad_settings_name_their_key(executor, kwargs, key):
     with pytest.raises(ValueError, match=key):
         Batcher(Recorder(), executor, **kwargs)
+
+
+def test_no_wait_for_company_that_cannot_come(executor):
+    """With every open stream's item already queued the batch starts at once, however long ``batch_wait_ms``;
+    while another stream is open the lone item still waits for it and the two share a batch."""
+    rec = Recorder()
+    open_streams = [1]
+    b = Batcher(rec, executor, max_batch=8, batch_wait_ms=60_000, open_streams=lambda: open_streams[0])
+
+    async def main():
+        alone = await b.submit(0)  # would wait 60 s (and fail run_async's timeout) if it waited
+        open_streams[0] = 3
+        three = await asyncio.gather(*(b.submit(i) for i in (1, 2, 3)))  # all three queued: no wait
+        first = asyncio.ensure_future(b.submit(5))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        waited = len(rec.batches)  # two more streams are open: the lone item waits for them
+        open_streams[0] = 2
+        last = await asyncio.gather(first, b.submit(6))  # the second stream's item joins the waiting one
+        return alone, three, waited, *last
+
+    (r0, i0), three, waited, (r1, i1), (r2, i2) = run_async(main())
+    assert r0 == 0 and i0["batch"] == 1
+    assert [x for x, _ in three] == [2, 4, 6] and all(info["batch"] == 3 for _, info in three)
+    assert waited == 2
+    assert (r1, r2) == (10, 12) and i1["batch"] == i2["batch"] == 2
+    assert rec.batches == [[0], [1, 2, 3], [5, 6]]
