@@ -1,0 +1,76 @@
+"""benchmarks/compare_students.py on a real MLflow store (SQLite) holding per-sample tables with known values:
+the paired difference and its SE against numpy, the sample order of each table ignored, bad input rejected."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+from benchmarks.compare_students import main
+
+KEYS = [[f"prompt {i}", seed] for i in range(6) for seed in (0, 1)]
+CAPTION, DRIFT, MOTION = "hierarchical/oracle/caption_consistency", "hierarchical/drift/score", "hierarchical/oracle/motion"
+
+
+def log_evaluation(student: str, horizon: str, caption: list[float], order: list[int]):
+    """One evaluation run as benchmarks/ablations.py names and tags it, its samples written in ``order``."""
+    import mlflow
+
+    with mlflow.start_run(run_name=f"eval-x-s0-{horizon}"):
+        mlflow.set_tag("hiar.model_uri", student)
+        values = {CAPTION: caption, DRIFT: [0.1] * len(caption), MOTION: [1.0 + c for c in caption]}
+        mlflow.log_dict({"keys": [KEYS[i] for i in order],
+                         "values": {k: [v[i] for i in order] for k, v in values.items()}}, "per_sample.json")
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("hiar-eval")
+    yield tmp_path
+    mlflow.set_tracking_uri(None)
+
+
+def test_paired_difference_over_seeds_matches_numpy(store, capsys):
+    rng = np.random.default_rng(0)
+    students = {name: str(store / "students" / name) for name in ("a0", "a1", "b0", "b1")}
+    caption = {name: rng.uniform(0, 1, len(KEYS)).round(3).tolist() for name in students}
+    for name, path in students.items():
+        order = list(range(len(KEYS)))
+        if name.startswith("b"):
+            order = order[::-1]  # another sample order: the pairing goes by (prompt, seed), not position
+        log_evaluation(path, "1x", caption[name], order)
+    assert main(["--work-dir", str(store), "--a", students["a0"], students["a1"],
+                 "--b", students["b0"], students["b1"]]) == 0
+    out = capsys.readouterr().out
+    d = (np.add(caption["b0"], caption["b1"]) - np.add(caption["a0"], caption["a1"])) / 2
+    want_se = d.std(ddof=1) / math.sqrt(d.size)
+    line = next(ln for ln in out.splitlines() if "caption_consistency" in ln)
+    got = re.search(r"B - A ([+-][0-9.]+) ± ([0-9.]+) \(n = (\d+)", line)
+    assert got, line
+    assert float(got.group(1)) == pytest.approx(d.mean(), abs=5e-4)
+    assert float(got.group(2)) == pytest.approx(want_se, abs=5e-4)
+    assert int(got.group(3)) == len(KEYS)
+    assert ("separated" in line) and (("NOT" in line) == (abs(d.mean()) <= 2 * want_se))
+
+
+def test_unequal_seed_counts_and_a_missing_store_are_usage_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--work-dir", str(tmp_path), "--a", "x", "y", "--b", "z"])
+    assert exc.value.code == 2 and "one per training seed" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["--work-dir", str(tmp_path / "nowhere"), "--a", "x", "--b", "z"])
+    assert exc.value.code == 2 and "no MLflow store" in capsys.readouterr().err
+
+
+def test_a_student_without_evaluations_is_named(store):
+    log_evaluation(str(store / "a"), "1x", [0.5] * len(KEYS), list(range(len(KEYS))))
+    with pytest.raises(SystemExit) as exc:
+        main(["--work-dir", str(store), "--a", str(store / "a"), "--b", str(store / "never-evaluated")])
+    assert "never-evaluated" in str(exc.value.code)
