@@ -37,7 +37,9 @@ def _mux_h264(container, arr: np.ndarray, fps: int) -> None:
     stream = container.add_stream("libx264", rate=fps)
     stream.width, stream.height = arr.shape[2], arr.shape[1]
     stream.pix_fmt = "yuv420p"
-    stream.options = {"crf": "18"}
+    # one encoder thread: libx264's frame threads make the bitstream depend on timing (under CPU load 1 encode
+    # in 150 of the same frames came out different), and the MP4 segments are promised deterministic
+    stream.options = {"crf": "18", "threads": "1"}
     for frame in arr:
         for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
             container.mux(packet)
