@@ -19,7 +19,8 @@ Printed: one table, a row per variant: caption consistency (the tiny oracle), Dr
 the oracle's mean motion (px/frame) and its share of videos that stand still, at 1x and 4x. A cell is the mean
 over training seeds of each student's mean over the evaluation's videos, ``± SE`` the standard error of that mean
 from the videos (sqrt(sum SE_i^2) / k), then in brackets each training seed's own value, so the spread between
-seeds shows next to the noise from sampling. ``<work-dir>/ablations/results.json`` keeps every number.
+seeds shows next to the noise from sampling. ``<work-dir>/ablations/results.json`` keeps every number of the
+latest run, and ``results-<identity>.json`` each run's (named by its preset, overrides, variants and seeds).
 
 Everything is reused on a rerun: a finished stage, student (same identity) or evaluation (``--reuse``: same weights
 and settings) is not recomputed, so an interrupted run picks up where it stopped. Job logs go to
@@ -145,7 +146,16 @@ class Ablations:
         results = {"preset": self.args.preset, "overrides": self.args.overrides, "init": init, "data": storage,
                    "factors": factors, "seconds": time.monotonic() - t0, "rows": list(rows.values())}
         write_local_json(self.out / "results.json", results)
+        write_local_json(self.out / results_name(self.args), results)
         return results
+
+
+def results_name(args) -> str:
+    """``results-<identity>.json``: this run's own copy of ``results.json`` (the latest run's), named by what
+    it ran (preset, overrides, variants, seeds), so runs with other ``--set`` budgets in one work dir keep theirs."""
+    from hiar.identity import identity
+
+    return f"results-{identity([args.preset, sorted(args.overrides), list(args.variants), list(args.seeds)])}.json"
 
 
 def combine(per_seed: list[tuple[float, float]]) -> tuple[float, float]:
@@ -184,7 +194,8 @@ def main(argv=None) -> int:
     print(f"\n[ablations] {len(results['rows']) - 1} variant(s) x {len(args.seeds)} training seed(s) in "
           f"{results['seconds'] / 60:.1f} min; each cell: mean ± SE over the evaluation's videos (training seeds)\n")
     print(table(results))
-    print(f"\nall numbers: {Path(args.work_dir).resolve() / 'ablations' / 'results.json'}")
+    out = Path(args.work_dir).resolve() / "ablations"
+    print(f"\nall numbers: {out / 'results.json'} (this run's: {out / results_name(args)})")
     return 0
 
 

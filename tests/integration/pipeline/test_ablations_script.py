@@ -33,6 +33,9 @@ def test_two_variants_from_one_ode_init_then_a_rerun_that_reuses_everything(tmp_
     first = run_ablations(work)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     results = json.loads((work / "ablations" / "results.json").read_text())
+    own = sorted((work / "ablations").glob("results-*.json"))  # this run's own copy, named by what it ran
+    assert len(own) == 1 and json.loads(own[0].read_text()) == results, own
+    assert f"this run's: {own[0]}" in first.stdout
     rows = {row["variant"]: row for row in results["rows"]}
     assert list(rows) == ["ode_init", "next", "no_fkl"]
     assert results["factors"] == [1, 4]

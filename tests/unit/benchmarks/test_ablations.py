@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from benchmarks.ablations import METRICS, VARIANTS, cell, combine, parse_args, table
+from benchmarks.ablations import METRICS, VARIANTS, cell, combine, parse_args, results_name, table
 
 
 def test_combine_is_the_mean_of_seed_means_with_the_se_of_that_mean():
@@ -58,3 +58,15 @@ def test_defaults_are_every_variant_and_two_training_seeds():
     assert args.variants == list(VARIANTS) and args.seeds == [0, 1]
     assert {"next", "current", "clean"} <= set(VARIANTS)  # Table 2's three context levels
     assert "distill.fkl_weight=0" in VARIANTS["no_fkl"][1]  # Table 3's without-FKL
+
+
+def test_each_run_keeps_its_own_results_file_named_by_what_it_ran():
+    base = ["--work-dir", "w", "--variants", "next", "--seeds", "0", "1"]
+    name = results_name(parse_args(base + ["--set", "distill.steps=120", "--set", "distill.critic_ratio=2"]))
+    assert name.startswith("results-") and name.endswith(".json")
+    # the order of --set flags does not matter; the overrides, variants and seeds do
+    assert results_name(parse_args(base + ["--set", "distill.critic_ratio=2", "--set", "distill.steps=120"])) == name
+    others = {results_name(parse_args(base + ["--set", "distill.steps=60"])), results_name(parse_args(base)),
+              results_name(parse_args(["--work-dir", "w", "--variants", "next,current", "--seeds", "0", "1"])),
+              results_name(parse_args(["--work-dir", "w", "--variants", "next", "--seeds", "0"]))}
+    assert name not in others and len(others) == 4
