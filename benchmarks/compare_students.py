@@ -34,14 +34,14 @@ def evaluation_runs(student: Path) -> dict[str, str]:
     from mlflow import MlflowClient
 
     client = MlflowClient()
+    experiments = [exp.experiment_id for exp in client.search_experiments()]
     runs = {}
-    for exp in client.search_experiments():
-        for run in client.search_runs([exp.experiment_id], f"tags.`hiar.model_uri` = '{student}'",
-                                      order_by=["attributes.start_time DESC"]):
-            name = run.info.run_name or ""
-            horizon = name.rsplit("-", 1)[-1]
-            if horizon.endswith("x") and horizon not in runs:
-                runs[horizon] = run.info.run_id
+    # one search over every experiment, newest first, so "newest" holds across experiments too
+    for run in client.search_runs(experiments, f"tags.`hiar.model_uri` = '{student}'",
+                                  order_by=["attributes.start_time DESC"]):
+        horizon = (run.info.run_name or "").rsplit("-", 1)[-1]
+        if horizon.endswith("x") and horizon not in runs:
+            runs[horizon] = run.info.run_id
     if not runs:
         raise SystemExit(f"error: no evaluation of {student} in {os.environ['MLFLOW_TRACKING_URI']}")
     return runs
@@ -73,12 +73,14 @@ def main(argv=None) -> int:
     for horizon in horizons:
         tables = {side: [load_sample_values(r[horizon]) for r in runs] for side, runs in (("a", a_runs), ("b", b_runs))}
         ref = tables["a"][0]
+        orders = {side: [pair_samples(ref, t) for t in ts] for side, ts in tables.items()}  # once per table
         print(f"{horizon} ({len(ref['keys'])} videos per student)")
         for key, better in METRICS.items():
             full = f"{MODE}/{key}"
 
             def side_mean(side: str) -> np.ndarray:  # every table's values in ref's sample order, averaged
-                return np.mean([paired_values(ref, t, full, pair_samples(ref, t))[1] for t in tables[side]], axis=0)
+                return np.mean([paired_values(ref, t, full, order)[1]
+                                for t, order in zip(tables[side], orders[side])], axis=0)
 
             a, b = side_mean("a"), side_mean("b")
             mean, se, n = paired_difference(b, a, better or "higher")

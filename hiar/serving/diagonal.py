@@ -80,7 +80,7 @@ class DiagonalDeployment(_BlockEncoder, _Denoiser):
             try:
                 async for out in self._encoded(req, _drain(denoised)):
                     yield out
-                await denoiser  # its end-of-stream check
+                await denoiser  # it has put its last item (None) and ends now: its own errors came through the queue
             finally:
                 if not denoiser.done():
                     denoiser.cancel()
