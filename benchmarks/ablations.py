@@ -52,7 +52,10 @@ VARIANTS = {
     "current": ("t_c = t_j", ["rollout.context_noise=current"]),
     "clean": ("t_c = 0 (Self-Forcing)", ["rollout.context_noise=clean"]),
     "no_fkl": ("t_{j+1}, no forward KL", ["rollout.context_noise=next", "distill.fkl_weight=0"]),
+    # not one of the paper's: t_{j+1} trained and sampled with a 9-frame window (2 blocks of context) instead of 12
+    "window9": ("t_{j+1}, 9-frame window", ["rollout.context_noise=next", "rollout.window_frames=9"]),
 }
+PAPER_VARIANTS = ("next", "current", "clean", "no_fkl")  # the default run: Tables 2 and 3
 BASE_STAGES = "teacher,ode_pairs,trajectories,ode_init"
 # metric key in EvaluationResult.metrics (hierarchical rollout) -> column name
 METRICS = {"oracle/caption_consistency": "caption", "drift/score": "Drift",
@@ -65,7 +68,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work-dir", required=True, help="run_dir of every job (datasets, students, MLflow, logs)")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(PAPER_VARIANTS),
+                   help=f"comma-separated, of: {', '.join(VARIANTS)} (default: the paper's {', '.join(PAPER_VARIANTS)})")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds per variant")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config overrides for every job (budgets, evaluation size)")

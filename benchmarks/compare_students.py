@@ -11,6 +11,15 @@ seeds. For each horizon and metric: per sample, the mean over training seeds of 
 error of those differences over the samples -- paired, so the variation between prompts cancels, as in the
 promotion gate (``hiar.eval.gate``, whose pairing this uses). A difference beyond 2 SE is reported as separated.
 Nothing is recomputed: it reads the per-sample tables the evaluations logged.
+
+``--a-name`` / ``--b-name`` pick a side's evaluations by MLflow run-name prefix (default ``eval-``, the names
+``benchmarks/ablations.py`` gives): one student sampled two ways, e.g. with another inference window, is compared
+with itself by evaluating it under a name of its own::
+
+    python -m hiar.jobs.evaluate --preset tiny --set run_dir=runs/ablations --set rollout.window_frames=9 \
+        --set video.eval_horizon_factor=4 --set 'eval.rollouts=[hierarchical]' \
+        --model runs/ablations/students/distill-ba284232019e5886 --run-name window9-s0-4x
+    python benchmarks/compare_students.py --work-dir runs/ablations --a <students> --b <the same> --b-name window9-
 """
 
 from __future__ import annotations
@@ -28,22 +37,28 @@ METRICS = {"oracle/caption_consistency": "higher", "drift/score": "lower", "orac
 MODE = "hierarchical"
 
 
-def evaluation_runs(student: Path) -> dict[str, str]:
-    """``{"1x": run id, "4x": run id}``: the newest evaluation of ``student`` at each horizon, by the MLflow run name
-    ``benchmarks/ablations.py`` gives (``eval-<variant>-s<seed>-<k>x``)."""
+def evaluation_runs(student: str, name_prefix: str = "eval-") -> dict[str, str]:
+    """``{"1x": run id, "4x": run id}``: the newest evaluation of ``student`` at each horizon among the MLflow runs
+    named ``<name_prefix>...-<k>x`` (``benchmarks/ablations.py``'s are ``eval-<variant>-s<seed>-<k>x``). An
+    evaluation records ``--model`` as it was given, so the bundle is looked up both as given and as an absolute
+    path (``benchmarks/ablations.py`` gives absolute ones)."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
     experiments = [exp.experiment_id for exp in client.search_experiments()]
+    found = []
+    for uri in dict.fromkeys([student, str(Path(student).resolve())]):
+        found += client.search_runs(experiments, f"tags.`hiar.model_uri` = '{uri}'")
     runs = {}
-    # one search over every experiment, newest first, so "newest" holds across experiments too
-    for run in client.search_runs(experiments, f"tags.`hiar.model_uri` = '{student}'",
-                                  order_by=["attributes.start_time DESC"]):
-        horizon = (run.info.run_name or "").rsplit("-", 1)[-1]
-        if horizon.endswith("x") and horizon not in runs:
+    # newest first over every experiment and spelling, so "newest" holds across them too
+    for run in sorted(found, key=lambda r: r.info.start_time, reverse=True):
+        name = run.info.run_name or ""
+        horizon = name.rsplit("-", 1)[-1]
+        if name.startswith(name_prefix) and horizon.endswith("x") and horizon not in runs:
             runs[horizon] = run.info.run_id
     if not runs:
-        raise SystemExit(f"error: no evaluation of {student} in {os.environ['MLFLOW_TRACKING_URI']}")
+        raise SystemExit(f"error: no evaluation of {student} named {name_prefix}...-<k>x in "
+                         f"{os.environ['MLFLOW_TRACKING_URI']}")
     return runs
 
 
@@ -52,6 +67,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", required=True, help="the run_dir whose mlflow.db holds the evaluations")
     parser.add_argument("--a", nargs="+", required=True, help="recipe A's students, one per training seed")
     parser.add_argument("--b", nargs="+", required=True, help="recipe B's students, same seed order")
+    parser.add_argument("--a-name", default="eval-", help="run-name prefix of A's evaluations (default: eval-)")
+    parser.add_argument("--b-name", default="eval-", help="run-name prefix of B's evaluations (default: eval-)")
     args = parser.parse_args(argv)
     if len(args.a) != len(args.b):
         parser.error(f"--a has {len(args.a)} students and --b {len(args.b)}: give one per training seed on each side")
@@ -65,8 +82,8 @@ def main(argv=None) -> int:
     from hiar.eval.gate import pair_samples, paired_difference, paired_values
     from hiar.platform.evaluation import load_sample_values
 
-    a_runs = [evaluation_runs(Path(s).resolve()) for s in args.a]
-    b_runs = [evaluation_runs(Path(s).resolve()) for s in args.b]
+    a_runs = [evaluation_runs(s, args.a_name) for s in args.a]
+    b_runs = [evaluation_runs(s, args.b_name) for s in args.b]
     horizons = sorted(set.intersection(*(set(r) for r in a_runs + b_runs)), key=lambda h: float(h[:-1]))
     print(f"B - A, paired over held-out (prompt, seed), each side the mean over its {len(args.a)} training seed(s); "
           f"A better / B better by the metric's direction")

@@ -154,6 +154,9 @@ class DistillConfig:
     micro_batch_size: int = 1  # per worker per forward; batch_size = micro x workers x accumulation steps
     min_t: float = 0.02  # DMD / critic noise levels: uniform t in [min_t, max_t], then the schedule's shift
     max_t: float = 0.98
+    # the shift (eq. 1) that maps those t to DMD / critic noise levels; None = schedule.shift (Self-Forcing's
+    # timestep_shift). A smaller shift scores more of the low-noise levels, where fine detail is decided
+    score_shift: float | None = None
     mixed_precision: str = "auto"  # "auto" = bf16 autocast on GPUs that support it, fp32 on CPU | "bf16" | "no"
     # ODE-regression init (--stage ode_init)
     ode_steps: int = 3000
@@ -359,6 +362,8 @@ def validate(cfg: HiarConfig) -> None:
             raise ValueError(f"distill.{key} must be >= 1 (steps between checkpoints), got {getattr(cfg.distill, key)}")
     if cfg.distill.dataset_cache_mb < 0:
         raise ValueError(f"distill.dataset_cache_mb must be >= 0 (0 = no cache), got {cfg.distill.dataset_cache_mb}")
+    if cfg.distill.score_shift is not None and not cfg.distill.score_shift > 0:
+        raise ValueError(f"distill.score_shift must be > 0 (or null: schedule.shift), got {cfg.distill.score_shift}")
     if not 0.0 <= cfg.distill.min_t < cfg.distill.max_t <= 1.0:
         raise ValueError(f"need 0 <= distill.min_t < distill.max_t <= 1, got {cfg.distill.min_t}, {cfg.distill.max_t}")
     choice("data.dtype", cfg.data.dtype, ("float16", "float32"))

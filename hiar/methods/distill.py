@@ -95,10 +95,11 @@ def clean_estimate(velocity: GuidedVelocity, x_t: torch.Tensor, sigma: torch.Ten
 
 
 def score_sigmas(batch: int, cfg: HiarConfig, gen: torch.Generator) -> torch.Tensor:
-    """DMD / critic noise levels: uniform times in [min_t, max_t] (clamped away from 0 and 1), shifted (eq. 1)."""
+    """DMD / critic noise levels: uniform times in [min_t, max_t] (clamped away from 0 and 1), shifted (eq. 1) by
+    ``distill.score_shift`` (``schedule.shift`` when unset)."""
     d = cfg.distill
     t = d.min_t + (d.max_t - d.min_t) * torch.rand(batch, generator=gen)
-    return shift_sigma(t, cfg.schedule.shift)
+    return shift_sigma(t, cfg.schedule.shift if d.score_shift is None else d.score_shift)
 
 
 # ---------------------------------------------------------------------- losses of one micro-batch
@@ -247,7 +248,10 @@ class Distiller:
 
     def _rollout(self, embeds: torch.Tensor, seeds: list[int], exit_step: int) -> torch.Tensor:
         cfg, r = self.cfg, self.cfg.rollout
-        vel = GuidedVelocity(self.generator, embeds, frames_per_block=r.frames_per_block)  # no window in training
+        # the inference window and sinks: the student trains on the contexts it will be rolled out with (a window
+        # as long as the training clip, as in both presets, changes nothing; a shorter one is the tiny ablation's)
+        vel = GuidedVelocity(self.generator, embeds, frames_per_block=r.frames_per_block,
+                             window_frames=r.window_frames, sink_frames=r.sink_frames)
         n_blocks = cfg.video.train_latent_frames // r.frames_per_block
         shape = (cfg.video.latent_channels, r.frames_per_block, cfg.video.latent_height, cfg.video.latent_width)
         noise = initial_noise(seeds, n_blocks, shape, device=self.device)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from benchmarks.ablations import METRICS, VARIANTS, cell, combine, parse_args, results_name, table
+from benchmarks.ablations import METRICS, PAPER_VARIANTS, VARIANTS, cell, combine, parse_args, results_name, table
 
 
 def test_combine_is_the_mean_of_seed_means_with_the_se_of_that_mean():
@@ -53,9 +53,11 @@ def test_bad_arguments_are_usage_errors_before_any_compute(argv, message, capsys
     assert message in capsys.readouterr().err
 
 
-def test_defaults_are_every_variant_and_two_training_seeds():
+def test_defaults_are_the_papers_variants_and_two_training_seeds():
     args = parse_args(["--work-dir", "w"])
-    assert args.variants == list(VARIANTS) and args.seeds == [0, 1]
+    assert args.variants == list(PAPER_VARIANTS) and args.seeds == [0, 1]
+    assert set(PAPER_VARIANTS) <= set(VARIANTS) and "window9" not in PAPER_VARIANTS
+    assert parse_args(["--work-dir", "w", "--variants", "window9"]).variants == ["window9"]
     assert {"next", "current", "clean"} <= set(VARIANTS)  # Table 2's three context levels
     assert "distill.fkl_weight=0" in VARIANTS["no_fkl"][1]  # Table 3's without-FKL
 

@@ -15,11 +15,11 @@ KEYS = [[f"prompt {i}", seed] for i in range(6) for seed in (0, 1)]
 CAPTION, DRIFT, MOTION = "hierarchical/oracle/caption_consistency", "hierarchical/drift/score", "hierarchical/oracle/motion"
 
 
-def log_evaluation(student: str, horizon: str, caption: list[float], order: list[int]):
+def log_evaluation(student: str, horizon: str, caption: list[float], order: list[int], name: str = "eval-x-s0-"):
     """One evaluation run as benchmarks/ablations.py names and tags it, its samples written in ``order``."""
     import mlflow
 
-    with mlflow.start_run(run_name=f"eval-x-s0-{horizon}"):
+    with mlflow.start_run(run_name=f"{name}{horizon}"):
         mlflow.set_tag("hiar.model_uri", student)
         values = {CAPTION: caption, DRIFT: [0.1] * len(caption), MOTION: [1.0 + c for c in caption]}
         mlflow.log_dict({"keys": [KEYS[i] for i in order],
@@ -74,3 +74,17 @@ def test_a_student_without_evaluations_is_named(store):
     with pytest.raises(SystemExit) as exc:
         main(["--work-dir", str(store), "--a", str(store / "a"), "--b", str(store / "never-evaluated")])
     assert "never-evaluated" in str(exc.value.code)
+
+
+def test_a_student_compared_with_itself_sampled_another_way(store, capsys):
+    """--b-name picks the evaluations named so (the same student, another inference setting); the default prefix
+    never takes them, even though they are the newest."""
+    student = str(store / "students" / "s0")
+    log_evaluation(student, "4x", [0.2] * len(KEYS), list(range(len(KEYS))))
+    log_evaluation(student, "4x", [0.5] * len(KEYS), list(range(len(KEYS))), name="window9-s0-")
+    assert main(["--work-dir", str(store), "--a", student, "--b", student, "--b-name", "window9-"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "caption_consistency" in ln)
+    assert "A 0.200  B 0.500" in line and "B - A +0.300" in line
+    assert main(["--work-dir", str(store), "--a", student, "--b", student]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "caption_consistency" in ln)
+    assert "B - A +0.000" in line

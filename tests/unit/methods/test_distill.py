@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from hiar.config import load_config
-from hiar.methods.distill import Distiller, ODEInit, fkl_regulariser, ode_regression_loss, self_rollout
+from hiar.methods.distill import (Distiller, ODEInit, fkl_regulariser, ode_regression_loss, score_sigmas,
+                                   self_rollout)
 from hiar.methods.parallel import accumulation_steps
 from hiar.methods.losses import fkl_loss
 from hiar.core.model import CausalWanTransformer3DModel
@@ -169,3 +170,48 @@ def test_accumulation_must_divide_the_batch():
     assert accumulation_steps(8, 2, 2) == 2
     with pytest.raises(ValueError, match="multiple of micro_batch_size"):
         accumulation_steps(8, 3, 2)
+
+
+@pytest.mark.parametrize("score_shift", [None, 1.0, 3.0])
+def test_score_sigmas_are_uniform_times_through_the_score_shift(score_shift):
+    """DMD / critic noise levels: t ~ U[min_t, max_t], then sigma = s t / (1 + (s - 1) t) with s = distill.score_shift
+    (schedule.shift when unset). Checked against that formula written out here, and against the distribution: the
+    sigmas' empirical CDF at the shifted quartiles of t is the quartile."""
+    overrides = ["distill.min_t=0.1", "distill.max_t=0.9"]
+    if score_shift is not None:
+        overrides.append(f"distill.score_shift={score_shift}")
+    cfg = load_config("tiny", overrides)
+    s = cfg.schedule.shift if score_shift is None else score_shift
+    t = 0.1 + 0.8 * torch.rand(4096, generator=torch.Generator().manual_seed(5))
+    sigma = score_sigmas(4096, cfg, torch.Generator().manual_seed(5))
+    assert torch.allclose(sigma, s * t / (1 + (s - 1) * t), atol=1e-6)
+    for q in (0.25, 0.5, 0.75):
+        tq = 0.1 + 0.8 * q
+        assert abs(float((sigma <= s * tq / (1 + (s - 1) * tq)).float().mean()) - q) < 0.03
+
+
+def test_score_shift_must_be_positive():
+    with pytest.raises(ValueError, match="distill.score_shift"):
+        load_config("tiny", ["distill.score_shift=-1"])
+
+
+@pytest.mark.parametrize("mode", ROLLOUT_MODES)
+def test_training_rollout_uses_the_inference_window(setup, mode):
+    """The distiller's self-rollout at the last exit step is what generation produces with the same
+    rollout.window_frames: with a window shorter than the training clip (3 of 9 frames) the result differs from the
+    unwindowed rollout, and equals the windowed inference rollout."""
+    from hiar.core.generation import generate_latents
+
+    cfg, model, text = setup
+    cfg = load_config("tiny", ["distill.batch_size=2", "distill.micro_batch_size=2", "video.train_latent_frames=9",
+                               "rollout.window_frames=3", f"distill.rollout={mode}"])
+    unwindowed = load_config("tiny", ["video.train_latent_frames=9", "rollout.window_frames=9"])
+    prompts, seeds = train_prompts()[:2], [3, 4]
+    d = Distiller(cfg, copy.deepcopy(model), copy.deepcopy(model), text)
+    with torch.no_grad():
+        got = d._rollout(text.encode(prompts), seeds, exit_step=cfg.schedule.sigmas().numel() - 2)
+    windowed = generate_latents(d.generator, text, cfg, prompts, seeds, num_blocks=3, mode=mode)
+    full = generate_latents(d.generator, text, unwindowed, prompts, seeds, num_blocks=3, mode=mode)
+    assert torch.equal(got, windowed)
+    assert not torch.allclose(got[:, :, 6:], full[:, :, 6:], atol=1e-4)  # block 2 lost block 0 from its window
+    assert torch.equal(got[:, :, :3], full[:, :, :3])  # block 0 has no context either way
