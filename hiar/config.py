@@ -74,7 +74,9 @@ class RolloutConfig:
     step_rule: str = "x0_renoise"  # "euler" (eq. 3) | "x0_renoise" (few-step DMD generator rule)
     context_noise: str = "next"  # t_c: "next" = t_{j+1} (HiAR) | "current" = t_j | "clean" = 0
     fused: bool = True  # fuse the context write of block n with the denoising of block n + 1
-    window_frames: int | None = 21  # inference sliding window in latent frames (paper: 5 s), None = unlimited
+    # sliding attention window in latent frames (paper: 5 s), None = unlimited; the distiller's self-rollout uses it
+    # too, so a window shorter than video.train_latent_frames also shapes training (README: the attention window)
+    window_frames: int | None = 21
     sink_frames: int = 0
     guidance_scale: float = 1.0  # the distilled student runs without CFG
 
