@@ -249,7 +249,9 @@ class Distiller:
     def _rollout(self, embeds: torch.Tensor, seeds: list[int], exit_step: int) -> torch.Tensor:
         cfg, r = self.cfg, self.cfg.rollout
         # the inference window and sinks: the student trains on the contexts it will be rolled out with (a window
-        # as long as the training clip, as in both presets, changes nothing; a shorter one is the tiny ablation's)
+        # as long as the training clip, as in both presets, changes nothing; a shorter one is the tiny ablation's).
+        # Not hiar.core.generation.student_velocity: that one also applies rollout.guidance_scale, an inference
+        # knob (a request may set it); the generator is trained without CFG
         vel = GuidedVelocity(self.generator, embeds, frames_per_block=r.frames_per_block,
                              window_frames=r.window_frames, sink_frames=r.sink_frames)
         n_blocks = cfg.video.train_latent_frames // r.frames_per_block
