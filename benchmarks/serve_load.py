@@ -24,6 +24,9 @@ stream's KV caches hold their whole attention window), round 2's peak from then 
     r2 - r1 = round 2 peak - round 1 peak: what a second round of as many streams needed beyond the first,
         i.e. what a leak would add per round (bounded memory: about 0, within the allocator's noise)
 
+Once round 2 is over, each replica's ``live_stages`` (its ``stats``: per-stream stages, i.e. KV caches, still
+alive) must be 0: a step stage keeping a finished stream's state is a leak its RSS cannot tell from the allocator.
+
 Back-pressure: between two stages ``hiar.serving.flow`` lets at most ``max_buffered_blocks`` blocks of a stream
 wait (the table's ``max_lead``: most blocks a stage had produced but its consumer not yet taken, when starting
 one). Towards the HTTP client Ray Serve has none: the ingress's ASGI ``send`` only appends to a queue that goes
@@ -167,6 +170,16 @@ class Sampler:
     def ingress_stats(self) -> dict:
         return requests.get(f"{self.url}/v1/stats", timeout=60).json()
 
+    def settled_stats(self, timeout: float = 10.0) -> dict[str, dict]:
+        """``stats`` once no replica holds a per-stream stage (``live_stages``), or after ``timeout`` s: a stream
+        that ended mid-block leaves that block's forward running on the compute thread, holding its stage."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            if not any(s["live_stages"] for s in stats.values()) or time.monotonic() > deadline:
+                return stats
+            time.sleep(0.1)
+
     def wait_idle(self, timeout: float = 120.0) -> None:
         """Until no stream is active in the ingress (asked first: it always answers) or in any replica."""
         deadline = time.monotonic() + timeout
@@ -241,6 +254,7 @@ class LoadResult:
     extra_body: dict
     marks: dict[str, dict[str, float]]  # {mark (MARKS): {process: RSS MB}}
     max_lead: dict[str, int]
+    live_stages: dict[str, int] = field(default_factory=dict)  # per replica, once round 2 is over: 0 unless kept
     seconds: dict[str, float] = field(default_factory=dict)  # per round
     sample_errors: list[str] = field(default_factory=list)
     series: list[dict[str, float]] = field(default_factory=list)  # the RSS samples from "first" to "end"
@@ -316,8 +330,10 @@ def run_load(url: str, sampler: Sampler, *, streams: int, blocks: int, delay: fl
         body = extra.json()
     except ValueError:
         body = {"text": extra.text[:300]}
-    leads = {name: s["max_lead"] for name, s in sampler.stats().items()}  # most since the replica started
-    return LoadResult(load, extra.status_code, extra.headers.get("retry-after"), body, marks, leads,
+    final = sampler.settled_stats()
+    leads = {name: s["max_lead"] for name, s in final.items()}  # most since the replica started
+    live = {name: s["live_stages"] for name, s in final.items()}
+    return LoadResult(load, extra.status_code, extra.headers.get("retry-after"), body, marks, leads, live,
                       {"round 1 (warm-up)": t1 - t0, "round 2 (slow clients)": t2 - t1}, list(sampler.errors),
                       sampler.samples[since_first:])
 
@@ -346,6 +362,7 @@ def report(result: LoadResult, bounds: dict[str, float], *, streams: int, blocks
     done = [len(s.chunks) for s in result.streams]
     ends = [s.end["type"] if s.end else s.error for s in result.streams]
     lines.append(f"chunks read per stream {done}; last records {sorted(set(map(str, ends)))}")
+    lines.append(f"per-stream stages still alive once every stream ended (each replica): {result.live_stages}")
     ahead = [s.decoder_ahead() for s in result.streams]
     lines.append(f"decoder ahead of the slow client (most blocks, per stream): {ahead}")
     lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()))

@@ -15,15 +15,18 @@ The bounds, per process (step stages, decoder, ingress, its FlowControl actor, t
   after that) <= 8 streams x (max_buffered_blocks + 1) x 28.6 kB in flight (0.65 MiB), plus ALLOWANCE_MB; for
   the proxy 8 x 64 records (14 MiB: what a slow client has not read may wait there, Serve passes no
   back-pressure from the HTTP client to the ingress; measured, most of it waits in the kernel's socket buffers);
-* r2 - r1 = round 2's peak - round 1's peak <= RETAIN_MB: a second round of as many streams needs no more.
+* r2 - r1 = round 2's peak - round 1's peak <= RETAIN_MB (RETAIN_STAGE_MB for a step stage): a second round of
+  as many streams needs no more.
 
-Measured on 2 shared cores (benchmarks/serve_load.py, three runs): growth 1.0-7.7 MiB, r2 - r1 at most 7.7 MiB,
+Measured on 2 shared cores (benchmarks/serve_load.py, four runs): growth 1.0-7.7 MiB, r2 - r1 at most 7.7 MiB,
 both in a step stage whose RSS moves in steps of several MiB as glibc's arenas grow and shrink (it went up
-7.5 MiB and back down within the round). What the bounds catch: a KV cache that never slid its window
-(+94 MiB per step replica per round: 60 blocks x 8 streams x 0.19 MiB); the ingress or the decoder keeping
-every chunk record (8 x 64 x 28.6 kB = 14 MiB per round); what they cannot tell from that noise: a step stage
-keeping every 18 kB block (9 MiB). The inter-stage buffers are checked directly instead: every stage's
-``max_lead`` (most blocks produced and not yet taken when it started one) stays below max_buffered_blocks.
+7.5 MiB and back down within the round); a CI run then saw r2 - r1 = 14.4 MiB in a step stage. What the bounds
+catch: a KV cache that never slid its window (+94 MiB per step replica per round: 60 blocks x 8 streams x
+0.19 MiB); the ingress or the decoder keeping every chunk record (8 x 64 x 28.6 kB = 14 MiB per round). What they
+cannot tell from the step stages' noise is checked directly instead: every stage's ``max_lead`` (most blocks
+produced and not yet taken when it started one) stays below max_buffered_blocks, and once round 2 is over no
+replica holds a finished stream's stage (``live_stages``: its KV caches, 0.94 MiB per stream). Still unseen: a
+step stage keeping every 18 kB block (9 MiB per round).
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from tests.services import free_port
 APP = "hiar-load"
 STREAMS, BLOCKS, READ_DELAY_S = 8, 64, 2.0
 ALLOWANCE_MB = 16.0  # the fixed part of the growth bound: twice the largest growth measured (7.7 MiB)
-RETAIN_MB = 12.0  # round 2 over round 1: the largest measured was 7.7 MiB (one of the allocator's steps)
+# round 2's peak over round 1's: a step stage (torch's temporaries in glibc's per-thread arenas) measured up to
+# 14.4 MiB (a CI run), the other processes much less; about twice the largest of each
+RETAIN_STAGE_MB, RETAIN_MB = 32.0, 12.0
 OVERRIDES = [f"serve.max_concurrent_streams={STREAMS}", f"serve.max_blocks={BLOCKS}", "serve.health_check_period_s=1"]
 
 
@@ -55,6 +60,10 @@ def service(ray_head, tmp_path_factory):
     yield f"http://127.0.0.1:{port}", bundle_dir
     serve.shutdown()
     ray.shutdown()
+
+
+def retain_bound(process: str) -> float:
+    return RETAIN_STAGE_MB if process.startswith("Step") else RETAIN_MB
 
 
 @pytest.mark.slow
@@ -93,8 +102,11 @@ def test_slow_clients_keep_memory_bounded_and_a_ninth_stream_gets_429(service, r
     assert all(lead <= window - 1 for lead in result.max_lead.values()), result.max_lead
     over = {n: (round(g, 1), round(bounds[n], 1)) for n, g in result.growth().items() if g > bounds[n]}
     assert not over, f"RSS grew past the bound within round 2 (growth MiB, bound MiB): {over}"
-    more = {n: round(r, 1) for n, r in result.retained().items() if r > RETAIN_MB}
-    assert not more, f"round 2 needed more than {RETAIN_MB} MiB beyond round 1's peak: {more}"
+    more = {n: (round(r, 1), retain_bound(n)) for n, r in result.retained().items() if r > retain_bound(n)}
+    assert not more, f"round 2 needed more than round 1's peak plus the bound (MiB, bound MiB): {more}"
+    # no replica still holds a finished stream's per-step state (its KV caches): checked directly, since the
+    # step stages' resident memory cannot tell that leak (8 x 0.94 MiB per round) from the allocator's steps
+    assert set(result.live_stages) >= set(stages) and not any(result.live_stages.values()), result.live_stages
 
     # and afterwards the service serves a valid request: a whole, decodable video
     after = stream_video(url, {"prompt": "a red square moves left slowly over a gray background", "num_blocks": 3},

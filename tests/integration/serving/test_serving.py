@@ -85,6 +85,18 @@ class Service:
                 raise AssertionError(f"streams still active after {timeout} s: {busy}, {self.ingress_stats()}, {flow}")
             time.sleep(0.25)
 
+    def live_stages(self, timeout: float = 10.0) -> dict[str, int]:
+        """The replicas that still hold a per-stream stage (``live_stages``), once given ``timeout`` s to let go: a
+        stream cancelled mid-block leaves that block's forward running on the compute thread, holding the stage
+        until it returns (within 0.1 s, measured)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            live = {s["replica"]: s["live_stages"] for group in self.all_stats().values() for s in group
+                    if s["live_stages"]}
+            if not live or time.monotonic() > deadline:
+                return live
+            time.sleep(0.1)
+
 
 @pytest.fixture(scope="module")
 def service(ray_head, bundle_dir):
@@ -486,6 +498,8 @@ def test_client_disconnect_frees_the_stream_everywhere(service):
         for deployment, diff in ended.items():
             assert diff["completed"] == 0, (attempt, deployment, "the stream ran to the end anyway", ended)
             assert diff["cancelled"] + diff["closed"] == 1 and diff["failed"] == 0, (attempt, deployment, ended)
+        live = service.live_stages()
+        assert not live, (attempt, "a replica still holds the cancelled stream's stage (its KV caches)", live)
         assert service.ingress_stats()["cancelled"] == ingress_before["cancelled"] + 1, attempt
 
 
