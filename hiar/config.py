@@ -159,6 +159,10 @@ class DistillConfig:
     # the shift (eq. 1) that maps those t to DMD / critic noise levels; None = schedule.shift (Self-Forcing's
     # timestep_shift). A smaller shift scores more of the low-noise levels, where fine detail is decided
     score_shift: float | None = None
+    # latent frames the generator rolls itself out for in training; DMD and the critic judge the last
+    # video.train_latent_frames of them (the clip the teacher knows). None = the training clip. Longer: the student
+    # also trains on the frame positions and contexts that a rollout past the clip reaches (tiny: its 4x horizon)
+    rollout_frames: int | None = None
     mixed_precision: str = "auto"  # "auto" = bf16 autocast on GPUs that support it, fp32 on CPU | "bf16" | "no"
     # ODE-regression init (--stage ode_init)
     ode_steps: int = 3000
@@ -366,6 +370,10 @@ def validate(cfg: HiarConfig) -> None:
         raise ValueError(f"distill.dataset_cache_mb must be >= 0 (0 = no cache), got {cfg.distill.dataset_cache_mb}")
     if cfg.distill.score_shift is not None and not cfg.distill.score_shift > 0:
         raise ValueError(f"distill.score_shift must be > 0 (or null: schedule.shift), got {cfg.distill.score_shift}")
+    rf, clip, k = cfg.distill.rollout_frames, cfg.video.train_latent_frames, cfg.rollout.frames_per_block
+    if rf is not None and (rf < clip or rf % k):
+        raise ValueError(f"distill.rollout_frames must be a multiple of rollout.frames_per_block ({k}) and at least "
+                         f"video.train_latent_frames ({clip}), or null; got {rf}")
     if not 0.0 <= cfg.distill.min_t < cfg.distill.max_t <= 1.0:
         raise ValueError(f"need 0 <= distill.min_t < distill.max_t <= 1, got {cfg.distill.min_t}, {cfg.distill.max_t}")
     choice("data.dtype", cfg.data.dtype, ("float16", "float32"))

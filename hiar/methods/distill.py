@@ -254,12 +254,14 @@ class Distiller:
         # knob (a request may set it); the generator is trained without CFG
         vel = GuidedVelocity(self.generator, embeds, frames_per_block=r.frames_per_block,
                              window_frames=r.window_frames, sink_frames=r.sink_frames)
-        n_blocks = cfg.video.train_latent_frames // r.frames_per_block
+        clip = cfg.video.train_latent_frames
+        n_blocks = (cfg.distill.rollout_frames or clip) // r.frames_per_block
         shape = (cfg.video.latent_channels, r.frames_per_block, cfg.video.latent_height, cfg.video.latent_width)
         noise = initial_noise(seeds, n_blocks, shape, device=self.device)
         context = r.context_noise if cfg.distill.rollout == "hierarchical" else "clean"
-        return self_rollout(vel, noise, self.sigmas.to(self.device), seeds, mode=cfg.distill.rollout,
-                            exit_step=exit_step, step_rule=r.step_rule, context_noise=context)
+        x0 = self_rollout(vel, noise, self.sigmas.to(self.device), seeds, mode=cfg.distill.rollout,
+                          exit_step=exit_step, step_rule=r.step_rule, context_noise=context)
+        return x0[:, :, -clip:]  # distill.rollout_frames: the scores judge the last clip-length window
 
     def _dmd(self, x0: torch.Tensor, embeds: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         b = x0.shape[0]

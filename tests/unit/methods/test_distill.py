@@ -215,3 +215,29 @@ def test_training_rollout_uses_the_inference_window(setup, mode):
     assert torch.equal(got, windowed)
     assert not torch.allclose(got[:, :, 6:], full[:, :, 6:], atol=1e-4)  # block 2 lost block 0 from its window
     assert torch.equal(got[:, :, :3], full[:, :, :3])  # block 0 has no context either way
+
+
+@pytest.mark.parametrize("mode", ["hierarchical", "block_first"])
+def test_a_longer_training_rollout_is_scored_on_its_last_clip(setup, mode):
+    """distill.rollout_frames: the generator rolls out past the training clip (9 latent frames for a 6-frame clip)
+    and the distiller hands DMD and the critic the last 6 frames of that rollout: the same numbers as the
+    inference rollout of 3 blocks, cut to its last 2, and not the 2-block rollout."""
+    from hiar.core.generation import generate_latents
+
+    cfg, model, text = setup
+    cfg = load_config("tiny", ["distill.batch_size=2", "distill.micro_batch_size=2", "video.train_latent_frames=6",
+                               "distill.rollout_frames=9", f"distill.rollout={mode}"])
+    prompts, seeds = train_prompts()[:2], [3, 4]
+    d = Distiller(cfg, copy.deepcopy(model), copy.deepcopy(model), text)
+    with torch.no_grad():
+        got = d._rollout(text.encode(prompts), seeds, exit_step=cfg.schedule.sigmas().numel() - 2)
+    long = generate_latents(d.generator, text, cfg, prompts, seeds, num_blocks=3, mode=mode)
+    short = generate_latents(d.generator, text, cfg, prompts, seeds, num_blocks=2, mode=mode)
+    assert got.shape[2] == 6 and torch.equal(got, long[:, :, 3:])
+    assert not torch.allclose(got, short, atol=1e-4)
+
+
+@pytest.mark.parametrize("frames", [4, 3, 13])
+def test_rollout_frames_shorter_than_the_clip_or_off_the_block_grid_is_refused(frames):
+    with pytest.raises(ValueError, match="distill.rollout_frames"):
+        load_config("tiny", [f"distill.rollout_frames={frames}", "video.train_latent_frames=6"])
