@@ -3,6 +3,7 @@
     python benchmarks/ablations.py --work-dir runs/ablations                       # 4 variants x 2 seeds
     python benchmarks/ablations.py --work-dir runs/ablations --variants next,clean --seeds 0
     python benchmarks/ablations.py --work-dir runs/ablations --set distill.steps=120 --set eval.num_prompts=16
+    python benchmarks/ablations.py --work-dir runs/ablations --variants next --distill-set teacher.real_score_path=DIR
 
 The paper's protocol: every variant is distilled from one ODE init with the same budget, then scored on long
 rollouts. Here:
@@ -73,6 +74,10 @@ def parse_args(argv):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds per variant")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config overrides for every job (budgets, evaluation size)")
+    p.add_argument("--distill-set", dest="distill_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config overrides for the distillation jobs only, after each variant's own: a setting that "
+                        "must not retrain the shared ODE init (e.g. teacher.real_score_path, whose path is part of "
+                        "every stage's identity)")
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in args.variants if v not in VARIANTS]
@@ -80,9 +85,10 @@ def parse_args(argv):
         p.error(f"unknown variant(s) {unknown or args.variants}; valid: {', '.join(VARIANTS)}")
     if len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds repeats a seed: {args.seeds}")
-    for o in args.overrides:
-        if "=" not in o or o.split("=", 1)[0].startswith(("seed", "rollout.", "run_dir")):
-            p.error(f"--set {o!r}: give KEY=VALUE; seed, rollout.* and run_dir are set by this script")
+    for flag, given in (("--set", args.overrides), ("--distill-set", args.distill_overrides)):
+        for o in given:
+            if "=" not in o or o.split("=", 1)[0].startswith(("seed", "rollout.", "run_dir")):
+                p.error(f"{flag} {o!r}: give KEY=VALUE; seed, rollout.* and run_dir are set by this script")
     return args
 
 
@@ -117,7 +123,8 @@ class Ablations:
 
     def distill(self, variant: str, seed: int, init: str, storage: str) -> TrainResult:
         name = f"distill-{variant}-s{seed}"
-        sets = [arg for o in [*VARIANTS[variant][1], f"seed={seed}", f"data.storage={storage}"] for arg in ("--set", o)]
+        sets = [arg for o in [*VARIANTS[variant][1], *self.args.distill_overrides, f"seed={seed}",
+                              f"data.storage={storage}"] for arg in ("--set", o)]
         return self.jobs.run_for_result(name, "train", [*self.job_args(sets), "--stage", "distill", "--init", init],
                                         TrainResult, self.out / f"{name}.json")
 
@@ -147,7 +154,8 @@ class Ablations:
                                             "overrides": VARIANTS[variant][1], "seeds": {}})
             row["seeds"][str(seed)] = {"student": student.output, **{
                 f"{f}x": self.evaluate(f"{variant}-s{seed}", student.output, f).metrics for f in factors}}
-        results = {"preset": self.args.preset, "overrides": self.args.overrides, "init": init, "data": storage,
+        results = {"preset": self.args.preset, "overrides": self.args.overrides,
+                   "distill_overrides": self.args.distill_overrides, "init": init, "data": storage,
                    "factors": factors, "seconds": time.monotonic() - t0, "rows": list(rows.values())}
         write_local_json(self.out / "results.json", results)
         write_local_json(self.out / results_name(self.args), results)
@@ -159,7 +167,10 @@ def results_name(args) -> str:
     it ran (preset, overrides, variants, seeds), so runs with other ``--set`` budgets in one work dir keep theirs."""
     from hiar.identity import identity
 
-    return f"results-{identity([args.preset, sorted(args.overrides), list(args.variants), list(args.seeds)])}.json"
+    what = [args.preset, sorted(args.overrides), list(args.variants), list(args.seeds)]
+    if args.distill_overrides:  # only when given, so earlier runs keep their names
+        what.append(sorted(args.distill_overrides))
+    return f"results-{identity(what)}.json"
 
 
 def combine(per_seed: list[tuple[float, float]]) -> tuple[float, float]:

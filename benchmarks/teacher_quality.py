@@ -9,6 +9,14 @@ steps, shift 8, CFG 2 from the tiny preset's ``teacher.*``, which ``--set`` chan
 clip is scored by the tiny world's oracle. Printed per teacher: caption consistency, motion accuracy, mean motion (px/frame) and the share of
 clips that stand still (``oracle/static``), as mean ± SE over the clips. This is how the teacher of a world with
 ``world.static_share`` (README "Quality on the tiny preset") was checked to have learned the static mode.
+
+``--windows 0 12 24 36`` adds how well each teacher denoises true world videos that start at those frames (what
+DMD's real score is asked about a window of a long rollout, ``distill.rollout_frames``): for each held-out prompt,
+its reference scene's window (``hiar.methods.pretrain.window_latents``: a later window carries the frames before it
+as history) noised to each sigma, and the mean squared error of the teacher's guided x0 prediction, mean ± SE over
+the prompts. The noise is the same for every teacher and window, so the rows and columns are paired.
+
+    python benchmarks/teacher_quality.py --teacher hiar/assets/tiny-teacher --teacher runs/teacher-late36 --windows 0 12 24 36
 """
 
 from __future__ import annotations
@@ -19,12 +27,39 @@ from pathlib import Path
 import torch
 
 from hiar.config import load_config
+from hiar.core.schedule import add_noise, x0_from_velocity
+from hiar.core.velocity import GuidedVelocity
 from hiar.eval.gate import mean_se
-from hiar.methods.pretrain import load_teacher, sample_eval_clips
+from hiar.methods.pretrain import eval_prompts, load_teacher, sample_eval_clips, window_latents
+from hiar.seeding import seeded_generator
 from hiar.tiny.oracle import score_clip
+from hiar.tiny.world import SyntheticWorld
 
 SHIPPED = Path(__file__).resolve().parents[1] / "hiar" / "assets" / "tiny-teacher"
 COLUMNS = ("caption_consistency", "motion_accuracy", "motion", "static")
+WINDOW_SIGMAS = (0.3, 0.6, 0.9)
+
+
+@torch.no_grad()
+def window_errors(model, text, codec, cfg, num_prompts: int, starts: list[int],
+                  sigmas=WINDOW_SIGMAS) -> dict[tuple[float, int], tuple[float, float]]:
+    """``{(sigma, start frame): (mean, SE)}`` over held-out prompts of the teacher's guided x0-prediction MSE on
+    its reference scene's window from that frame, noised to sigma (the same noise for every start and teacher)."""
+    w = cfg.world
+    world = SyntheticWorld(w.frame_size, w.seed, w.start_jitter)
+    prompts = eval_prompts(num_prompts)
+    scenes = [world.scene_for_prompt(p, seed) for seed, p in enumerate(prompts)]
+    velocity = GuidedVelocity(model, text.encode(prompts), text.null_embedding(len(prompts)),
+                              guidance_scale=cfg.teacher.guidance_scale)
+    out = {}
+    for start in starts:
+        x0 = torch.cat([window_latents(world, codec, s, cfg.video.train_latent_frames, start) for s in scenes])
+        for sigma in sigmas:
+            noise = torch.randn(x0.shape, generator=seeded_generator(cfg.seed, 7, round(sigma * 1e6)))
+            x_t = add_noise(x0, noise, sigma)
+            pred = x0_from_velocity(x_t, velocity(x_t, sigma, attention_mode="bidirectional"), sigma)
+            out[(sigma, start)] = mean_se((pred - x0).square().flatten(1).mean(1).tolist())[:2]
+    return out
 
 
 def main(argv=None) -> int:
@@ -34,6 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: every core)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="tiny preset overrides, e.g. teacher.num_steps=24")
+    parser.add_argument("--windows", type=int, nargs="+", default=[], metavar="FRAME",
+                        help="also the x0 error on true windows starting at these frames (e.g. 0 12 24 36)")
     args = parser.parse_args(argv)
     teachers = args.teacher or [str(SHIPPED)]
     missing = [t for t in teachers if not (Path(t) / "card.json").is_file()]
@@ -47,6 +84,11 @@ def main(argv=None) -> int:
         cfg = load_config("tiny", args.overrides)
     except ValueError as err:
         parser.error(str(err))
+    k = cfg.world.frames_per_latent
+    bad = [f for f in args.windows if f < 0 or f % k]
+    if bad:
+        parser.error(f"--windows: start frames must be non-negative multiples of world.frames_per_latent ({k}), "
+                     f"got {bad}")
     t = cfg.teacher
     print(f"{t.num_steps} Euler steps, shift {t.shift}, CFG {t.guidance_scale}; {args.prompts} held-out prompts")
     print("| teacher | n | " + " | ".join(COLUMNS) + " |")
@@ -57,6 +99,17 @@ def main(argv=None) -> int:
         clips = [score_clip(f, p) for f, p in zip(frames, prompts)]
         cells = [mean_se([c[k] for c in clips])[:2] for k in COLUMNS]
         print(f"| {path} | {len(clips)} | " + " | ".join(f"{m:.3f} ± {se:.3f}" for m, se in cells) + " |")
+    if args.windows:
+        print(f"\nx0-prediction MSE on true windows, by start frame ({args.prompts} held-out prompts, "
+              f"{cfg.video.train_latent_frames} latent frames, CFG {t.guidance_scale})")
+        print("| teacher | sigma | " + " | ".join(f"from frame {f}" for f in args.windows) + " |")
+        print("|---" * (len(args.windows) + 2) + "|")
+        for path in teachers:
+            model, text, codec, _ = load_teacher(path)
+            errors = window_errors(model.eval(), text, codec, cfg, args.prompts, args.windows)
+            for sigma in WINDOW_SIGMAS:
+                print(f"| {path} | {sigma} | " + " | ".join(
+                    "{:.4f} ± {:.4f}".format(*errors[(sigma, f)]) for f in args.windows) + " |")
     return 0
 
 

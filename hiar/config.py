@@ -163,6 +163,11 @@ class DistillConfig:
     # video.train_latent_frames of them (the clip the teacher knows). None = the training clip. Longer: the student
     # also trains on the frame positions and contexts that a rollout past the clip reaches (tiny: its 4x horizon)
     rollout_frames: int | None = None
+    # which clip-length windows of that rollout DMD and the critic judge: "last" (the window that ends it) or "all"
+    # (every consecutive window, batched: rollout_frames must then be a whole number of clips). "all" keeps the
+    # first clip, the one a video starts with, judged as well; each later window starts mid-video, where a teacher
+    # trained only on scene starts is off its data (pretrain.late_start_share)
+    score_windows: str = "last"
     mixed_precision: str = "auto"  # "auto" = bf16 autocast on GPUs that support it, fp32 on CPU | "bf16" | "no"
     # ODE-regression init (--stage ode_init)
     ode_steps: int = 3000
@@ -233,6 +238,13 @@ class PretrainConfig:
     # start from another teacher instead of random weights: a teacher bundle directory, or a trainer state file
     # (state.pt of a pretrain checkpoint); a model with fewer latent channels is widened (hiar.methods.pretrain.widen_channels)
     init_from: str = ""
+    # a share of the training clips are later windows of their scene, starting at a frame drawn uniformly from
+    # (0, late_start_frames] (a multiple of world.frames_per_latent), their first latent frame holding its true
+    # history. Why: the real score of a long distillation rollout (distill.rollout_frames) judges a window that
+    # does not start the video; a teacher that only saw scene starts denoises such a window worse at high noise
+    # (README "Quality on the tiny preset"). 0 = every clip starts its scene (the shipped teacher).
+    late_start_share: float = 0.0
+    late_start_frames: int = 0
 
 
 @dataclass
@@ -374,6 +386,10 @@ def validate(cfg: HiarConfig) -> None:
     if rf is not None and (rf < clip or rf % k):
         raise ValueError(f"distill.rollout_frames must be a multiple of rollout.frames_per_block ({k}) and at least "
                          f"video.train_latent_frames ({clip}), or null; got {rf}")
+    choice("distill.score_windows", cfg.distill.score_windows, ("last", "all"))
+    if cfg.distill.score_windows == "all" and (rf or clip) % clip:
+        raise ValueError(f"distill.score_windows=all needs distill.rollout_frames to be a whole number of training "
+                         f"clips (video.train_latent_frames = {clip}); got {rf}")
     if not 0.0 <= cfg.distill.min_t < cfg.distill.max_t <= 1.0:
         raise ValueError(f"need 0 <= distill.min_t < distill.max_t <= 1, got {cfg.distill.min_t}, {cfg.distill.max_t}")
     choice("data.dtype", cfg.data.dtype, ("float16", "float32"))
@@ -398,6 +414,16 @@ def validate(cfg: HiarConfig) -> None:
         raise ValueError(f"serve.batch_wait_ms must be a finite number >= 0, got {cfg.serve.batch_wait_ms!r}")
     if cfg.data.heldout_prompts < 1:
         raise ValueError(f"data.heldout_prompts must be >= 1, got {cfg.data.heldout_prompts}")
+    p = cfg.pretrain
+    if not 0.0 <= p.late_start_share <= 1.0:
+        raise ValueError(f"pretrain.late_start_share must be in [0, 1], got {p.late_start_share!r}")
+    if p.late_start_share > 0:
+        k, h = cfg.world.frames_per_latent, cfg.world.history_frames
+        first = k * -(-h // k) if h else k  # the earliest late start whose history lies inside the scene
+        if p.late_start_frames < first or p.late_start_frames % k:
+            raise ValueError(f"pretrain.late_start_share > 0 needs pretrain.late_start_frames, a multiple of "
+                             f"world.frames_per_latent ({k}) and at least {first} (world.history_frames={h}); "
+                             f"got {p.late_start_frames}")
     if not 0.0 <= cfg.world.static_share < 1.0:
         raise ValueError(f"world.static_share must be in [0, 1), got {cfg.world.static_share!r}")
     for mode in cfg.eval.rollouts:

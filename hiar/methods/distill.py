@@ -246,7 +246,10 @@ class Distiller:
     def generator_steps(self) -> int:
         return (self.iteration + self.cfg.distill.critic_ratio - 1) // self.cfg.distill.critic_ratio
 
-    def _rollout(self, embeds: torch.Tensor, seeds: list[int], exit_step: int) -> torch.Tensor:
+    def _rollout(self, embeds: torch.Tensor, seeds: list[int], exit_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generator's self-rollout, as the clip-length windows the scores judge, and each window's prompt
+        embedding: ``distill.score_windows`` "last" gives ``[B, C, clip, H, W]`` and ``embeds``; "all" gives every
+        consecutive window, sample-major (``[B * n, ...]``, sample ``i``'s windows at rows ``i n .. i n + n - 1``)."""
         cfg, r = self.cfg, self.cfg.rollout
         # the inference window and sinks: the student trains on the contexts it will be rolled out with (a window
         # as long as the training clip, as in both presets, changes nothing; a shorter one is the tiny ablation's).
@@ -261,7 +264,12 @@ class Distiller:
         context = r.context_noise if cfg.distill.rollout == "hierarchical" else "clean"
         x0 = self_rollout(vel, noise, self.sigmas.to(self.device), seeds, mode=cfg.distill.rollout,
                           exit_step=exit_step, step_rule=r.step_rule, context_noise=context)
-        return x0[:, :, -clip:]  # distill.rollout_frames: the scores judge the last clip-length window
+        if cfg.distill.score_windows == "last":
+            return x0[:, :, -clip:], embeds  # distill.rollout_frames: the scores judge the last clip-length window
+        b, c, f, h, w = x0.shape
+        n = f // clip
+        windows = x0.view(b, c, n, clip, h, w).transpose(1, 2).reshape(b * n, c, clip, h, w)
+        return windows, embeds.repeat_interleave(n, dim=0)
 
     def _dmd(self, x0: torch.Tensor, embeds: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         b = x0.shape[0]
@@ -299,9 +307,9 @@ class Distiller:
             seeds = [derive_seed(cfg.seed, 22, self.iteration, index, j) % (2**31) for j in range(len(prompts))]
             embeds = self.text.encode(list(prompts)).to(self.device)
             with autocast(cfg, self.device), torch.set_grad_enabled(update_generator):
-                x0 = self._rollout(embeds, seeds, exit_step)
+                x0, judged = self._rollout(embeds, seeds, exit_step)
                 if update_generator:
-                    dmd = self._dmd(x0, embeds, gen)
+                    dmd = self._dmd(x0, judged, gen)
                     loss = dmd
                     if d.fkl_weight > 0 and d.fkl_steps > 0:
                         fkl = fkl_regulariser(self.generator, embeds, states.to(self.device), self.sigmas,
@@ -310,7 +318,7 @@ class Distiller:
                         metrics["fkl_loss"] = metrics.get("fkl_loss", 0.0) + fkl.item() / self.accum
                     (loss / self.accum).backward()
                     metrics["dmd_loss"] = metrics.get("dmd_loss", 0.0) + dmd.item() / self.accum
-            samples.append((x0.detach(), embeds, gen))
+            samples.append((x0.detach(), judged, gen))
         if update_generator:
             if not self.fsdp:
                 average_gradients(self.generator)  # FSDP reduce-scatters the gradients in backward

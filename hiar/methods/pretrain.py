@@ -83,6 +83,27 @@ def widen_channels(state: dict, in_channels: int, out_channels: int) -> dict:
     return state
 
 
+def history_lead(codec: PixelCodec) -> int:
+    """Video frames, whole latent frames of them, that hold the history of a window's first latent frame."""
+    k, h = codec.frames_per_latent, codec.history_frames
+    return k * -(-h // k)
+
+
+def window_latents(world: SyntheticWorld, codec: PixelCodec, scene, latent_frames: int,
+                   start_frame: int = 0) -> torch.Tensor:
+    """Latents ``[1, C, F, H, W]`` of ``scene``'s frames from ``start_frame`` on (a multiple of the codec's
+    frames per latent frame). A window that does not start the scene gets its true history (the frames before
+    it), as the same frames inside a longer clip would: a model asked about frame 12 of a rollout sees there
+    what came before it, never the repeated first frame of a clip's start."""
+    k = codec.frames_per_latent
+    if start_frame < 0 or start_frame % k:
+        raise ValueError(f"start_frame must be a non-negative multiple of {k} (frames per latent frame), "
+                         f"got {start_frame}")
+    before = min(start_frame, history_lead(codec))
+    frames = world.render(scene, start_frame + k * latent_frames)[start_frame - before:]
+    return codec.encode(torch.from_numpy(frames)[None])[:, :, before // k:]
+
+
 class TeacherPretraining:
     """Model, EMA, optimiser and data of one training worker; ``state_dict`` makes it resumable exactly."""
 
@@ -108,12 +129,28 @@ class TeacherPretraining:
         """Clips ``[B, C, F, H, W]``, their text embeddings (some dropped to the empty prompt), captions."""
         p, frames = self.cfg.pretrain, self.codec.num_frames_for(self.cfg.video.train_latent_frames)
         start = (step * self.world_size + self.rank) * p.batch_size
-        clips, captions = zip(*(self.world.clip(start + i, frames) for i in range(p.batch_size)))
-        x0 = self.codec.encode(torch.from_numpy(np.stack(clips)))
+        scenes = [self.world.sample_scene(start + i) for i in range(p.batch_size)]
+        x0 = torch.cat([window_latents(self.world, self.codec, scene, self.cfg.video.train_latent_frames, first)
+                        for scene, first in zip(scenes, self.start_frames(step))])
+        captions = [scene.caption for scene in scenes]
         embeds = torch.stack([self.prompt_embeds[self.prompt_row[c]] for c in captions])
         drop = torch.rand(p.batch_size, generator=seeded_generator(self.cfg.seed, 1, step, self.rank)) < p.caption_dropout
         embeds[drop] = self.null_embed[0]
         return x0, embeds, list(captions)
+
+    def start_frames(self, step: int) -> list[int]:
+        """Each clip's first frame in its scene: 0, or for a ``pretrain.late_start_share`` of them a multiple of
+        ``world.frames_per_latent`` drawn uniformly from ``(0, pretrain.late_start_frames]`` (never earlier than
+        the history needs), from a generator of its own so a share of 0 leaves the data as it was."""
+        p, b = self.cfg.pretrain, self.cfg.pretrain.batch_size
+        if p.late_start_share <= 0:
+            return [0] * b
+        k = self.codec.frames_per_latent
+        gen = seeded_generator(self.cfg.seed, 3, step, self.rank)
+        late = torch.rand(b, generator=gen) < p.late_start_share
+        lowest = max(1, history_lead(self.codec) // k)
+        offsets = torch.randint(lowest, p.late_start_frames // k + 1, (b,), generator=gen) * k
+        return [int(o) if is_late else 0 for o, is_late in zip(offsets, late)]
 
     # ------------------------------------------------------------------ one step
     def lr_at(self, step: int) -> float:

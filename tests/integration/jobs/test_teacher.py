@@ -11,7 +11,8 @@ import torch
 
 from hiar.config import load_config
 from hiar.methods.losses import flow_matching_loss, sample_training_sigmas
-from hiar.methods.pretrain import (TeacherPretraining, build_world_components, evaluate_teacher, eval_prompts, load_teacher)
+from hiar.methods.pretrain import (TeacherPretraining, build_world_components, evaluate_teacher, eval_prompts, load_teacher,
+                                   window_latents)
 from hiar.core.schedule import teacher_sigmas
 from hiar.core.teacher import sample_teacher
 from hiar.tiny.captions import heldout_prompts, train_prompts
@@ -104,6 +105,42 @@ def test_pretraining_with_six_channel_latents_trains_on_clips_of_the_right_lengt
     assert caption == captions[0]
     np.testing.assert_allclose(codec.decode(x0[:1])[0].numpy(), clip, atol=1e-5)
     assert np.isfinite(trainer.train_step()["loss"])
+
+
+@pytest.mark.parametrize("codec_sets", [[], ["world.frames_per_latent=2", "world.history_frames=0"]])
+def test_late_start_clips_are_later_windows_of_their_scene_with_their_true_history(codec_sets):
+    sets = ["pretrain.batch_size=16", "model.num_layers=1", "pretrain.late_start_share=0.5",
+            "pretrain.late_start_frames=36"] + codec_sets
+    cfg = load_config("tiny", sets)
+    world, text, codec = build_world_components(cfg)
+    trainer = TeacherPretraining(cfg, world, text, codec)
+    k, frames = codec.frames_per_latent, cfg.video.train_latent_frames
+    step = 3
+    x0, _, captions = trainer.batch(step)
+    starts = trainer.start_frames(step)
+    assert starts == trainer.start_frames(step)  # drawn from (seed, step, rank): a resume sees the same clips
+    assert 0 < sum(s > 0 for s in starts) < len(starts) and all(0 <= s <= 36 and s % k == 0 for s in starts)
+    moved = 0  # late windows that differ from their scene's start (a motion can come full circle on the torus)
+    for i, first in enumerate(starts):
+        scene, caption = world.clip(step * 16 + i, first + k * frames)  # the scene from its start
+        assert caption == captions[i]
+        moved += first > 0 and bool(window_latents(world, codec, world.sample_scene(step * 16 + i), frames).ne(
+            x0[i:i + 1]).any())
+        # the window of the whole scene's latents: its first latent frame holds the frame before it as history
+        whole = codec.encode(torch.from_numpy(scene)[None])
+        torch.testing.assert_close(x0[i:i + 1], whole[:, :, first // k:], rtol=0, atol=0)
+    assert moved >= 3
+    plain = TeacherPretraining(load_config("tiny", sets[:2] + codec_sets), world, text, codec)
+    assert plain.start_frames(step) == [0] * 16
+
+
+def test_window_latents_rejects_a_start_between_latent_frames():
+    cfg = load_config("tiny", ["world.frames_per_latent=2", "world.history_frames=0"])
+    world, _, codec = build_world_components(cfg)
+    scene = world.sample_scene(0)
+    assert window_latents(world, codec, scene, 4, 6).shape[2] == 4
+    with pytest.raises(ValueError, match="start_frame must be a non-negative multiple of 2"):
+        window_latents(world, codec, scene, 4, 3)
 
 
 def test_init_from_a_narrower_teacher_starts_from_what_it_computed(tmp_path):

@@ -45,6 +45,8 @@ def test_table_has_a_row_per_variant_and_a_column_per_metric_and_horizon():
     (["--set", "rollout.context_noise=clean"], "set by this script"),
     (["--set", "seed=3"], "set by this script"),
     (["--set", "distill.steps"], "KEY=VALUE"),
+    (["--distill-set", "rollout.window_frames=9"], "--distill-set 'rollout.window_frames=9'"),
+    (["--distill-set", "teacher.real_score_path"], "KEY=VALUE"),
 ])
 def test_bad_arguments_are_usage_errors_before_any_compute(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -72,3 +74,7 @@ def test_each_run_keeps_its_own_results_file_named_by_what_it_ran():
               results_name(parse_args(["--work-dir", "w", "--variants", "next,current", "--seeds", "0", "1"])),
               results_name(parse_args(["--work-dir", "w", "--variants", "next", "--seeds", "0"]))}
     assert name not in others and len(others) == 4
+    # distillation-only overrides name a run of their own; a run without them keeps the name it had before
+    real = results_name(parse_args(base + ["--distill-set", "teacher.real_score_path=runs/t"]))
+    assert real != results_name(parse_args(base)) and real != results_name(parse_args(base + ["--set",
+                                                                                                  "teacher.real_score_path=runs/t"]))

@@ -1,6 +1,7 @@
 """Distillation pieces (hiar.methods.distill) on tiny random models: rollouts, gradient routing, losses, updates."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -209,7 +210,7 @@ def test_training_rollout_uses_the_inference_window(setup, mode):
     prompts, seeds = train_prompts()[:2], [3, 4]
     d = Distiller(cfg, copy.deepcopy(model), copy.deepcopy(model), text)
     with torch.no_grad():
-        got = d._rollout(text.encode(prompts), seeds, exit_step=cfg.schedule.sigmas().numel() - 2)
+        got, _ = d._rollout(text.encode(prompts), seeds, exit_step=cfg.schedule.sigmas().numel() - 2)
     windowed = generate_latents(d.generator, text, cfg, prompts, seeds, num_blocks=3, mode=mode)
     full = generate_latents(d.generator, text, unwindowed, prompts, seeds, num_blocks=3, mode=mode)
     assert torch.equal(got, windowed)
@@ -230,11 +231,46 @@ def test_a_longer_training_rollout_is_scored_on_its_last_clip(setup, mode):
     prompts, seeds = train_prompts()[:2], [3, 4]
     d = Distiller(cfg, copy.deepcopy(model), copy.deepcopy(model), text)
     with torch.no_grad():
-        got = d._rollout(text.encode(prompts), seeds, exit_step=cfg.schedule.sigmas().numel() - 2)
+        got, _ = d._rollout(text.encode(prompts), seeds, exit_step=cfg.schedule.sigmas().numel() - 2)
     long = generate_latents(d.generator, text, cfg, prompts, seeds, num_blocks=3, mode=mode)
     short = generate_latents(d.generator, text, cfg, prompts, seeds, num_blocks=2, mode=mode)
     assert got.shape[2] == 6 and torch.equal(got, long[:, :, 3:])
     assert not torch.allclose(got, short, atol=1e-4)
+
+
+def test_score_windows_all_judges_every_clip_of_the_rollout_with_its_own_prompt(setup):
+    """distill.score_windows=all: a 12-frame rollout of a 6-frame clip is judged as its two windows, each sample's
+    in order, each with that sample's prompt; the DMD loss and the critic see all of them."""
+    from hiar.core.generation import generate_latents
+
+    cfg, model, text = setup
+    sets = ["distill.batch_size=2", "distill.micro_batch_size=2", "video.train_latent_frames=6",
+            "distill.rollout_frames=12", "distill.score_windows=all"]
+    cfg = load_config("tiny", sets)
+    prompts, seeds = train_prompts()[:2], [3, 4]
+    d = Distiller(cfg, copy.deepcopy(model), copy.deepcopy(model), text)
+    embeds = text.encode(prompts)
+    with torch.no_grad():
+        got, judged = d._rollout(embeds, seeds, exit_step=cfg.schedule.sigmas().numel() - 2)
+    long = generate_latents(d.generator, text, cfg, prompts, seeds, num_blocks=4, mode="hierarchical")
+    assert got.shape == (4, *long.shape[1:2], 6, *long.shape[3:])
+    for i in range(2):
+        assert torch.equal(got[2 * i], long[i, :, :6]) and torch.equal(got[2 * i + 1], long[i, :, 6:])
+        assert torch.equal(judged[2 * i], embeds[i]) and torch.equal(judged[2 * i + 1], embeds[i])
+    log = d.iteration_step([(prompts, torch.zeros(2, 5, *long.shape[1:2], 6, *long.shape[3:]))])
+    assert log.generator_updated and all(math.isfinite(log.metrics[k]) for k in ("dmd_loss", "critic_loss"))
+    last = Distiller(load_config("tiny", sets[:-1]), copy.deepcopy(model), copy.deepcopy(model), text)
+    with torch.no_grad():
+        tail, same = last._rollout(embeds, seeds, exit_step=cfg.schedule.sigmas().numel() - 2)
+    assert torch.equal(tail, long[:, :, 6:]) and same is embeds  # the default: the last window only
+
+
+def test_score_windows_all_needs_whole_clips():
+    with pytest.raises(ValueError, match="distill.score_windows=all needs distill.rollout_frames to be a whole"):
+        load_config("tiny", ["video.train_latent_frames=6", "distill.rollout_frames=9", "distill.score_windows=all"])
+    with pytest.raises(ValueError, match="distill.score_windows must be one of"):
+        load_config("tiny", ["distill.score_windows=first"])
+    assert load_config("tiny", ["distill.score_windows=all"]).distill.rollout_frames is None  # one clip: one window
 
 
 @pytest.mark.parametrize("frames", [4, 3, 13])
