@@ -418,8 +418,11 @@ def validate(cfg: HiarConfig) -> None:
     if not 0.0 <= p.late_start_share <= 1.0:
         raise ValueError(f"pretrain.late_start_share must be in [0, 1], got {p.late_start_share!r}")
     if p.late_start_share > 0:
+        from hiar.io.codec import PixelCodec
+
         k, h = cfg.world.frames_per_latent, cfg.world.history_frames
-        first = k * -(-h // k) if h else k  # the earliest late start whose history lies inside the scene
+        # the earliest late start whose history lies inside the scene
+        first = max(k, PixelCodec(frames_per_latent=k, history_frames=h).history_lead)
         if p.late_start_frames < first or p.late_start_frames % k:
             raise ValueError(f"pretrain.late_start_share > 0 needs pretrain.late_start_frames, a multiple of "
                              f"world.frames_per_latent ({k}) and at least {first} (world.history_frames={h}); "

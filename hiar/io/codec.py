@@ -174,6 +174,14 @@ class PixelCodec(Codec):
     def latent_channels(self) -> int:
         return 3 * (self.frames_per_latent + self.history_frames)
 
+    @property
+    def history_lead(self) -> int:
+        """The video frames before a latent frame that its history channels hold, rounded up to whole latent
+        frames: what a window that does not start its video is encoded with, then dropped
+        (``hiar.methods.pretrain.window_latents``)."""
+        k = self.frames_per_latent
+        return k * -(-self.history_frames // k)
+
     def _stats(self, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         mean = torch.tensor(self.mean, dtype=like.dtype, device=like.device)
         std = torch.tensor(self.std, dtype=like.dtype, device=like.device)

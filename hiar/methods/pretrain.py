@@ -83,12 +83,6 @@ def widen_channels(state: dict, in_channels: int, out_channels: int) -> dict:
     return state
 
 
-def history_lead(codec: PixelCodec) -> int:
-    """Video frames, whole latent frames of them, that hold the history of a window's first latent frame."""
-    k, h = codec.frames_per_latent, codec.history_frames
-    return k * -(-h // k)
-
-
 def window_latents(world: SyntheticWorld, codec: PixelCodec, scene, latent_frames: int,
                    start_frame: int = 0) -> torch.Tensor:
     """Latents ``[1, C, F, H, W]`` of ``scene``'s frames from ``start_frame`` on (a multiple of the codec's
@@ -99,8 +93,8 @@ def window_latents(world: SyntheticWorld, codec: PixelCodec, scene, latent_frame
     if start_frame < 0 or start_frame % k:
         raise ValueError(f"start_frame must be a non-negative multiple of {k} (frames per latent frame), "
                          f"got {start_frame}")
-    before = min(start_frame, history_lead(codec))
-    frames = world.render(scene, start_frame + k * latent_frames)[start_frame - before:]
+    before = min(start_frame, codec.history_lead)
+    frames = world.render(scene, start_frame + codec.num_frames_for(latent_frames))[start_frame - before:]
     return codec.encode(torch.from_numpy(frames)[None])[:, :, before // k:]
 
 
@@ -127,7 +121,7 @@ class TeacherPretraining:
     # ------------------------------------------------------------------ data
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Clips ``[B, C, F, H, W]``, their text embeddings (some dropped to the empty prompt), captions."""
-        p, frames = self.cfg.pretrain, self.codec.num_frames_for(self.cfg.video.train_latent_frames)
+        p = self.cfg.pretrain
         start = (step * self.world_size + self.rank) * p.batch_size
         scenes = [self.world.sample_scene(start + i) for i in range(p.batch_size)]
         x0 = torch.cat([window_latents(self.world, self.codec, scene, self.cfg.video.train_latent_frames, first)
@@ -148,7 +142,7 @@ class TeacherPretraining:
         k = self.codec.frames_per_latent
         gen = seeded_generator(self.cfg.seed, 3, step, self.rank)
         late = torch.rand(b, generator=gen) < p.late_start_share
-        lowest = max(1, history_lead(self.codec) // k)
+        lowest = max(1, self.codec.history_lead // k)
         offsets = torch.randint(lowest, p.late_start_frames // k + 1, (b,), generator=gen) * k
         return [int(o) if is_late else 0 for o, is_late in zip(offsets, late)]
 

@@ -233,3 +233,10 @@ def test_wan_loads_from_vae_folder_pipeline_root_and_load_codec(wan, vae_root, t
     wan.save_pretrained(tmp_path)
     assert (tmp_path / "vae" / "config.json").is_file()
     assert torch.equal(load_codec(tmp_path).encode(video), ref)
+
+
+@pytest.mark.parametrize("frames_per_latent, history_frames, lead", [(1, 0, 0), (1, 1, 1), (1, 2, 2), (2, 0, 0),
+                                                                     (2, 1, 2), (2, 3, 4)])
+def test_history_lead_is_the_history_rounded_up_to_whole_latent_frames(frames_per_latent, history_frames, lead):
+    codec = PixelCodec(frames_per_latent=frames_per_latent, history_frames=history_frames)
+    assert codec.history_lead == lead
