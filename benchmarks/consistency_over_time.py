@@ -24,9 +24,8 @@ from benchmarks.frame_strip import parse_models
 from hiar.config import load_config
 from hiar.core.generation import generate_frames
 from hiar.io.bundle import load_bundle
-from hiar.methods.pretrain import eval_prompts
+from hiar.methods.pretrain import build_world, eval_prompts
 from hiar.tiny.oracle import consistency_curve
-from hiar.tiny.world import SyntheticWorld
 
 
 def segment_means(curves: np.ndarray, segment: int) -> list[tuple[float, float]]:
@@ -65,7 +64,7 @@ def main(argv=None) -> int:
     prompts = eval_prompts(args.prompts or cfg.eval.num_prompts)
     seeds = list(args.seeds if args.seeds is not None else cfg.eval.seeds)
     pairs = [(p, s) for s in seeds for p in prompts]
-    world = SyntheticWorld(cfg.world.frame_size, cfg.world.seed, cfg.world.start_jitter)
+    world = build_world(cfg)
 
     rows: dict[str, np.ndarray] = {}
     num_frames = 0

@@ -22,9 +22,8 @@ from hiar.config import load_config
 from hiar.core.generation import generate_frames
 from hiar.io.bundle import load_bundle
 from hiar.io.video import to_uint8
-from hiar.methods.pretrain import eval_prompts
+from hiar.methods.pretrain import build_world, eval_prompts
 from hiar.tiny.oracle import score_clip
-from hiar.tiny.world import SyntheticWorld
 
 LABEL_WIDTH = 230
 GAP = 2
@@ -83,7 +82,7 @@ def main(argv=None) -> int:
     factor = args.factor or cfg.video.eval_horizon_factor
     num_blocks = cfg.video.train_latent_frames // cfg.rollout.frames_per_block * factor
     prompts = eval_prompts(args.prompts)
-    world = SyntheticWorld(cfg.world.frame_size, cfg.world.seed, cfg.world.start_jitter)
+    world = build_world(cfg)
     videos = {}
     for label, path in models:
         bundle = load_bundle(path)

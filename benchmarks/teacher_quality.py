@@ -30,10 +30,9 @@ from hiar.config import load_config
 from hiar.core.schedule import add_noise, x0_from_velocity
 from hiar.core.velocity import GuidedVelocity
 from hiar.eval.gate import mean_se
-from hiar.methods.pretrain import eval_prompts, load_teacher, sample_eval_clips, window_latents
+from hiar.methods.pretrain import build_world, eval_prompts, load_teacher, sample_eval_clips, window_latents
 from hiar.seeding import seeded_generator
 from hiar.tiny.oracle import score_clip
-from hiar.tiny.world import SyntheticWorld
 
 SHIPPED = Path(__file__).resolve().parents[1] / "hiar" / "assets" / "tiny-teacher"
 COLUMNS = ("caption_consistency", "motion_accuracy", "motion", "static")
@@ -45,8 +44,7 @@ def window_errors(model, text, codec, cfg, num_prompts: int, starts: list[int],
                   sigmas=WINDOW_SIGMAS) -> dict[tuple[float, int], tuple[float, float]]:
     """``{(sigma, start frame): (mean, SE)}`` over held-out prompts of the teacher's guided x0-prediction MSE on
     its reference scene's window from that frame, noised to sigma (the same noise for every start and teacher)."""
-    w = cfg.world
-    world = SyntheticWorld(w.frame_size, w.seed, w.start_jitter)
+    world = build_world(cfg)
     prompts = eval_prompts(num_prompts)
     scenes = [world.scene_for_prompt(p, seed) for seed, p in enumerate(prompts)]
     velocity = GuidedVelocity(model, text.encode(prompts), text.null_embedding(len(prompts)),

@@ -33,9 +33,16 @@ from hiar.io.text import TextEncoder
 from hiar.tiny.captions import heldout_prompts, train_prompts, vocabulary
 from hiar.tiny.world import SyntheticWorld
 
+def build_world(cfg: HiarConfig) -> SyntheticWorld:
+    """The config's synthetic world (``world.*``): its training scenes, and the reference scenes of the oracle
+    (``scene_for_prompt``, which ``world.static_share`` never freezes)."""
+    w = cfg.world
+    return SyntheticWorld(w.frame_size, w.seed, w.start_jitter, w.static_share)
+
+
 def build_world_components(cfg: HiarConfig) -> tuple[SyntheticWorld, TextEncoder, PixelCodec]:
     """The tiny preset's world, its frozen text encoder and a pixel codec fitted on training clips."""
-    world = SyntheticWorld(cfg.world.frame_size, cfg.world.seed, cfg.world.start_jitter, cfg.world.static_share)
+    world = build_world(cfg)
     text = TextEncoder.tiny(vocabulary(), d_model=cfg.model.text_dim, max_length=cfg.world.text_max_length,
                             seed=cfg.world.seed)
     k, h = cfg.world.frames_per_latent, cfg.world.history_frames
