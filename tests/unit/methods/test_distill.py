@@ -196,6 +196,16 @@ def test_score_shift_must_be_positive():
         load_config("tiny", ["distill.score_shift=-1"])
 
 
+def rollout_at_last_exit(cfg, model, text, prompts, seeds):
+    """A distiller of ``cfg`` (copies of ``model``) and its training self-rollout at the last exit step, whose
+    latents are what inference produces: ``(distiller, windows, their prompt embeddings, the prompts' embeddings)``."""
+    d = Distiller(cfg, copy.deepcopy(model), copy.deepcopy(model), text)
+    embeds = text.encode(prompts)
+    with torch.no_grad():
+        windows, judged = d._rollout(embeds, seeds, exit_step=cfg.schedule.sigmas().numel() - 2)
+    return d, windows, judged, embeds
+
+
 @pytest.mark.parametrize("mode", ROLLOUT_MODES)
 def test_training_rollout_uses_the_inference_window(setup, mode):
     """The distiller's self-rollout at the last exit step is what generation produces with the same
@@ -208,9 +218,7 @@ def test_training_rollout_uses_the_inference_window(setup, mode):
                                "rollout.window_frames=3", f"distill.rollout={mode}"])
     unwindowed = load_config("tiny", ["video.train_latent_frames=9", "rollout.window_frames=9"])
     prompts, seeds = train_prompts()[:2], [3, 4]
-    d = Distiller(cfg, copy.deepcopy(model), copy.deepcopy(model), text)
-    with torch.no_grad():
-        got, _ = d._rollout(text.encode(prompts), seeds, exit_step=cfg.schedule.sigmas().numel() - 2)
+    d, got, _, _ = rollout_at_last_exit(cfg, model, text, prompts, seeds)
     windowed = generate_latents(d.generator, text, cfg, prompts, seeds, num_blocks=3, mode=mode)
     full = generate_latents(d.generator, text, unwindowed, prompts, seeds, num_blocks=3, mode=mode)
     assert torch.equal(got, windowed)
@@ -229,9 +237,7 @@ def test_a_longer_training_rollout_is_scored_on_its_last_clip(setup, mode):
     cfg = load_config("tiny", ["distill.batch_size=2", "distill.micro_batch_size=2", "video.train_latent_frames=6",
                                "distill.rollout_frames=9", f"distill.rollout={mode}"])
     prompts, seeds = train_prompts()[:2], [3, 4]
-    d = Distiller(cfg, copy.deepcopy(model), copy.deepcopy(model), text)
-    with torch.no_grad():
-        got, _ = d._rollout(text.encode(prompts), seeds, exit_step=cfg.schedule.sigmas().numel() - 2)
+    d, got, _, _ = rollout_at_last_exit(cfg, model, text, prompts, seeds)
     long = generate_latents(d.generator, text, cfg, prompts, seeds, num_blocks=3, mode=mode)
     short = generate_latents(d.generator, text, cfg, prompts, seeds, num_blocks=2, mode=mode)
     assert got.shape[2] == 6 and torch.equal(got, long[:, :, 3:])
@@ -248,10 +254,7 @@ def test_score_windows_all_judges_every_clip_of_the_rollout_with_its_own_prompt(
             "distill.rollout_frames=12", "distill.score_windows=all"]
     cfg = load_config("tiny", sets)
     prompts, seeds = train_prompts()[:2], [3, 4]
-    d = Distiller(cfg, copy.deepcopy(model), copy.deepcopy(model), text)
-    embeds = text.encode(prompts)
-    with torch.no_grad():
-        got, judged = d._rollout(embeds, seeds, exit_step=cfg.schedule.sigmas().numel() - 2)
+    d, got, judged, embeds = rollout_at_last_exit(cfg, model, text, prompts, seeds)
     long = generate_latents(d.generator, text, cfg, prompts, seeds, num_blocks=4, mode="hierarchical")
     assert got.shape == (4, *long.shape[1:2], 6, *long.shape[3:])
     for i in range(2):
@@ -259,9 +262,7 @@ def test_score_windows_all_judges_every_clip_of_the_rollout_with_its_own_prompt(
         assert torch.equal(judged[2 * i], embeds[i]) and torch.equal(judged[2 * i + 1], embeds[i])
     log = d.iteration_step([(prompts, torch.zeros(2, 5, *long.shape[1:2], 6, *long.shape[3:]))])
     assert log.generator_updated and all(math.isfinite(log.metrics[k]) for k in ("dmd_loss", "critic_loss"))
-    last = Distiller(load_config("tiny", sets[:-1]), copy.deepcopy(model), copy.deepcopy(model), text)
-    with torch.no_grad():
-        tail, same = last._rollout(embeds, seeds, exit_step=cfg.schedule.sigmas().numel() - 2)
+    _, tail, same, embeds = rollout_at_last_exit(load_config("tiny", sets[:-1]), model, text, prompts, seeds)
     assert torch.equal(tail, long[:, :, 6:]) and same is embeds  # the default: the last window only
 
 
