@@ -1,8 +1,8 @@
 """Paired comparison of two recipes from their evaluations: B − A per held-out (prompt, seed), with its SE.
 
     python benchmarks/compare_students.py --work-dir runs/ablations \
-        --a runs/ablations/students/distill-5309ccf0d5e086fd runs/ablations/students/distill-2b500e654f50d4b5 \
-        --b runs/ablations/students/distill-ba284232019e5886 runs/ablations/students/distill-a2c8c707bc8ca3e7
+        --a runs/ablations/students/distill-9bef41af99a5ed8f runs/ablations/students/distill-7c1ab8b0d97bb5e1 \
+        --b runs/ablations/students/distill-942be52ad06182bc runs/ablations/students/distill-482c13a6cf2e0c3a
 
 ``--a`` and ``--b`` are the students of the two recipes, one per training seed, in the same seed order (the
 ``student`` of each seed in ``<work-dir>/ablations/results.json``). Every student must have been evaluated in the
@@ -18,7 +18,7 @@ with itself by evaluating it under a name of its own::
 
     python -m hiar.jobs.evaluate --preset tiny --set run_dir=runs/ablations --set rollout.window_frames=9 \
         --set video.eval_horizon_factor=4 --set 'eval.rollouts=[hierarchical]' \
-        --model runs/ablations/students/distill-ba284232019e5886 --run-name window9-s0-4x
+        --model runs/ablations/students/distill-942be52ad06182bc --run-name window9-s0-4x
     python benchmarks/compare_students.py --work-dir runs/ablations --a <students> --b <the same> --b-name window9-
 """
 

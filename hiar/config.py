@@ -29,6 +29,15 @@ PRESET_DIR = Path(__file__).parent / "presets"
 SERVE_TOPOLOGIES = ("per_step", "diagonal")
 
 
+def added_later(default, neutral=dataclasses.MISSING):
+    """A field added after stage identities were published. ``neutral`` (the default unless given) is the value
+    that keeps the behaviour from before the field existed: identities (:meth:`HiarConfig.identity_view`) leave the
+    field out while it holds that value, so adding it renames no stored student or teacher (the README's
+    reproduction commands name students by identity). A new field that changes what a stage trains belongs here;
+    one left out of this renames every stage that hashes its section."""
+    return field(default=default, metadata={"neutral": default if neutral is dataclasses.MISSING else neutral})
+
+
 @dataclass
 class ModelConfig:
     """Constructor arguments of the Wan DiT (the names of diffusers' ``WanTransformer3DModel``)."""
@@ -150,7 +159,7 @@ class DistillConfig:
     ema_decay: float = 0.99
     # generator steps before the EMA starts averaging (until then it is a copy of the generator): Self-Forcing's
     # ema_start_step. An EMA that averaged from step 1 would keep 0.99^60 = 55% of the ODE init after 60 steps
-    ema_start_step: int = 200
+    ema_start_step: int = added_later(200, neutral=0)  # 0, the behaviour before it: average from step 1
     steps: int = 20000  # generator steps (critic steps = critic_ratio x this)
     grad_clip: float = 10.0
     micro_batch_size: int = 1  # per worker per forward; batch_size = micro x workers x accumulation steps
@@ -158,16 +167,16 @@ class DistillConfig:
     max_t: float = 0.98
     # the shift (eq. 1) that maps those t to DMD / critic noise levels; None = schedule.shift (Self-Forcing's
     # timestep_shift). A smaller shift scores more of the low-noise levels, where fine detail is decided
-    score_shift: float | None = None
+    score_shift: float | None = added_later(None)
     # latent frames the generator rolls itself out for in training; DMD and the critic judge the last
     # video.train_latent_frames of them (the clip the teacher knows). None = the training clip. Longer: the student
     # also trains on the frame positions and contexts that a rollout past the clip reaches (tiny: its 4x horizon)
-    rollout_frames: int | None = None
+    rollout_frames: int | None = added_later(None)
     # which clip-length windows of that rollout DMD and the critic judge: "last" (the window that ends it) or "all"
     # (every consecutive window, batched: rollout_frames must then be a whole number of clips). "all" keeps the
     # first clip, the one a video starts with, judged as well; each later window starts mid-video, where a teacher
     # trained only on scene starts is off its data (pretrain.late_start_share)
-    score_windows: str = "last"
+    score_windows: str = added_later("last")
     mixed_precision: str = "auto"  # "auto" = bf16 autocast on GPUs that support it, fp32 on CPU | "bf16" | "no"
     # ODE-regression init (--stage ode_init)
     ode_steps: int = 3000
@@ -243,8 +252,8 @@ class PretrainConfig:
     # history. Why: the real score of a long distillation rollout (distill.rollout_frames) judges a window that
     # does not start the video; a teacher that only saw scene starts denoises such a window worse at high noise
     # (README "Quality on the tiny preset"). 0 = every clip starts its scene (the shipped teacher).
-    late_start_share: float = 0.0
-    late_start_frames: int = 0
+    late_start_share: float = added_later(0.0)
+    late_start_frames: int = added_later(0)
 
 
 @dataclass
@@ -353,6 +362,20 @@ class HiarConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def identity_view(self, *sections: str) -> dict:
+        """The named sections (every one when none is named) as identities hash them: all fields but those declared
+        :func:`added_later` that still hold their neutral value."""
+        out = {}
+        for name in sections or [f.name for f in dataclasses.fields(self)]:
+            value = getattr(self, name)
+            if not dataclasses.is_dataclass(value):
+                out[name] = value
+                continue
+            values = dataclasses.asdict(value)
+            out[name] = {f.name: values[f.name] for f in dataclasses.fields(value)
+                         if not ("neutral" in f.metadata and values[f.name] == f.metadata["neutral"])}
+        return out
 
     def config_hash(self, *sections: str) -> str:
         """The identity (``hiar.identity.identity``) of the whole config, or of the named sections only."""

@@ -64,6 +64,21 @@ def resolve_path(path: str) -> str:
     return str(candidate if candidate.exists() else Path(path).resolve())
 
 
+def portable_path(path: str) -> str:
+    """``path`` as identities hash it: resolved (:func:`resolve_path`), then relative to ``PACKAGE_PARENT`` when it
+    lies under it, so a checkout's shipped teacher and its ``runs/`` name the same stage identity wherever the
+    checkout is (``hiar/assets/tiny-teacher`` given relative or absolute alike); other paths and URIs as resolved."""
+    if not path:
+        return path
+    resolved = resolve_path(path)
+    if "://" in resolved:
+        return resolved
+    try:
+        return Path(os.path.normpath(resolved)).relative_to(PACKAGE_PARENT).as_posix()
+    except ValueError:
+        return os.path.normpath(resolved)
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     """An S3 filesystem from the environment; the endpoint override is what makes a local S3 server work."""
     kwargs = {}

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from hiar.identity import identity
-from hiar.io.storage import resolve_path
+from hiar.io.storage import portable_path, resolve_path
 from hiar.jobs.results import TeacherResult, write_result
 from hiar.platform.ray_cluster import init_ray
 from hiar.platform.tracking import flatten, mlflow_experiment, tracking_uri
@@ -142,10 +142,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def training_identity(cfg) -> str:
     """Identity of what determines the trained weights, without the budget: raising ``pretrain.max_minutes`` (or
     ``max_steps``) and rerunning continues the same run from its last checkpoint instead of starting over."""
-    d = cfg.to_dict()
+    d = cfg.identity_view("seed", "model", "video", "world", "pretrain", "rollout")  # added keys at neutral: left out
     for key in ("max_minutes", "max_steps", "eval_every_minutes", "eval_prompts"):
         d["pretrain"].pop(key)
-    return identity({k: d[k] for k in ("seed", "model", "video", "world", "pretrain", "rollout")})
+    d["pretrain"]["init_from"] = portable_path(d["pretrain"]["init_from"])
+    return identity(d)
 
 
 def main(argv=None) -> int:

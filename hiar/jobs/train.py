@@ -31,7 +31,7 @@ from pathlib import Path
 
 from hiar.core.rollout import ROLLOUT_MODES
 from hiar.identity import identity as content_identity
-from hiar.io.storage import resolve_path
+from hiar.io.storage import portable_path, resolve_path
 from hiar.jobs.results import TrainResult, write_result
 from hiar.platform.ray_cluster import init_ray
 from hiar.platform.train_inputs import check_dataset, check_models, check_resume_checkpoint
@@ -212,8 +212,14 @@ def train_loop_per_worker(c: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------- driver side
 def stage_identity(cfg, stage: str, inputs: dict) -> str:
-    """Identity of what determines a stage's weights (config sections + input checksums), not its logging."""
-    dd = cfg.to_dict()
+    """Identity of what determines a stage's weights (config sections + input checksums), not its logging.
+
+    Config keys enter as ``HiarConfig.identity_view`` gives them (a key added later is left out at its neutral
+    value), and model paths as ``portable_path`` writes them, so the same command names the same student in any
+    checkout: ``hiar/assets/tiny-teacher`` and ``/home/me/hiar/hiar/assets/tiny-teacher`` are one teacher."""
+    dd = cfg.identity_view()
+    teacher = {**dd["teacher"], "path": portable_path(dd["teacher"]["path"]),
+               "real_score_path": portable_path(dd["teacher"]["real_score_path"])}
     distill = {k: v for k, v in dd["distill"].items()
                if k not in ("sample_every", "sample_prompts", "checkpoint_every", "ode_checkpoint_every",
                             "keep_checkpoints", "max_failures", "storage_path", "num_workers", "cpus_per_worker",
@@ -223,7 +229,7 @@ def stage_identity(cfg, stage: str, inputs: dict) -> str:
         distill = {k: distill[k] for k in ("ode_steps", "lr_ode", "ode_batch_size", "micro_batch_size", "betas",
                                            "grad_clip")}
     keep = {"stage": stage, "seed": dd["seed"], "model": dd["model"], "schedule": dd["schedule"],
-            "rollout": dd["rollout"], "video": dd["video"], "teacher": dd["teacher"], "distill": distill,
+            "rollout": dd["rollout"], "video": dd["video"], "teacher": teacher, "distill": distill,
             "inputs": inputs}
     return content_identity(keep)
 

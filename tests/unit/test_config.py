@@ -91,3 +91,18 @@ def test_demo_cli_rejects_unknown_preset(capsys):
 
     assert run_main(main, ["--preset", "nope"]) == 2
     assert "valid presets" in capsys.readouterr().err
+
+
+def test_identity_view_leaves_out_keys_added_later_at_their_neutral_value():
+    base = load_config("tiny")
+    view = base.identity_view("distill", "pretrain")
+    # added after identities were published, at the value that keeps the old behaviour: not hashed
+    for key in ("score_shift", "rollout_frames", "score_windows", "ema_start_step"):
+        assert key not in view["distill"], key
+    assert "late_start_share" not in view["pretrain"] and "critic_ratio" in view["distill"]
+    changed = load_config("tiny", ["distill.score_windows=all", "distill.rollout_frames=24",
+                                   "distill.ema_start_step=200"]).identity_view("distill")["distill"]
+    assert (changed["score_windows"], changed["rollout_frames"], changed["ema_start_step"]) == ("all", 24, 200)
+    # the neutral value need not be the default: Wan's 200 is hashed, tiny's 0 (averaging from step 1) is not
+    assert load_config("wan2.1-1.3b").identity_view("distill")["distill"]["ema_start_step"] == 200
+    assert base.identity_view("seed", "model") == {"seed": base.seed, "model": base.to_dict()["model"]}
