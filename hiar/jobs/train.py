@@ -217,9 +217,9 @@ def stage_identity(cfg, stage: str, inputs: dict) -> str:
     Config keys enter as ``HiarConfig.identity_view`` gives them (a key added later is left out at its neutral
     value), and model paths as ``portable_path`` writes them, so the same command names the same student in any
     checkout: ``hiar/assets/tiny-teacher`` and ``/home/me/hiar/hiar/assets/tiny-teacher`` are one teacher."""
-    dd = cfg.identity_view()
-    teacher = {**dd["teacher"], "path": portable_path(dd["teacher"]["path"]),
-               "real_score_path": portable_path(dd["teacher"]["real_score_path"])}
+    dd = cfg.identity_view("seed", "model", "schedule", "rollout", "video", "teacher", "distill")
+    dd["teacher"].update(path=portable_path(dd["teacher"]["path"]),
+                         real_score_path=portable_path(dd["teacher"]["real_score_path"]))
     distill = {k: v for k, v in dd["distill"].items()
                if k not in ("sample_every", "sample_prompts", "checkpoint_every", "ode_checkpoint_every",
                             "keep_checkpoints", "max_failures", "storage_path", "num_workers", "cpus_per_worker",
@@ -228,9 +228,7 @@ def stage_identity(cfg, stage: str, inputs: dict) -> str:
     if stage == "ode_init":
         distill = {k: distill[k] for k in ("ode_steps", "lr_ode", "ode_batch_size", "micro_batch_size", "betas",
                                            "grad_clip")}
-    keep = {"stage": stage, "seed": dd["seed"], "model": dd["model"], "schedule": dd["schedule"],
-            "rollout": dd["rollout"], "video": dd["video"], "teacher": teacher, "distill": distill,
-            "inputs": inputs}
+    keep = {"stage": stage, **dd, "distill": distill, "inputs": inputs}
     return content_identity(keep)
 
 

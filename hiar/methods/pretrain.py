@@ -33,6 +33,7 @@ from hiar.io.text import TextEncoder
 from hiar.tiny.captions import heldout_prompts, train_prompts, vocabulary
 from hiar.tiny.world import SyntheticWorld
 
+
 def build_world(cfg: HiarConfig) -> SyntheticWorld:
     """The config's synthetic world (``world.*``): its training scenes, and the reference scenes of the oracle
     (``scene_for_prompt``, which ``world.static_share`` never freezes)."""
