@@ -193,8 +193,9 @@ class DistillConfig:
     real_score_sharding: str = "shard"  # fsdp only: "shard" the frozen real score too | "replicate" it per worker
     activation_checkpointing: bool = False  # recompute each transformer block in backward (trained models)
     storage_path: str = ""  # Ray Train checkpoints: local dir or s3://; empty = <run_dir>/train
-    # a distillation checkpoint (a Ray Train checkpoint directory, local or s3://) to start from when this run has
-    # none of its own: move a run to another cluster, worker count or sharding; its model shapes must match
+    # a distillation checkpoint (a Ray Train checkpoint directory, local or s3://), or a distillation run's directory
+    # (<run_dir>/train/distill-<identity>: its latest checkpoint), to start from when this run has none of its own:
+    # move a run to another cluster, worker count or sharding, or train it longer; its model shapes must match
     resume_from: str = ""
     # a worker keeps its dataset shard in memory after the first pass when it fits in this many MB (the tiny
     # datasets always do), so later epochs do not execute the Ray dataset again; 0 = stream every epoch

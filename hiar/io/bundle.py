@@ -48,8 +48,9 @@ import yaml
 from hiar.config import HiarConfig, _build
 from hiar.core.model import CausalWanTransformer3DModel
 from hiar.identity import identity
+from hiar.io.checksums import LOCATIONS
 from hiar.io.codec import CODEC_FILE, load_codec
-from hiar.io.storage import LOCATIONS, cache_root, local_dir, tree_sha256
+from hiar.io.storage import cache_root, local_dir, tree_sha256
 from hiar.io.text import TextEncoder
 
 CARD_FILE = "card.json"

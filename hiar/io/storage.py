@@ -238,24 +238,6 @@ def write_manifest(uri: str, manifest: dict) -> None:
     write_json(fs, f"{path}/{MANIFEST}", manifest)
 
 
-#: A bundle's list of where copies of its shared components live: machine-specific, not what the model is.
-LOCATIONS = "locations.json"
-
-
-def checksum_dir(directory: str | Path) -> str:
-    """sha256 over the weight files of a model directory (which teacher produced a dataset)."""
-    h = hashlib.sha256()
-    root = Path(directory)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin")
-                   and p.name != LOCATIONS)
-    if not files:
-        raise FileNotFoundError(f"no model files under {str(root)!r}")
-    for p in files:
-        h.update(p.relative_to(root).as_posix().encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
 # ---------------------------------------------------------------------------------------------------- reading
 def read_rows(uri: str, columns: Sequence[str] | None = None) -> Iterator[dict]:
     """Every committed row, tensors as torch tensors with their stored shape and dtype, in sample order."""

@@ -77,8 +77,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args, parser)
 
-    from hiar.io.storage import (ShardPlan, check_writable, checksum_dir, committed_shards, dataset_identity,
-                           load_manifest, now, write_manifest, SCHEMA_VERSION)
+    from hiar.io.checksums import checksum_dir
+    from hiar.io.storage import (ShardPlan, check_writable, committed_shards, dataset_identity, load_manifest, now,
+                                 write_manifest, SCHEMA_VERSION)
     from hiar.methods.datagen import generation_settings, shard_items
     from hiar.io.prompts import prompt_set
 

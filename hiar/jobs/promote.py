@@ -10,7 +10,7 @@ Registered model ``registry.model_name`` (default ``hiar-student``); aliases, ne
 
 * ``register`` logs the bundle as a pyfunc model (``hiar.platform.registry.log_bundle``) in a run of experiment
   ``hiar-registry`` and registers it as a new version *with its tags in the same call*: ``checksum`` (content of
-  the bundle, ``hiar.io.storage.checksum_dir``), ``config_sha`` (bytes of its ``hiar_config.yaml``), ``config_hash``
+  the bundle, ``hiar.io.checksums.checksum_dir``), ``config_sha`` (bytes of its ``hiar_config.yaml``), ``config_hash``
   (``HiarConfig.config_hash()`` of that file), ``data_manifest_hash``, ``eval_run_id``, ``source_dir``.  The alias
   ``challenger`` moves to it.  A bundle whose checksum and config are already registered is not registered again:
   that version is reused (a rerun changes nothing in the registry; a new ``--eval-run-id`` is added as a tag).
@@ -76,7 +76,7 @@ def register(cfg, model_dir: str, eval_run_id: str | None = None, data_manifest_
     import mlflow
 
     from hiar.io.bundle import open_model_dir
-    from hiar.io.storage import checksum_dir
+    from hiar.io.checksums import checksum_dir
     from hiar.platform.registry import log_bundle
 
     path = Path(resolve_path(model_dir)).resolve()

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from hiar.core.rollout import ROLLOUT_MODES
 from hiar.identity import identity as content_identity
+from hiar.io.checksums import fingerprint_dir
 from hiar.io.storage import portable_path, resolve_path
 from hiar.jobs.results import TrainResult, write_result
 from hiar.platform.ray_cluster import init_ray
@@ -155,7 +156,9 @@ def train_loop_per_worker(c: dict) -> None:
     def report(metrics: dict) -> None:
         # each rank writes its part of one sharded checkpoint (torch.distributed.checkpoint: its shards; rank 0 also
         # the metadata); Ray Train merges them under RunConfig.storage_path, and it loads with any worker count
-        session.report({"step": step_of(), **metrics}, trainer.save_checkpoint)
+        # each checkpoint names this run, so a run resumed from it (distill.resume_from) is named after it
+        session.report({"step": step_of(), **metrics},
+                       lambda path: trainer.save_checkpoint(path, run=c["identity"]))
 
     batches = _batches(session, DATASET_OF[stage], "latents" if stage == "ode_init" else "states", micro,
                        d.dataset_cache_mb)
@@ -239,21 +242,25 @@ def plan_stage(cfg, stage: str, storage: str, teacher: str, init: str | None, ou
     kind = DATASET_OF[stage]
     uri = f"{storage.rstrip('/')}/{kind}"
     manifest = check_dataset(cfg, kind, uri)
-    check_models(cfg, teacher)
+    _, real_dir = check_models(cfg, teacher)
     inputs = {"data": manifest["identity"], "teacher": manifest.get("teacher_checksum")}
+    resume_from = ""
     if stage == "distill":
         card_path = Path(init or "") / "card.json"
         if not init or not card_path.exists():
             raise ValueError(f"no ODE-init student at {init!r}; run `--stage ode_init` first or pass --init")
         inputs["init"] = json.loads(card_path.read_text()).get("identity")
         check_model_config(open_model_dir(init, "--init"), cfg, key="--init")
+        if real_dir is not None:  # its weights, not only its path: a real score retrained in place renames
+            inputs["real_score"] = fingerprint_dir(real_dir.transformer)
         if cfg.distill.resume_from:
-            inputs["resume_from"] = check_resume_checkpoint(cfg, resolve_path(cfg.distill.resume_from))
+            resume_from, inputs["resume_from"] = check_resume_checkpoint(cfg, resolve_path(cfg.distill.resume_from))
     identity = stage_identity(cfg, stage, inputs)
     out = Path(output) if output else Path(resolve_path(cfg.run_dir)) / "students" / f"{stage}-{identity}"
     card = out / "card.json"
     done = card.exists() and json.loads(card.read_text()).get("identity") == identity
-    return {"kind": kind, "uri": uri, "manifest": manifest, "identity": identity, "output": out, "done": done}
+    return {"kind": kind, "uri": uri, "manifest": manifest, "identity": identity, "output": out, "done": done,
+            "resume_from": resume_from}
 
 
 def run_stage(cfg, args, stage: str, storage: str, teacher: str, init: str | None, experiment_id: str,
@@ -290,7 +297,7 @@ def run_stage(cfg, args, stage: str, storage: str, teacher: str, init: str | Non
                            "init": init, "output": str(output), "tracking_uri": tracking_uri(str(run_dir)),
                            "real_score": resolve_path(cfg.teacher.real_score_path) if cfg.teacher.real_score_path else "",
                            "component_store": str(run_dir / "components"),
-                           "resume_from": resolve_path(cfg.distill.resume_from) if cfg.distill.resume_from else "",
+                           "resume_from": plan["resume_from"],  # a checkpoint (a run directory's latest)
                            "run_id": run_id, "identity": identity},
         name=name, storage_path=storage_path, num_workers=d.num_workers, use_gpu=d.use_gpu,
         cpus_per_worker=d.cpus_per_worker, keep_checkpoints=d.keep_checkpoints, max_failures=d.max_failures,

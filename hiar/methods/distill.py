@@ -177,10 +177,12 @@ class ODEInit:
         self.step += 1
         return {**mean_over_workers({"ode_loss": total}), "ode_grad_norm": grad_norm}
 
-    def save_checkpoint(self, path) -> None:
-        """A sharded checkpoint (``torch.distributed.checkpoint``; collective): see :func:`hiar.methods.sharding.save_checkpoint`."""
+    def save_checkpoint(self, path, run: str = "") -> None:
+        """A sharded checkpoint (``torch.distributed.checkpoint``; collective): see :func:`hiar.methods.sharding.save_checkpoint`.
+        ``run`` names the training run that wrote it (its stage identity), kept with the counters."""
         sharding.save_checkpoint(path, {"student": self.student}, {"opt": (self.student, self.opt)},
-                                 {"stage": "ode_init", "step": self.step, "world_size": self.world_size})
+                                 {"stage": "ode_init", "step": self.step, "world_size": self.world_size,
+                                  **({"run": run} if run else {})})
 
     def load_checkpoint(self, path) -> None:
         """Resume from :meth:`save_checkpoint` output written with any worker count and either sharding."""
@@ -354,11 +356,14 @@ class Distiller:
         models = {"generator": self.generator, "critic": self.critic, "ema": self.ema}  # the real score is frozen
         return models, {"opt_g": (self.generator, self.opt_g), "opt_c": (self.critic, self.opt_c)}
 
-    def save_checkpoint(self, path) -> None:
-        """A sharded checkpoint (``torch.distributed.checkpoint``; collective): see :func:`hiar.methods.sharding.save_checkpoint`."""
+    def save_checkpoint(self, path, run: str = "") -> None:
+        """A sharded checkpoint (``torch.distributed.checkpoint``; collective): see :func:`hiar.methods.sharding.save_checkpoint`.
+        ``run`` names the training run that wrote it (its stage identity): a run resumed from this checkpoint
+        (``distill.resume_from``) is named after that run and the iteration, not after where the checkpoint lies."""
         sharding.save_checkpoint(path, *self._checkpointed(),
                                  {"stage": "distill", "iteration": self.iteration,
-                                  "generator_steps": self.generator_steps, "world_size": self.world_size})
+                                  "generator_steps": self.generator_steps, "world_size": self.world_size,
+                                  **({"run": run} if run else {})})
 
     def load_checkpoint(self, path) -> None:
         """Resume from :meth:`save_checkpoint` output written with any worker count and either sharding."""

@@ -168,7 +168,7 @@ def unsharded_copy(skeleton: torch.nn.Module, state: dict, device: torch.device 
 
 
 # ---------------------------------------------------------------------- sharded checkpoints
-TRAINER_STATE = "trainer.json"  # the counters of a checkpoint (written by rank 0 next to DCP's .metadata)
+TRAINER_STATE = "trainer.json"  # a checkpoint's counters and the run that wrote it (rank 0, next to DCP's .metadata)
 
 
 def _checkpoint_state(models: dict, optimizers: dict) -> dict:

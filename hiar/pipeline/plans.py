@@ -82,7 +82,7 @@ class PipelinePlans:
         key = ("teacher_checksum", self.teacher)
         if key not in self._cache:
             from hiar.io.bundle import open_model_dir
-            from hiar.io.storage import checksum_dir
+            from hiar.io.checksums import checksum_dir
 
             try:
                 root = open_model_dir(self.teacher, "teacher directory (teacher.path)").root

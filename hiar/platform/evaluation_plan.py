@@ -147,7 +147,8 @@ def resolve_model(uri: str, cache_root: Path) -> tuple[Path, str | None, str | N
 def plan_evaluation(cfg, model_uri: str, overrides=()) -> EvalPlan:
     """Resolve the model and check every setting; raises :class:`EvalInputError` (nothing has been computed)."""
     from hiar.io.bundle import open_model_dir
-    from hiar.io.storage import checksum_dir, local_dir
+    from hiar.io.checksums import checksum_dir
+    from hiar.io.storage import local_dir
     from hiar.eval.scorers import WEIGHTS_ENV
     from hiar.core.rollout import ROLLOUT_MODES as MODES
 

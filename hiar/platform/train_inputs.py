@@ -48,28 +48,64 @@ def check_models(cfg, teacher: str):
     return teacher_dir, real_dir
 
 
-def check_resume_checkpoint(cfg, uri: str) -> dict:
+def check_resume_checkpoint(cfg, uri: str) -> tuple[str, dict]:
     """``distill.resume_from`` is a distillation checkpoint whose parameter shapes fit this config's model (read
-    from its ``trainer.json`` and DCP ``.metadata`` alone, fetched from s3:// when remote); returns what enters
-    the stage identity."""
+    from its ``trainer.json`` and DCP ``.metadata`` alone, fetched from s3:// when remote), or a distillation run's
+    directory (``<run_dir>/train/distill-<identity>``), whose latest checkpoint is taken.
+
+    Returns the checkpoint's URI and what enters the stage identity: the run that wrote the checkpoint (its stage
+    identity, which ``trainer.json`` keeps) and its iteration, so the same commands on a fresh clone name the
+    resumed student alike, though its checkpoints lie elsewhere under other timestamps. A checkpoint that does not
+    name its run (written before it did) enters by its path (``portable_path``) instead."""
     import torch
 
-    from hiar.io.storage import resolve_uri
     from hiar.core.model import CausalWanTransformer3DModel
+    from hiar.io.storage import portable_path, resolve_uri
     from hiar.methods.sharding import TRAINER_STATE, check_checkpoint
 
     fs, path = resolve_uri(uri)
+    checkpoint = _latest_checkpoint(fs, path, TRAINER_STATE)
+    if checkpoint != path:
+        uri = f"{uri.rstrip('/')}/{checkpoint.rsplit('/', 1)[-1]}"
     with tempfile.TemporaryDirectory() as tmp:
         for name in (TRAINER_STATE, ".metadata"):
             try:
-                with fs.open_input_stream(f"{path}/{name}") as src:
+                with fs.open_input_stream(f"{checkpoint}/{name}") as src:
                     (Path(tmp) / name).write_bytes(src.read())
             except (FileNotFoundError, OSError) as err:
-                raise ValueError(f"distill.resume_from {uri!r} is not a training checkpoint (no {name}: {err})") from err
+                raise ValueError(f"distill.resume_from {uri!r} is neither a training checkpoint (no {name}: {err}) "
+                                 f"nor a training run's directory of them (no checkpoint_* in it)") from err
         with torch.device("meta"):
             model = CausalWanTransformer3DModel(**cfg.model.kwargs())
         try:
             counters = check_checkpoint(tmp, {"generator": model, "critic": model, "ema": model}, stage="distill")
         except ValueError as err:  # name the setting and the URI, not the temporary copy
             raise ValueError(f"distill.resume_from {uri!r}: {str(err).replace(f'checkpoint {tmp} ', '')}") from None
-    return {"uri": uri, "iteration": counters["iteration"]}
+    origin = {"run": counters["run"]} if counters.get("run") else {"uri": portable_path(uri)}
+    return uri, {**origin, "iteration": counters["iteration"]}
+
+
+def _latest_checkpoint(fs, path: str, state_file: str) -> str:
+    """``path`` itself when it holds a checkpoint (``state_file``), else its ``checkpoint_*`` directory with the
+    highest iteration (Ray Train names them by time, so the name does not order them), else ``path`` (whose
+    check then fails, naming what is missing)."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    if fs.get_file_info(f"{path}/{state_file}").type == pafs.FileType.File:
+        return path
+    found = []
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError:
+        return path
+    for entry in entries:
+        if entry.type != pafs.FileType.Directory or not entry.base_name.startswith("checkpoint_"):
+            continue
+        try:
+            with fs.open_input_stream(f"{entry.path}/{state_file}") as src:
+                found.append((int(json.loads(src.read()).get("iteration", -1)), entry.path))
+        except (FileNotFoundError, OSError, ValueError):
+            continue  # a checkpoint still being written, or not one
+    return max(found)[1] if found else path

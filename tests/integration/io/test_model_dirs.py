@@ -278,7 +278,8 @@ def test_check_real_score_names_text_dim_48_and_32(wan_ckpt, wan_real_scores):
 def test_students_reference_the_teachers_parts_stored_once_per_hash(wan_ckpt, tmp_path):
     from hiar.io.bundle import load_bundle, load_text, open_model_dir
     from hiar.config import load_config
-    from hiar.io.storage import checksum_dir, tree_sha256
+    from hiar.io.checksums import checksum_dir
+    from hiar.io.storage import tree_sha256
 
     teacher = open_model_dir(wan_ckpt)
     store = tmp_path / "components"

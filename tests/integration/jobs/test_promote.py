@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hiar.config import load_config
-from hiar.io.storage import checksum_dir
+from hiar.io.checksums import checksum_dir
 from hiar.eval.gate import append_line, decide, gate_metric_keys, push_history, rollback_target
 from tests.services import job_here, random_bundle, sample_table, set_args
 

@@ -1,5 +1,8 @@
 """hiar/jobs/train.py on the real local Ray cluster: ODE init + distillation end to end, resume, worker kill,
-and the errors that must come before the first step."""
+and the errors that must come before the first step.
+
+Over 400 lines because every test here shares one module-scoped world (a teacher and its two datasets, built once)
+and the ODE-init student the first test leaves: split, each file would build them again."""
 
 import json
 import os
@@ -209,14 +212,16 @@ def test_fsdp_checkpoints_are_sharded_resume_on_one_worker_and_export_the_ema(ra
     assert read_counters(ckpt)["world_size"] == 2 and read_counters(ckpt)["generator_steps"] == 2
 
     bundle = next((runs / "students").glob("distill-*"))
+    assert read_counters(ckpt)["run"] == load_bundle(bundle).card["identity"]  # what a resumed run is named after
     exported = CausalWanTransformer3DModel.from_pretrained(bundle / "transformer").state_dict()
     ema = read_full_model(ckpt, "ema")
     assert exported.keys() == ema.keys() and all(torch.equal(exported[k], ema[k]) for k in ema)
 
-    # 2 -> 1: another run starts from that checkpoint on one worker (fsdp with one worker: unsharded, warned)
+    # 2 -> 1: another run starts from that checkpoint on one worker (fsdp with one worker: unsharded, warned),
+    # given as the first run's directory (its latest checkpoint)
     runs1 = root / "runs-fsdp-1"
     r = run_train(ray_head, [*common, "--set", f"run_dir={runs1}", "--set", "distill.steps=4",
-                             "--set", "distill.num_workers=1", "--set", f"distill.resume_from={ckpt}"])
+                             "--set", "distill.num_workers=1", "--set", f"distill.resume_from={ckpt.parent}"])
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     assert f"resumed from checkpoint at step 2 (distill.resume_from {ckpt})" in r.stdout
     assert load_bundle(next((runs1 / "students").glob("distill-*"))).card["steps"] == 4
@@ -297,6 +302,48 @@ def test_a_resume_checkpoint_of_another_shape_or_stage_is_refused_before_trainin
         assert r.returncode == 2, (r.stdout[-2000:], r.stderr[-2000:])
         assert message in r.stderr and "Traceback" not in r.stderr
         assert "[train] distill:" not in r.stdout and not r.joined  # no MLflow run, no trainer, not even Ray
+
+
+def test_a_student_is_named_by_its_real_scores_weights_and_a_resumed_one_by_the_run_it_continues(world_dir,
+                                                                                                 tmp_path):
+    """plan_stage (no compute): a real score retrained in place renames the student; distill.resume_from names the
+    run that wrote the checkpoint and its iteration (trainer.json), not where the checkpoint lies, and a run's
+    directory resumes from its checkpoint with the highest iteration."""
+    from hiar.config import load_config
+    from hiar.core.model import CausalWanTransformer3DModel
+    from hiar.jobs.train import plan_stage
+    from hiar.methods.sharding import save_checkpoint
+
+    root, base = world_dir
+    teacher, storage = base[0].split("=", 1)[1], base[1].split("=", 1)[1]
+    init = random_bundle(tmp_path / "init", card={"identity": "i" * 16, "stage": "ode_init"})
+
+    def plan(*overrides):
+        return plan_stage(load_config("tiny", DATA_FAST + base + TRAIN_FAST + list(overrides)), "distill", storage,
+                          teacher, str(init))
+
+    real = tmp_path / "real"
+    random_bundle(real, seed=1)
+    first = plan(f"teacher.real_score_path={real}")["identity"]
+    assert plan(f"teacher.real_score_path={real}")["identity"] == first
+    random_bundle(real, seed=2)  # retrained in place: same path, other weights
+    assert plan(f"teacher.real_score_path={real}")["identity"] != first
+    assert plan()["identity"] != first
+
+    model = CausalWanTransformer3DModel(**load_config("tiny").model.kwargs())
+    models = {"generator": model, "critic": model, "ema": model}
+    run_dir = tmp_path / "train" / "distill-r1"
+    # Ray Train names checkpoints by time, so the names need not follow the iterations
+    for name, iteration in (("checkpoint_b", 3), ("checkpoint_a", 7)):
+        save_checkpoint(run_dir / name, models, {}, {"stage": "distill", "iteration": iteration, "run": "r" * 16})
+    latest = plan(f"distill.resume_from={run_dir}")
+    assert latest["resume_from"] == str(run_dir / "checkpoint_a")
+    assert latest["identity"] == plan(f"distill.resume_from={run_dir / 'checkpoint_a'}")["identity"]
+    moved = tmp_path / "elsewhere" / "checkpoint_c"
+    shutil.copytree(run_dir / "checkpoint_a", moved)  # the same run's checkpoint in another place: one student
+    assert plan(f"distill.resume_from={moved}")["identity"] == latest["identity"]
+    assert plan(f"distill.resume_from={run_dir / 'checkpoint_b'}")["identity"] != latest["identity"]
+    assert plan()["resume_from"] == ""
 
 
 @pytest.mark.slow

@@ -52,3 +52,41 @@ def test_the_tiny_presets_identities_stay_put():
     assert stage_identity(cfg, "ode_init", INPUTS) == "ba0cfc9dcf299aca"
     assert stage_identity(cfg, "distill", INPUTS) == "08dd46a531df9619"
     assert training_identity(cfg) == "95ba9c2be82ac2e1"  # as before pretrain.late_start_* existed
+
+
+def test_a_fingerprint_reads_fixed_blocks_so_copies_agree_and_retrained_weights_differ(tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from hiar.io.checksums import FINGERPRINT_BLOCK_BYTES, FINGERPRINT_BLOCKS, fingerprint_dir
+
+    span = FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK_BYTES
+    model = tmp_path / "a" / "transformer"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text('{"num_layers": 2}')
+    weights = np.random.default_rng(0).bytes(3 * span)  # larger than the span: only the blocks are read
+    (model / "diffusion_pytorch_model.safetensors").write_bytes(weights)
+    (model / "notes.txt").write_text("not a model file")
+    fingerprint = fingerprint_dir(model)
+    shutil.copytree(model, tmp_path / "b")
+    assert fingerprint_dir(tmp_path / "b") == fingerprint  # a copy elsewhere: the same model
+    (tmp_path / "b" / "notes.txt").write_text("edited")
+    assert fingerprint_dir(tmp_path / "b") == fingerprint  # only weights and configs count
+    retrained = np.random.default_rng(1).bytes(3 * span)  # every byte changes, as training changes every tensor
+    (model / "diffusion_pytorch_model.safetensors").write_bytes(retrained)
+    assert fingerprint_dir(model) != fingerprint
+    (model / "diffusion_pytorch_model.safetensors").write_bytes(weights)
+    (model / "config.json").write_text('{"num_layers": 3}')
+    assert fingerprint_dir(model) != fingerprint
+    (model / "config.json").write_text('{"num_layers": 2}')
+    assert fingerprint_dir(model) == fingerprint
+    # the first byte is in the first block, so even a one-byte change there is seen; a small file is read whole
+    (model / "diffusion_pytorch_model.safetensors").write_bytes(bytes([weights[0] ^ 1]) + weights[1:])
+    assert fingerprint_dir(model) != fingerprint
+    small = tmp_path / "small"
+    small.mkdir()
+    (small / "w.safetensors").write_bytes(weights[:1000])
+    before = fingerprint_dir(small)
+    (small / "w.safetensors").write_bytes(weights[:999] + bytes([weights[999] ^ 1]))
+    assert fingerprint_dir(small) != before
