@@ -304,23 +304,37 @@ def test_a_resume_checkpoint_of_another_shape_or_stage_is_refused_before_trainin
         assert "[train] distill:" not in r.stdout and not r.joined  # no MLflow run, no trainer, not even Ray
 
 
+def plan_distill(world_dir, init: Path, *overrides) -> dict:
+    """train.plan_stage of a distillation of this module's world from ``init`` (no compute, no Ray)."""
+    from hiar.config import load_config
+    from hiar.jobs.train import plan_stage
+
+    root, base = world_dir
+    teacher, storage = base[0].split("=", 1)[1], base[1].split("=", 1)[1]
+    return plan_stage(load_config("tiny", DATA_FAST + base + TRAIN_FAST + [str(o) for o in overrides]), "distill",
+                      storage, teacher, str(init))
+
+
+def distill_checkpoint(path: Path, iteration: int, run: str) -> None:
+    """A distillation checkpoint of the tiny model's shapes, as the train loop writes it (trainer.json names its run)."""
+    from hiar.config import load_config
+    from hiar.core.model import CausalWanTransformer3DModel
+    from hiar.methods.sharding import save_checkpoint
+
+    model = CausalWanTransformer3DModel(**load_config("tiny").model.kwargs())
+    save_checkpoint(path, {"generator": model, "critic": model, "ema": model}, {},
+                    {"stage": "distill", "iteration": iteration, "run": run})
+
+
 def test_a_student_is_named_by_its_real_scores_weights_and_a_resumed_one_by_the_run_it_continues(world_dir,
                                                                                                  tmp_path):
     """plan_stage (no compute): a real score retrained in place renames the student; distill.resume_from names the
     run that wrote the checkpoint and its iteration (trainer.json), not where the checkpoint lies, and a run's
     directory resumes from its checkpoint with the highest iteration."""
-    from hiar.config import load_config
-    from hiar.core.model import CausalWanTransformer3DModel
-    from hiar.jobs.train import plan_stage
-    from hiar.methods.sharding import save_checkpoint
-
-    root, base = world_dir
-    teacher, storage = base[0].split("=", 1)[1], base[1].split("=", 1)[1]
     init = random_bundle(tmp_path / "init", card={"identity": "i" * 16, "stage": "ode_init"})
 
     def plan(*overrides):
-        return plan_stage(load_config("tiny", DATA_FAST + base + TRAIN_FAST + list(overrides)), "distill", storage,
-                          teacher, str(init))
+        return plan_distill(world_dir, init, *overrides)
 
     real = tmp_path / "real"
     random_bundle(real, seed=1)
@@ -330,12 +344,10 @@ def test_a_student_is_named_by_its_real_scores_weights_and_a_resumed_one_by_the_
     assert plan(f"teacher.real_score_path={real}")["identity"] != first
     assert plan()["identity"] != first
 
-    model = CausalWanTransformer3DModel(**load_config("tiny").model.kwargs())
-    models = {"generator": model, "critic": model, "ema": model}
     run_dir = tmp_path / "train" / "distill-r1"
     # Ray Train names checkpoints by time, so the names need not follow the iterations
     for name, iteration in (("checkpoint_b", 3), ("checkpoint_a", 7)):
-        save_checkpoint(run_dir / name, models, {}, {"stage": "distill", "iteration": iteration, "run": "r" * 16})
+        distill_checkpoint(run_dir / name, iteration, run="r" * 16)
     latest = plan(f"distill.resume_from={run_dir}")
     assert latest["resume_from"] == str(run_dir / "checkpoint_a")
     assert latest["identity"] == plan(f"distill.resume_from={run_dir / 'checkpoint_a'}")["identity"]
@@ -344,6 +356,24 @@ def test_a_student_is_named_by_its_real_scores_weights_and_a_resumed_one_by_the_
     assert plan(f"distill.resume_from={moved}")["identity"] == latest["identity"]
     assert plan(f"distill.resume_from={run_dir / 'checkpoint_b'}")["identity"] != latest["identity"]
     assert plan()["resume_from"] == ""
+
+
+def test_a_run_directory_on_s3_resumes_from_its_latest_checkpoint(world_dir, s3_server, tmp_path, monkeypatch):
+    """distill.resume_from=s3://.../train/distill-<identity>: the same choice and the same name as on disk."""
+    init = random_bundle(tmp_path / "init", card={"identity": "i" * 16, "stage": "ode_init"})
+    s3 = s3_server.client()
+    s3.create_bucket(Bucket="hiar-resume")
+    for name, iteration in (("checkpoint_b", 3), ("checkpoint_a", 7)):
+        distill_checkpoint(tmp_path / name, iteration, run="r" * 16)
+        for f in (tmp_path / name).iterdir():
+            s3.upload_file(str(f), "hiar-resume", f"train/distill-r1/{name}/{f.name}")
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+
+    remote = plan_distill(world_dir, init, "distill.resume_from=s3://hiar-resume/train/distill-r1")
+    assert remote["resume_from"] == "s3://hiar-resume/train/distill-r1/checkpoint_a"
+    local = plan_distill(world_dir, init, f"distill.resume_from={tmp_path / 'checkpoint_a'}")
+    assert remote["identity"] == local["identity"]  # named by its run, not its place
 
 
 @pytest.mark.slow
