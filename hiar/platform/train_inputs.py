@@ -89,9 +89,9 @@ def _latest_checkpoint(fs, path: str, state_file: str) -> str:
     """``path`` itself when it holds a checkpoint (``state_file``), else its ``checkpoint_*`` directory with the
     highest iteration (Ray Train names them by time, so the name does not order them), else ``path`` (whose
     check then fails, naming what is missing)."""
-    import json
-
     import pyarrow.fs as pafs
+
+    from hiar.io.storage import read_json
 
     if fs.get_file_info(f"{path}/{state_file}").type == pafs.FileType.File:
         return path
@@ -104,8 +104,9 @@ def _latest_checkpoint(fs, path: str, state_file: str) -> str:
         if entry.type != pafs.FileType.Directory or not entry.base_name.startswith("checkpoint_"):
             continue
         try:
-            with fs.open_input_stream(f"{entry.path}/{state_file}") as src:
-                found.append((int(json.loads(src.read()).get("iteration", -1)), entry.path))
-        except (FileNotFoundError, OSError, ValueError):
-            continue  # a checkpoint still being written, or not one
+            state = read_json(fs, f"{entry.path}/{state_file}")
+        except (OSError, ValueError):
+            continue  # a checkpoint still being written
+        if state is not None:  # None: not a checkpoint
+            found.append((int(state.get("iteration", -1)), entry.path))
     return max(found)[1] if found else path
