@@ -38,6 +38,13 @@ def added_later(default, neutral=dataclasses.MISSING):
     return field(default=default, metadata={"neutral": default if neutral is dataclasses.MISSING else neutral})
 
 
+def run_setting(default):
+    """A field that says how a job runs -- workers, devices, checkpoints, logging, where it writes -- and not what it
+    trains: stage identities (:meth:`HiarConfig.identity_view`) leave it out, so the same weights keep one name on
+    any cluster shape. A field that can change the weights (beyond float rounding) must not be one."""
+    return field(default=default, metadata={"run_setting": True})
+
+
 @dataclass
 class ModelConfig:
     """Constructor arguments of the Wan DiT (the names of diffusers' ``WanTransformer3DModel``)."""
@@ -183,31 +190,34 @@ class DistillConfig:
     lr_ode: float = 2e-6
     ode_batch_size: int = 64
     # Ray Train
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 0.5  # fractional: a worker that reserves every CPU deadlocks Ray Data (DESIGN §8)
+    num_workers: int = run_setting(1)
+    use_gpu: bool = run_setting(False)
+    # fractional: a worker that reserves every CPU deadlocks Ray Data (DESIGN §8)
+    cpus_per_worker: float = run_setting(0.5)
     # "ddp": every worker holds whole models, gradients all-reduced | "fsdp": FSDP2 (hiar.methods.sharding) shards the
     # generator, critic, EMA and (real_score_sharding) the real score per transformer block over the workers (gloo
     # on CPU, NCCL on GPUs). fsdp with one worker warns and runs unsharded (the same as ddp with one worker).
     sharding: str = "ddp"
-    real_score_sharding: str = "shard"  # fsdp only: "shard" the frozen real score too | "replicate" it per worker
-    activation_checkpointing: bool = False  # recompute each transformer block in backward (trained models)
-    storage_path: str = ""  # Ray Train checkpoints: local dir or s3://; empty = <run_dir>/train
+    # fsdp only: "shard" the frozen real score too | "replicate" it per worker
+    real_score_sharding: str = run_setting("shard")
+    # recompute each transformer block in backward (trained models): the same gradients, less memory
+    activation_checkpointing: bool = run_setting(False)
+    storage_path: str = run_setting("")  # Ray Train checkpoints: local dir or s3://; empty = <run_dir>/train
     # a distillation checkpoint (a Ray Train checkpoint directory, local or s3://), or a distillation run's directory
     # (<run_dir>/train/distill-<identity>: its latest checkpoint), to start from when this run has none of its own:
     # move a run to another cluster, worker count or sharding, or train it longer; its model shapes must match
-    resume_from: str = ""
+    resume_from: str = run_setting("")
     # a worker keeps its dataset shard in memory after the first pass when it fits in this many MB (the tiny
     # datasets always do), so later epochs do not execute the Ray dataset again; 0 = stream every epoch
-    dataset_cache_mb: int = 2048
-    checkpoint_every: int = 20  # generator steps between distillation checkpoints
+    dataset_cache_mb: int = run_setting(2048)
+    checkpoint_every: int = run_setting(20)  # generator steps between distillation checkpoints
     # ODE-init steps between its checkpoints: an ODE-init step costs about a tenth of a generator step, and a
     # checkpoint on tiny about one to four seconds, so every 10 steps spent a quarter of the stage writing them
-    ode_checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    max_failures: int = 3
-    sample_every: int = 50  # generator steps between sample MP4s in MLflow (0 = only at the end)
-    sample_prompts: int = 2
+    ode_checkpoint_every: int = run_setting(100)
+    keep_checkpoints: int = run_setting(2)
+    max_failures: int = run_setting(3)
+    sample_every: int = run_setting(50)  # generator steps between sample MP4s in MLflow (0 = only at the end)
+    sample_prompts: int = run_setting(2)
 
 
 @dataclass
@@ -366,7 +376,7 @@ class HiarConfig:
 
     def identity_view(self, *sections: str) -> dict:
         """The named sections (every one when none is named) as identities hash them: all fields but those declared
-        :func:`added_later` that still hold their neutral value."""
+        :func:`added_later` that still hold their neutral value and the :func:`run_setting` ones."""
         out = {}
         for name in sections or [f.name for f in dataclasses.fields(self)]:
             value = getattr(self, name)
@@ -375,7 +385,8 @@ class HiarConfig:
                 continue
             values = dataclasses.asdict(value)
             out[name] = {f.name: values[f.name] for f in dataclasses.fields(value)
-                         if not ("neutral" in f.metadata and values[f.name] == f.metadata["neutral"])}
+                         if not f.metadata.get("run_setting")
+                         and not ("neutral" in f.metadata and values[f.name] == f.metadata["neutral"])}
         return out
 
     def config_hash(self, *sections: str) -> str:

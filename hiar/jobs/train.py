@@ -223,11 +223,7 @@ def stage_identity(cfg, stage: str, inputs: dict) -> str:
     dd = cfg.identity_view("seed", "model", "schedule", "rollout", "video", "teacher", "distill")
     dd["teacher"].update(path=portable_path(dd["teacher"]["path"]),
                          real_score_path=portable_path(dd["teacher"]["real_score_path"]))
-    distill = {k: v for k, v in dd["distill"].items()
-               if k not in ("sample_every", "sample_prompts", "checkpoint_every", "ode_checkpoint_every",
-                            "keep_checkpoints", "max_failures", "storage_path", "num_workers", "cpus_per_worker",
-                            "use_gpu", "activation_checkpointing", "real_score_sharding", "resume_from",
-                            "dataset_cache_mb")}
+    distill = dd["distill"]  # without its run settings (workers, checkpoints, sampling: hiar.config.run_setting)
     if stage == "ode_init":
         distill = {k: distill[k] for k in ("ode_steps", "lr_ode", "ode_batch_size", "micro_batch_size", "betas",
                                            "grad_clip")}

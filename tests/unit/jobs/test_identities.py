@@ -44,6 +44,29 @@ def test_what_trains_the_weights_changes_the_identity_and_logging_does_not():
     assert stage_identity(base, "distill", {**INPUTS, "init": "j" * 16}) != ident
 
 
+def test_no_run_setting_enters_a_stage_identity():
+    """Every ``hiar.config.run_setting`` of the distill section (workers, devices, checkpoints, sampling, storage),
+    changed on its own, names the same ODE init and student; the distill section's other keys stay hashed."""
+    import copy
+    import dataclasses
+
+    base = load_config("tiny")
+    idents = {stage: stage_identity(base, stage, INPUTS) for stage in ("ode_init", "distill")}
+    settings = [f for f in dataclasses.fields(base.distill) if f.metadata.get("run_setting")]
+    assert {"num_workers", "checkpoint_every", "sample_every", "storage_path", "resume_from"} <= \
+        {f.name for f in settings}
+    assert "critic_ratio" not in {f.name for f in settings}
+    for f in settings:
+        value = getattr(base.distill, f.name)
+        changed = copy.deepcopy(base)
+        other = (not value) if isinstance(value, bool) else value * 2 + 1 if isinstance(value, (int, float)) \
+            else f"{value}-elsewhere"
+        setattr(changed.distill, f.name, other)
+        for stage, ident in idents.items():
+            assert stage_identity(changed, stage, INPUTS) == ident, (f.name, stage)
+    assert set(base.identity_view("distill")["distill"]).isdisjoint(f.name for f in settings)
+
+
 def test_the_tiny_presets_identities_stay_put():
     """Pinned: a change here renames every stored student and the README's reproduction commands. A new config
     key that trains differently by default is declared ``added_later`` with its no-op value (``hiar.config``);
