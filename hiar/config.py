@@ -175,6 +175,10 @@ class DistillConfig:
     # the shift (eq. 1) that maps those t to DMD / critic noise levels; None = schedule.shift (Self-Forcing's
     # timestep_shift). A smaller shift scores more of the low-noise levels, where fine detail is decided
     score_shift: float | None = added_later(None)
+    # CFG scale of the real score in the DMD loss; None = teacher.guidance_scale (the scale the teacher's data was
+    # sampled with). Self-Forcing's DMD config sets its own (3.0) apart from the data's: the student runs without
+    # CFG, so this scale is the only place where it learns how strongly to follow its prompt
+    real_guidance_scale: float | None = added_later(None)
     # latent frames the generator rolls itself out for in training; DMD and the critic judge the last
     # video.train_latent_frames of them (the clip the teacher knows). None = the training clip. Longer: the student
     # also trains on the frame positions and contexts that a rollout past the clip reaches (tiny: its 4x horizon)
@@ -417,6 +421,9 @@ def validate(cfg: HiarConfig) -> None:
         raise ValueError(f"distill.dataset_cache_mb must be >= 0 (0 = no cache), got {cfg.distill.dataset_cache_mb}")
     if cfg.distill.score_shift is not None and not cfg.distill.score_shift > 0:
         raise ValueError(f"distill.score_shift must be > 0 (or null: schedule.shift), got {cfg.distill.score_shift}")
+    if cfg.distill.real_guidance_scale is not None and not 0 < cfg.distill.real_guidance_scale <= 50:
+        raise ValueError(f"distill.real_guidance_scale must be in (0, 50] (or null: teacher.guidance_scale), "
+                         f"got {cfg.distill.real_guidance_scale}")
     rf, clip, k = cfg.distill.rollout_frames, cfg.video.train_latent_frames, cfg.rollout.frames_per_block
     if rf is not None and (rf < clip or rf % k):
         raise ValueError(f"distill.rollout_frames must be a multiple of rollout.frames_per_block ({k}) and at least "

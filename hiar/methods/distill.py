@@ -102,6 +102,12 @@ def score_sigmas(batch: int, cfg: HiarConfig, gen: torch.Generator) -> torch.Ten
     return shift_sigma(t, cfg.schedule.shift if d.score_shift is None else d.score_shift)
 
 
+def real_guidance_scale(cfg: HiarConfig) -> float:
+    """The real score's CFG scale in DMD: ``distill.real_guidance_scale``, else the teacher's sampling scale."""
+    d = cfg.distill
+    return cfg.teacher.guidance_scale if d.real_guidance_scale is None else d.real_guidance_scale
+
+
 # ---------------------------------------------------------------------- losses of one micro-batch
 def ode_regression_loss(student, embeds: torch.Tensor, latents: torch.Tensor, sigmas: torch.Tensor,
                         frames_per_block: int, gen: torch.Generator) -> torch.Tensor:
@@ -280,7 +286,7 @@ class Distiller:
         x_t = add_noise(x0.detach(), noise, sigma.view(-1, 1, 1, 1, 1))
         with torch.no_grad():
             real = GuidedVelocity(self.real_score, embeds, self.null.expand(b, -1, -1),
-                                  guidance_scale=self.cfg.teacher.guidance_scale)
+                                  guidance_scale=real_guidance_scale(self.cfg))
             fake = GuidedVelocity(self.critic, embeds)
             real_x0 = clean_estimate(real, x_t, sigma)
             fake_x0 = clean_estimate(fake, x_t, sigma)
@@ -379,5 +385,6 @@ class Distiller:
         return sharding.unsharded_copy(self._skeleton, state, self.device).eval() if self.rank == 0 else None
 
 
-__all__ = ["self_rollout", "ode_regression_loss", "fkl_regulariser", "clean_estimate", "score_sigmas", "ODEInit",
+__all__ = ["self_rollout", "ode_regression_loss", "fkl_regulariser", "clean_estimate", "score_sigmas",
+           "real_guidance_scale", "ODEInit",
            "Distiller"]

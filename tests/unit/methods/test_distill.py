@@ -278,3 +278,50 @@ def test_score_windows_all_needs_whole_clips():
 def test_rollout_frames_shorter_than_the_clip_or_off_the_block_grid_is_refused(frames):
     with pytest.raises(ValueError, match="distill.rollout_frames"):
         load_config("tiny", [f"distill.rollout_frames={frames}", "video.train_latent_frames=6"])
+
+
+@pytest.mark.parametrize("scale", [None, 1.0, 3.5])
+def test_dmd_real_score_uses_its_own_guidance_scale(setup, scale):
+    """DMD's real score is the teacher with CFG at ``distill.real_guidance_scale`` (the teacher's sampling scale when
+    unset): the loss equals the one written out here from the real model's conditional and unconditional velocities,
+    v = v_u + s (v_c - v_u), x0 = x_t - sigma v, and the scales give different losses."""
+    cfg, model, text = setup
+    cfg = copy.deepcopy(cfg)
+    cfg.distill.real_guidance_scale = scale
+    torch.manual_seed(1)
+    real, critic = copy.deepcopy(model), copy.deepcopy(model)
+    for p in critic.parameters():  # a critic unlike the real score, so the loss is not zero
+        p.data.add_(0.05 * torch.randn_like(p))
+    d = Distiller(cfg, copy.deepcopy(model), real, text, critic=critic)
+    prompts = train_prompts()[:2]
+    embeds = text.encode(prompts)
+    x0 = torch.randn(2, C, 6, 16, 16)
+    loss = d._dmd(x0, embeds, torch.Generator().manual_seed(3))
+
+    gen = torch.Generator().manual_seed(3)  # the same draws as _dmd: levels, then noise
+    sigma = score_sigmas(2, cfg, gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    s5 = sigma.view(-1, 1, 1, 1, 1)
+    x_t = (1 - s5) * x0 + s5 * noise
+    levels = sigma.view(-1, 1).expand(-1, 6) * 1000.0
+    with torch.no_grad():
+        def v(m, e):
+            return m(x_t, levels, e, return_dict=False, attention_mode="bidirectional")[0]
+        v_c, v_u = v(real, embeds), v(real, text.null_embedding(2))
+        s = cfg.teacher.guidance_scale if scale is None else scale
+        real_x0 = x_t - s5 * (v_u + s * (v_c - v_u))
+        fake_x0 = x_t - s5 * v(critic, embeds)
+    g = (fake_x0 - real_x0) / (x0 - real_x0).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    expected = 0.5 * ((x0 - (x0 - g)) ** 2).mean()
+    assert torch.allclose(loss, expected, rtol=1e-4), (float(loss), float(expected))
+    if scale is not None:
+        other = copy.deepcopy(cfg)
+        other.distill.real_guidance_scale = scale + 2.0
+        d2 = Distiller(other, copy.deepcopy(model), real, text, critic=critic)
+        assert not torch.allclose(d2._dmd(x0, embeds, torch.Generator().manual_seed(3)), loss, rtol=1e-3)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "51"])
+def test_real_guidance_scale_out_of_range_is_refused(value):
+    with pytest.raises(ValueError, match="distill.real_guidance_scale"):
+        load_config("tiny", [f"distill.real_guidance_scale={value}"])
