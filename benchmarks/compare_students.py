@@ -41,13 +41,13 @@ def evaluation_runs(student: str, name_prefix: str = "eval-") -> dict[str, str]:
     """``{"1x": run id, "4x": run id}``: the newest evaluation of ``student`` at each horizon among the MLflow runs
     named ``<name_prefix>...-<k>x`` (``benchmarks/ablations.py``'s are ``eval-<variant>-s<seed>-<k>x``). An
     evaluation records ``--model`` as it was given, so the bundle is looked up both as given and as an absolute
-    path (``benchmarks/ablations.py`` gives absolute ones)."""
+    path, with symbolic links kept (``benchmarks/ablations.py`` gives absolute ones) or resolved."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
     experiments = [exp.experiment_id for exp in client.search_experiments()]
     found = []
-    for uri in dict.fromkeys([student, str(Path(student).resolve())]):
+    for uri in dict.fromkeys([student, os.path.abspath(student), str(Path(student).resolve())]):
         found += client.search_runs(experiments, f"tags.`hiar.model_uri` = '{uri}'")
     runs = {}
     # newest first over every experiment and spelling, so "newest" holds across them too

@@ -88,3 +88,18 @@ def test_a_student_compared_with_itself_sampled_another_way(store, capsys):
     assert main(["--work-dir", str(store), "--a", student, "--b", student]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if "caption_consistency" in ln)
     assert "B - A +0.000" in line
+
+
+def test_a_student_under_a_linked_directory_is_found_by_its_relative_path(store, capsys, monkeypatch):
+    """An evaluation records the absolute path it was given, links kept (a work dir whose students/ links to another
+    run's); the same student named relative to the working directory is found through either spelling."""
+    real = store / "elsewhere" / "students"
+    real.mkdir(parents=True)
+    (store / "work").mkdir()
+    (store / "work" / "students").symlink_to(real, target_is_directory=True)
+    log_evaluation(str(store / "work" / "students" / "s0"), "1x", [0.3] * len(KEYS), list(range(len(KEYS))))
+    log_evaluation(str(real / "s1"), "1x", [0.6] * len(KEYS), list(range(len(KEYS))))
+    monkeypatch.chdir(store)
+    assert main(["--work-dir", str(store), "--a", "work/students/s0", "--b", "work/students/s1"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if "caption_consistency" in ln)
+    assert "A 0.300  B 0.600" in line
