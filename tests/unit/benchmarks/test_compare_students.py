@@ -32,7 +32,10 @@ def store(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("hiar-eval")
+    mlflow.create_experiment("hiar-eval")
+    # the runs go there through the environment, not mlflow.set_experiment: that one stays set in this process and
+    # a later test's job in it (tests/services.py job_here) could then not reopen a run of its own experiment
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "hiar-eval")
     yield tmp_path
     mlflow.set_tracking_uri(None)
 
