@@ -40,8 +40,9 @@ def added_later(default, neutral=dataclasses.MISSING):
 
 def run_setting(default):
     """A field that says how a job runs -- workers, devices, checkpoints, logging, where it writes -- and not what it
-    trains: stage identities (:meth:`HiarConfig.identity_view`) leave it out, so the same weights keep one name on
-    any cluster shape. A field that can change the weights (beyond float rounding) must not be one."""
+    trains: stage identities (:meth:`HiarConfig.identity_view`) leave it out, so a recipe keeps one name on any
+    cluster shape. It may change float rounding or the order in which the data arrives (the worker count shards the
+    dataset), nothing else: a field that changes the maths (a loss, a schedule, a budget) must not be one."""
     return field(default=default, metadata={"run_setting": True})
 
 
