@@ -386,5 +386,4 @@ class Distiller:
 
 
 __all__ = ["self_rollout", "ode_regression_loss", "fkl_regulariser", "clean_estimate", "score_sigmas",
-           "real_guidance_scale", "ODEInit",
-           "Distiller"]
+           "real_guidance_scale", "ODEInit", "Distiller"]
