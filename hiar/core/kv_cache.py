@@ -152,7 +152,7 @@ class KVCache:
 
         Returns ``(k, v, key_frames)``: cached blocks before the call that fall in the first query block's
         window (or are sinks), followed by the call's own live K/V; ``key_frames`` gives each key token's
-        absolute frame index so the caller can build the exact visibility mask.
+        absolute frame index (on the host) so the caller can build the exact visibility mask.
         """
         tpf = self.tokens_per_frame
         lo = self.window_start(frame_offset)
@@ -170,7 +170,7 @@ class KVCache:
         ks.append(live_k)
         vs.append(live_v)
         frames.append(torch.arange(frame_offset, frame_offset + num_frames).repeat_interleave(tpf))
-        return torch.cat(ks, dim=2), torch.cat(vs, dim=2), torch.cat(frames).to(live_k.device)
+        return torch.cat(ks, dim=2), torch.cat(vs, dim=2), torch.cat(frames)
 
     def _evict(self) -> None:
         if self.window_frames is None:

@@ -163,29 +163,74 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``scaled_dot_product_attention(q, k, v, attn_mask=mask)`` for a ``[Lq, Lk]`` boolean mask whose rows come in
-    runs (block-causal: every query of a block sees the same keys), as one mask-free call per run.
+#: How a block-causal call attends: ``(q_lo, q_hi, k_first, k_last, key_indices)`` per run of query tokens that
+#: see the same keys; ``key_indices`` is None when those keys are the slice ``[k_first, k_last)``, else the gathered
+#: positions (sink frames before a window). Plain ints on the host, so a run list is hashable and comparing two
+#: calls' attention needs no device round trip.
+AttentionRuns = tuple[tuple[int, int, int, int, "tuple[int, ...] | None"], ...]
 
-    Why: with an arbitrary mask a GPU runs no flash kernel, and at Wan2.1-1.3B's shapes the masked call takes about
-    twice as long as the same attention split this way (per layer, on an H200; a whole Wan-shaped video takes
-    0.83x the time: README "Benchmarks"); the split also skips the scores of keys a query cannot see. A run's
-    visible keys are taken as a slice when they are contiguous (the cache window, then the live blocks up to the
-    query's own) and gathered otherwise (sink frames before a window). The keys each query attends to are exactly
-    the mask's, so results equal the masked call's up to the kernels' rounding.
-    """
+
+def attention_runs(mask: torch.Tensor) -> AttentionRuns:
+    """The runs of a ``[Lq, Lk]`` boolean mask whose rows come in runs (block-causal: every query of a block sees
+    the same keys)."""
+    mask = mask.cpu()
     lq = mask.shape[0]
     starts = [0] + ((mask[1:] != mask[:-1]).any(dim=1).nonzero().flatten() + 1).tolist()
-    outs = []
+    runs = []
     for lo, hi in zip(starts, starts[1:] + [lq]):
         keys = mask[lo].nonzero().flatten()
         first, last = int(keys[0]), int(keys[-1]) + 1
-        if last - first == keys.numel():
+        runs.append((lo, hi, first, last, None if last - first == keys.numel() else tuple(keys.tolist())))
+    return tuple(runs)
+
+
+def attend_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: AttentionRuns) -> torch.Tensor:
+    """Attention of ``q`` ``[B, heads, Lq, d]`` over ``k``/``v`` as ``runs`` say, one mask-free call per run.
+
+    Why not one call with the mask: with an arbitrary mask a GPU runs no flash kernel, and at Wan2.1-1.3B's shapes
+    the masked call takes about twice as long as the same attention split this way (per layer, on an H200; a whole
+    Wan-shaped video takes 0.83x the time: README "Benchmarks"); the split also skips the scores of keys a query
+    cannot see. The keys each query attends to are exactly the mask's, so results equal the masked call's up to
+    the kernels' rounding.
+    """
+    outs = []
+    for lo, hi, first, last, indices in runs:
+        if indices is None:
             kr, vr = k[:, :, first:last], v[:, :, first:last]
         else:
-            kr, vr = k.index_select(2, keys), v.index_select(2, keys)
+            where = torch.tensor(indices, device=k.device)
+            kr, vr = k.index_select(2, where), v.index_select(2, where)
         outs.append(F.scaled_dot_product_attention(q[:, :, lo:hi], kr, vr))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``scaled_dot_product_attention(q, k, v, attn_mask=mask)`` for a block-causal ``[Lq, Lk]`` boolean mask, as
+    :func:`attend_runs` over the mask's :func:`attention_runs`."""
+    return attend_runs(q, k, v, attention_runs(mask))
+
+
+def batched_attention(calls: list) -> list[torch.Tensor]:
+    """``[attend_runs(q, k, v, runs) for q, k, v, runs in calls]`` (runs None: full attention), each as ``[B, L,
+    heads * d]``, with the calls that share their runs and shapes stacked on the batch axis and done together.
+
+    Why: a packed call (``PackedSelfAttentionPlan``) holds one segment per denoising step and stream, and in a
+    stream's steady state every segment attends in the same pattern (its own cache window, then its own blocks);
+    stacked, the segments of 8 streams take 2 attention calls per layer instead of 64. Each batch row is computed
+    on its own, as in its own call.
+    """
+    groups: dict = {}
+    for i, (q, k, v, runs) in enumerate(calls):
+        groups.setdefault((runs, q.shape[1:], k.shape[1:], v.shape[1:]), []).append(i)
+    out: list = [None] * len(calls)
+    for (runs, *_), members in groups.items():
+        q, k, v = (torch.cat([calls[i][j] for i in members]) if len(members) > 1 else calls[members[0]][j]
+                   for j in range(3))
+        mixed = F.scaled_dot_product_attention(q, k, v) if runs is None else attend_runs(q, k, v, runs)
+        mixed = mixed.transpose(1, 2).flatten(2).type_as(q)
+        for i, part in zip(members, mixed.split([calls[i][0].shape[0] for i in members])):
+            out[i] = part
+    return out
 
 
 class Attention(nn.Module):
@@ -207,16 +252,28 @@ class Attention(nn.Module):
     def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.split(self.norm_k(self.to_k(context))), self.split(self.to_v(context))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return self.project_out(self.mix(q, k, v, mask))
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: AttentionRuns | None) -> torch.Tensor:
+        return self.project_out(self.mix(q, k, v, runs))
 
-    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """The attention-weighted values ``[B, L, dim]``, before the output projection."""
-        out = F.scaled_dot_product_attention(q, k, v) if mask is None else masked_attention(q, k, v, mask)
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: AttentionRuns | None) -> torch.Tensor:
+        """The attention-weighted values ``[B, L, dim]``, before the output projection (``runs`` None: every query
+        sees every key)."""
+        out = F.scaled_dot_product_attention(q, k, v) if runs is None else attend_runs(q, k, v, runs)
         return out.transpose(1, 2).flatten(2).type_as(q)
 
     def project_out(self, mixed: torch.Tensor) -> torch.Tensor:
         return self.to_out[1](self.to_out[0](mixed))
+
+
+def grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[B, L, dim] -> [B, groups, L / groups, dim]``: tokens by frame, so a per-frame modulation ``[B, groups, 1,
+    dim]`` broadcasts over a frame's tokens instead of being copied to every token (the same products, a sixth of
+    the memory traffic of a per-token ``[B, L, 6, dim]`` modulation)."""
+    return x.unflatten(1, (groups, -1))
+
+
+def ungrouped(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1, 2)
 
 
 class TransformerBlock(nn.Module):
@@ -239,22 +296,26 @@ class TransformerBlock(nn.Module):
         self_attention: "SelfAttentionPlan | PackedSelfAttentionPlan",
         layer: int,
     ) -> torch.Tensor:
-        # mod: [B, L, 6, dim] per token (per-frame timesteps expanded) or [B, 1, 6, dim]
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.scale_shift_table.unsqueeze(0) + mod.float()).unbind(2)
+        # mod: [B, G, 6, dim], one modulation per group of tokens: G = F with per-frame timesteps, else 1
+        shift, scale, gate, c_shift, c_scale, c_gate = (
+            (self.scale_shift_table.unsqueeze(0) + mod.float()).unsqueeze(3).unbind(2)
+        )  # each [B, G, 1, dim], broadcast over a group's tokens by ``grouped``
+        groups = mod.shape[1]
 
-        h = (self.norm1(x.float()) * (1 + scale) + shift).type_as(x)
+        h = ungrouped(grouped(self.norm1(x.float()), groups) * (1 + scale) + shift).type_as(x)
         a = self.attn1
         q = apply_rope(a.split(a.norm_q(a.to_q(h))), *rope)
         k = apply_rope(a.split(a.norm_k(a.to_k(h))), *rope)
         v = a.split(a.to_v(h))
-        x = (x.float() + self_attention.attend(layer, a, q, k, v) * gate).type_as(x)
+        attended = self_attention.attend(layer, a, q, k, v)
+        x = ungrouped(grouped(x.float(), groups) + grouped(attended, groups) * gate).type_as(x)
 
         h = self.norm2(x.float()).type_as(x)
         a2 = self.attn2
         x = x + self_attention.cross_attend(layer, a2, a2.split(a2.norm_q(a2.to_q(h))), context)
 
-        h = (self.norm3(x.float()) * (1 + c_scale) + c_shift).type_as(x)
-        return (x.float() + self.ffn(h).float() * c_gate).type_as(x)
+        h = ungrouped(grouped(self.norm3(x.float()), groups) * (1 + c_scale) + c_shift).type_as(x)
+        return ungrouped(grouped(x.float(), groups) + grouped(self.ffn(h).float(), groups) * c_gate).type_as(x)
 
 
 class SelfAttentionPlan:
@@ -271,16 +332,15 @@ class SelfAttentionPlan:
         frame_offset: int,
         num_frames: int,
         cache: KVCache | None,
-        device: torch.device,
     ):
         self.mode, self.k, self.tpf = mode, frames_per_block, tokens_per_frame
-        self.offset, self.num_frames, self.cache, self.device = frame_offset, num_frames, cache, device
-        self.query_frames = torch.arange(frame_offset, frame_offset + num_frames, device=device).repeat_interleave(
-            tokens_per_frame
-        )
-        self._static_mask = None
+        self.offset, self.num_frames, self.cache = frame_offset, num_frames, cache
+        # on the host: which keys a query sees is bookkeeping, decided once per call, not per layer
+        self.query_frames = torch.arange(frame_offset, frame_offset + num_frames).repeat_interleave(tokens_per_frame)
+        self._runs: dict[bytes, AttentionRuns] = {}  # key layout -> runs; every layer of a call has the same layout
+        self._static_runs = None
         if mode == "block_causal" and cache is None:
-            self._static_mask = self.mask_for(self.query_frames)
+            self._static_runs = attention_runs(self.mask_for(self.query_frames))
 
     def mask_for(self, key_frames: torch.Tensor) -> torch.Tensor:
         qb = (self.query_frames // self.k)[:, None]
@@ -293,19 +353,27 @@ class SelfAttentionPlan:
             visible = visible & (in_window | (key_frames[None, :] < cache.sink_frames))
         return visible
 
+    def runs_for(self, key_frames: torch.Tensor) -> AttentionRuns:
+        layout = key_frames.numpy().tobytes()
+        if layout not in self._runs:
+            self._runs[layout] = attention_runs(self.mask_for(key_frames))
+        return self._runs[layout]
+
     def keys(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """``(keys, values, runs)`` of this call at ``layer`` (runs None: bidirectional), the call's own K/V
+        written into the cache."""
         if self.cache is None:
-            return k, v, self._static_mask
+            return k, v, self._static_runs
         ck, cv, key_frames = self.cache.gather(layer, self.offset, self.num_frames, k, v)
         self.cache.write(layer, self.offset, k, v)
-        return ck, cv, self.mask_for(key_frames)
+        return ck, cv, self.runs_for(key_frames)
 
     def attend(self, layer: int, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return attn.project_out(self.mix(layer, attn, q, k, v))
 
     def mix(self, layer: int, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k, v, mask = self.keys(layer, k, v)
-        return attn.mix(q, k, v, mask)
+        k, v, runs = self.keys(layer, k, v)
+        return attn.mix(q, k, v, runs)
 
     def cross_attend(self, layer: int, attn: Attention, q: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         ck, cv = self.cross_kv(layer, attn, context)
@@ -337,12 +405,13 @@ class PackedSelfAttentionPlan:
     Every per-token layer (projections, norms, modulation, FFN, output head) runs once over the whole pack; only
     the attention products are taken per segment (self-attention) and per member (cross-attention), so no query
     is ever scored against another segment's keys or another stream's prompt (no mask, no padding, no wasted
-    scores). A member's ``rows`` samples lie one after another along the token axis of one batch row; the plan
-    moves them onto the batch axis for its attention products (``rows == 1`` is the single-stream pack of
-    ``hiar.core.diagonal``, whose batch axis is the stream's own).
+    scores). Segments (and members) that attend in the same pattern are stacked on the batch axis and done in one
+    call (:func:`batched_attention`). A member's ``rows`` samples lie one after another along the token axis of
+    one batch row; the plan moves them onto the batch axis for its attention products (``rows == 1`` is the
+    single-stream pack of ``hiar.core.diagonal``, whose batch axis is the stream's own).
     """
 
-    def __init__(self, members: list[_Member], batch: int, tokens_per_frame: int, device: torch.device):
+    def __init__(self, members: list[_Member], batch: int, tokens_per_frame: int):
         self.batch = batch
         self.members = []  # (slice of the pack, rows, [(plan, slice of one row)])
         start = 0
@@ -350,7 +419,7 @@ class PackedSelfAttentionPlan:
             segs, row = [], 0
             for seg in m.segments:
                 plan = SelfAttentionPlan("block_causal", seg.cache.frames_per_block, tokens_per_frame,
-                                         seg.frame_offset, seg.num_frames, seg.cache, device)
+                                         seg.frame_offset, seg.num_frames, seg.cache)
                 segs.append((plan, slice(row, row + seg.num_frames * tokens_per_frame)))
                 row += seg.num_frames * tokens_per_frame
             self.members.append((slice(start, start + m.rows * row), m.rows, segs))
@@ -367,23 +436,27 @@ class PackedSelfAttentionPlan:
         return t if rows == 1 else t.reshape(self.batch, rows * t.shape[1], t.shape[2])
 
     def attend(self, layer: int, attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = []
+        calls = []  # one per segment, members in order
         for sl, rows, segs in self.members:
             qm, km, vm = (self._rows(t[:, :, sl], rows) for t in (q, k, v))
-            mixed = [plan.mix(layer, attn, qm[:, :, ss], km[:, :, ss], vm[:, :, ss]) for plan, ss in segs]
-            out.append(self._unrows(torch.cat(mixed, dim=1), rows))
+            for plan, ss in segs:
+                calls.append((qm[:, :, ss], *plan.keys(layer, km[:, :, ss], vm[:, :, ss])))
+        mixed, out = iter(batched_attention(calls)), []
+        for _, rows, segs in self.members:
+            out.append(self._unrows(torch.cat([next(mixed) for _ in segs], dim=1), rows))
         return attn.project_out(torch.cat(out, dim=1))
 
     def cross_attend(self, layer: int, attn: Attention, q: torch.Tensor, contexts: list) -> torch.Tensor:
-        out = []
+        calls = []  # one per member
         for (sl, rows, segs), context in zip(self.members, contexts):
             # All segments of a member belong to one stream, hence one prompt: its K/V are the same in every cache.
             kv = segs[0][0].cross_kv(layer, attn, context)
             for plan, _ in segs[1:]:
                 if plan.cache.cross_kv(layer) is None:
                     plan.cache.set_cross_kv(layer, *kv)
-            out.append(self._unrows(attn.mix(self._rows(q[:, :, sl], rows), *kv, None), rows))
-        return attn.project_out(torch.cat(out, dim=1))
+            calls.append((self._rows(q[:, :, sl], rows), *kv, None))
+        mixed = batched_attention(calls)
+        return attn.project_out(torch.cat([self._unrows(m, rows) for m, (_, rows, _) in zip(mixed, self.members)], 1))
 
 
 def _pack_members(kv_cache: list, encoder_hidden_states, frame_offset: int, batch: int, num_frames: int):
@@ -583,13 +656,9 @@ class CausalWanTransformer3DModel(ModelMixin, ConfigMixin):
 
         temb, mod = self.condition_embedder.time(timestep)
         dim = x.shape[-1]
-        if timestep.ndim == 2:  # per frame -> per token
-            temb = temb.view(b, pf, 1, dim).expand(b, pf, tpf, dim).reshape(b, pf * tpf, dim)
-            mod = mod.view(b, pf, 1, 6, dim).expand(b, pf, tpf, 6, dim).reshape(b, pf * tpf, 6, dim)
-        else:
-            temb = temb.view(b, 1, dim)
-            mod = mod.view(b, 1, 6, dim)
-        temb = temb.type_as(x)
+        groups = pf if timestep.ndim == 2 else 1  # per-frame timesteps modulate each frame's tokens
+        temb = temb.view(b, groups, dim).type_as(x)
+        mod = mod.view(b, groups, 6, dim)
 
         # With grad on and a detached cache (training), the prompt path is recomputed every call: "no gradient
         # through the cache" is about temporal context, and the text projections must still learn.
@@ -599,18 +668,18 @@ class CausalWanTransformer3DModel(ModelMixin, ConfigMixin):
 
         if members is not None:
             context = [embed(m.context, [seg.cache for seg in m.segments]) for m in members]
-            plan = PackedSelfAttentionPlan(members, b, tpf, x.device)
+            plan = PackedSelfAttentionPlan(members, b, tpf)
         else:
             context = embed(encoder_hidden_states, caches)
-            plan = SelfAttentionPlan(attention_mode, k, tpf, frame_offset, pf, kv_cache, x.device)
+            plan = SelfAttentionPlan(attention_mode, k, tpf, frame_offset, pf, kv_cache)
         for i, block in enumerate(self.blocks):
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, x, context, mod, rope, plan, i)
             else:
                 x = block(x, context, mod, rope, plan, i)
 
-        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unbind(2)
-        x = (self.norm_out(x.float()) * (1 + scale) + shift).type_as(x)
+        shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unsqueeze(3).unbind(2)
+        x = ungrouped(grouped(self.norm_out(x.float()), groups) * (1 + scale) + shift).type_as(x)
         x = self.proj_out(x)
         x = x.reshape(b, pf, pph, ppw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         out = x.flatten(6, 7).flatten(4, 5).flatten(2, 3)

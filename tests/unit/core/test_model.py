@@ -285,3 +285,32 @@ def test_masked_attention_equals_sdpa_with_the_mask(sink_frames):
     if sink_frames:  # the keys of the last block are the sink and a window that no longer touches it
         last = rows[-1].nonzero().flatten()
         assert last.numel() != int(last[-1] - last[0]) + 1
+
+
+def test_batched_attention_equals_one_call_each():
+    """Calls that share their runs and shapes are stacked on the batch axis; every call's result (in its own order
+    and batch size) equals its own attention, whatever the groups: two block-causal patterns, full attention, and a
+    call whose key length matches no other."""
+    import torch.nn.functional as F
+
+    from hiar.core.model import attend_runs, attention_runs, batched_attention
+
+    g = torch.Generator().manual_seed(0)
+    def runs(rows):  # 4 queries, 4 key frames of 3 tokens
+        return attention_runs(torch.tensor(rows, dtype=torch.bool).repeat_interleave(3, dim=1))
+
+    causal = runs([[1, 1, 0, 0]] * 2 + [[1, 1, 1, 1]] * 2)
+    window = runs([[1, 1, 0, 0]] * 2 + [[0, 1, 1, 1]] * 2)
+    assert causal != window and len(causal) == len(window) == 2
+    calls = []
+    for batch, pattern, keys in [(1, causal, 12), (2, window, 12), (1, causal, 12), (3, None, 12), (1, window, 12),
+                              (2, causal, 12), (1, None, 5)]:
+        q = torch.randn(batch, 2, 4, 8, generator=g)
+        k, v = (torch.randn(batch, 2, keys, 8, generator=g) for _ in range(2))
+        calls.append((q, k, v, pattern))
+    out = batched_attention(calls)
+    for (q, k, v, pattern), got in zip(calls, out):
+        ref = F.scaled_dot_product_attention(q, k, v) if pattern is None else attend_runs(q, k, v, pattern)
+        ref = ref.transpose(1, 2).flatten(2)
+        assert got.shape == ref.shape
+        assert (got - ref).abs().max() < 1e-6
