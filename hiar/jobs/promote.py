@@ -57,7 +57,7 @@ from hiar.platform.registry import (CHALLENGER, CHAMPION, HISTORY_TAG, NotRegist
                                     bundle_config_hash, champion_history, config_file_sha, find_version_by_checksum,
                                     get_registered_model, get_version, move_champion, now_utc, record_decision,
                                     registry_client, set_version_tags, version_exists)
-from hiar.platform.tracking import experiment_id, new_run, setup_tracking
+from hiar.platform.tracking import experiment_id, new_run, resumed_run, setup_tracking
 
 EXPERIMENT = "hiar-registry"
 
@@ -108,7 +108,7 @@ def register(cfg, model_dir: str, eval_run_id: str | None = None, data_manifest_
     else:
         run = new_run(EXPERIMENT, f"register-{path.name}", parent_run_id,
                       {"hiar.checksum": checksum, "hiar.source_dir": str(path)})
-        with mlflow.start_run(run_id=run.info.run_id):
+        with resumed_run(run.info.run_id):
             mlflow.log_params({"model_dir": str(path), "checksum": checksum, "registered_model": name,
                                "config_hash": tags.get("config_hash", ""),
                                "data_manifest_hash": data_manifest_hash or "", "eval_run_id": eval_run_id or ""})
@@ -217,7 +217,7 @@ def promote(cfg, version: str | None = None, overrides=(), parent_run_id: str | 
         "thresholds": gate, "checks": result.to_dict()["checks"], "skipped": result.skipped,
         "eval_runs": {s: results[s]["run_id"] for s in results}, "eval_identity": identity,
     }
-    with mlflow.start_run(run_id=run.info.run_id):
+    with resumed_run(run.info.run_id):
         mlflow.log_params({"challenger_version": version, "champion_version": champion, **gate})
         for side in ("challenger", "champion"):
             mlflow.log_metrics({f"{side}/{k}": float(v) for k, v in details[side].items() if v is not None})

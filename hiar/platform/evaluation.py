@@ -21,7 +21,7 @@ from hiar.eval.summary import summarize, summary_table
 from hiar.platform.evaluation_plan import EvalPlan
 from hiar.platform.progress import report
 from hiar.platform.ray_cluster import init_ray
-from hiar.platform.tracking import flatten, log_video, new_run
+from hiar.platform.tracking import flatten, log_video, new_run, resumed_run
 
 EXPERIMENT = "hiar-eval"
 IDENTITY_TAG = "hiar.eval_identity"
@@ -202,7 +202,7 @@ def run_evaluation(plan: EvalPlan, parent_run_id: str | None = None, run_name: s
               **flatten({"eval": e, "generation": {"rollout": gen["rollout"], "schedule": gen["schedule"],
                                                    "video": gen["video"]}})}
     skipped = {m: r.skipped for m, r in reports.items() if r.skipped}
-    with mlflow.start_run(run_id=run.info.run_id):
+    with resumed_run(run.info.run_id):
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
         mlflow.log_metrics(metrics)
         if skipped:

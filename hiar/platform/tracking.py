@@ -5,6 +5,7 @@ identity tag."""
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 # MLflow 3's set_tracking_uri exports MLFLOW_TRACKING_URI itself, so the variable alone cannot tell "the user
@@ -94,6 +95,26 @@ def new_run(experiment: str, run_name: str, parent_run_id: str | None, tags: dic
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     return MlflowClient().create_run(experiment_id(experiment), tags=tags, run_name=run_name)
+
+
+@contextmanager
+def resumed_run(run_id: str):
+    """``mlflow.start_run(run_id=run_id)`` that also works where this process made another experiment active
+    (``mlflow.set_experiment`` in a notebook or a caller's script): MLflow refuses to resume a run of another
+    experiment then, so the run's experiment is active inside the block and the caller's again after it."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_EXPERIMENT_ID")  # mlflow.set_experiment exports the active experiment here
+    own = mlflow.get_run(run_id).info.experiment_id
+    switch = before is not None and before != own
+    if switch:
+        mlflow.set_experiment(experiment_id=own)
+    try:
+        with mlflow.start_run(run_id=run_id) as run:
+            yield run
+    finally:
+        if switch:
+            mlflow.set_experiment(experiment_id=before)
 
 
 def find_or_create_run(experiment_id: str, identity_tag: str, identity: str, name: str, parent_run_id: str | None,
