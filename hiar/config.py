@@ -255,11 +255,11 @@ class PretrainConfig:
     sigma_sampling: str = "uniform"  # training noise levels: "uniform" | "logit_normal" (hiar.methods.losses)
     sigma_shift: float = 1.0  # eq. 1 shift applied to the sampled times
     grad_clip: float = 1.0
-    checkpoint_every: int = 100
-    eval_every_minutes: float = 5.0
-    eval_prompts: int = 16
-    num_workers: int = 1
-    threads_per_worker: int = 0  # 0 = cores / workers
+    checkpoint_every: int = run_setting(100)
+    eval_every_minutes: float = run_setting(5.0)
+    eval_prompts: int = run_setting(16)
+    num_workers: int = 1  # batch_size is per worker: the workers change the global batch, hence the weights
+    threads_per_worker: int = run_setting(0)  # 0 = cores / workers
     # start from another teacher instead of random weights: a teacher bundle directory, or a trainer state file
     # (state.pt of a pretrain checkpoint); a model with fewer latent channels is widened (hiar.methods.pretrain.widen_channels)
     init_from: str = ""

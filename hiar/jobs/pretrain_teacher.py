@@ -143,7 +143,7 @@ def training_identity(cfg) -> str:
     """Identity of what determines the trained weights, without the budget: raising ``pretrain.max_minutes`` (or
     ``max_steps``) and rerunning continues the same run from its last checkpoint instead of starting over."""
     d = cfg.identity_view("seed", "model", "video", "world", "pretrain", "rollout")  # added keys at neutral: left out
-    for key in ("max_minutes", "max_steps", "eval_every_minutes", "eval_prompts"):
+    for key in ("max_minutes", "max_steps"):
         d["pretrain"].pop(key)
     d["pretrain"]["init_from"] = portable_path(d["pretrain"]["init_from"])
     return identity(d)

@@ -67,6 +67,18 @@ def test_no_run_setting_enters_a_stage_identity():
     assert set(base.identity_view("distill")["distill"]).isdisjoint(f.name for f in settings)
 
 
+def test_a_teacher_training_keeps_its_name_over_budget_checkpoints_and_threads():
+    """Rerunning teacher pretraining with a larger budget, other checkpoint or evaluation intervals, or another
+    thread count continues the same run; what sets the weights -- the per-worker batch times the workers, the
+    learning rate, the seed -- names another."""
+    base = training_identity(load_config("tiny"))
+    for change in ("pretrain.max_minutes=90", "pretrain.max_steps=7", "pretrain.checkpoint_every=7",
+                   "pretrain.eval_every_minutes=1", "pretrain.eval_prompts=4", "pretrain.threads_per_worker=2"):
+        assert training_identity(load_config("tiny", [change])) == base, change
+    for change in ("pretrain.num_workers=2", "pretrain.batch_size=8", "pretrain.lr=5e-4", "seed=1"):
+        assert training_identity(load_config("tiny", [change])) != base, change
+
+
 def test_the_tiny_presets_identities_stay_put():
     """Pinned: a change here renames every stored student and the README's reproduction commands. A new config
     key that trains differently by default is declared ``added_later`` with its no-op value (``hiar.config``);
@@ -74,7 +86,8 @@ def test_the_tiny_presets_identities_stay_put():
     cfg = load_config("tiny", ["seed=0"])
     assert stage_identity(cfg, "ode_init", INPUTS) == "ba0cfc9dcf299aca"
     assert stage_identity(cfg, "distill", INPUTS) == "08dd46a531df9619"
-    assert training_identity(cfg) == "95ba9c2be82ac2e1"  # as before pretrain.late_start_* existed
+    # 95ba9c2be82ac2e1 until checkpoint_every and threads_per_worker became run settings (no stored student names it)
+    assert training_identity(cfg) == "1a7d4f034e8b06ec"
 
 
 def test_a_fingerprint_reads_fixed_blocks_so_copies_agree_and_retrained_weights_differ(tmp_path):
