@@ -57,7 +57,10 @@ class EvalPlan:
     def generation_hash(self) -> str:
         """Hash of the generation config (model, schedule, rollout, video): the bundle's ``hiar_config.yaml`` is not
         part of ``checksum`` (weights only), so equal weights under another rollout are another evaluation."""
-        return identity({k: self.gen_config.get(k) for k in ("model", "schedule", "rollout", "video")})
+        from hiar.io.bundle import config_from_dict
+
+        # as identities hash a config: a key added later at its neutral value renames no stored evaluation
+        return identity(config_from_dict(self.gen_config).identity_view("model", "schedule", "rollout", "video"))
 
     def items(self) -> list[dict]:
         """One Ray Data item per (prompt, seed); the first ``sample_videos`` send their frames back."""

@@ -126,3 +126,21 @@ def test_a_fingerprint_reads_fixed_blocks_so_copies_agree_and_retrained_weights_
     before = fingerprint_dir(small)
     (small / "w.safetensors").write_bytes(weights[:999] + bytes([weights[999] ^ 1]))
     assert fingerprint_dir(small) != before
+
+
+def test_an_evaluations_generation_hash_is_the_configs_identity_view():
+    """Stored evaluations are found again by this hash (``evaluate --reuse``, the gate's paired runs): it hashes the
+    generation sections as every identity does, so a key added later at its neutral value renames none. Pinned
+    for the tiny preset: the value every evaluation stored before the change carries."""
+    from hiar.platform.evaluation_plan import EvalPlan
+
+    cfg = load_config("tiny")
+    plan = EvalPlan(model_uri="m", bundle_path="b", checksum="c", model_name=None, model_version=None,
+                    gen_config=cfg.to_dict(), prompts=["p"], seeds=[0], modes=["hierarchical"], latent_frames=12,
+                    num_blocks=4, segments=5, fps=8, use_oracle=True, weights_dir=None, eval_settings={})
+    assert plan.generation_hash() == "e07405223a11b9b6"
+    other = load_config("tiny", ["rollout.window_frames=9"])
+    assert EvalPlan(**{**plan.__dict__, "gen_config": other.to_dict()}).generation_hash() != plan.generation_hash()
+    # what the evaluation does not generate with (the distillation's run settings, its recipe) is not hashed
+    recipe = load_config("tiny", ["distill.critic_ratio=5", "distill.num_workers=1"])
+    assert EvalPlan(**{**plan.__dict__, "gen_config": recipe.to_dict()}).generation_hash() == plan.generation_hash()
