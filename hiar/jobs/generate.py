@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 
-from hiar.io.storage import resolve_path
+from hiar.io.storage import portable_path, resolve_path
 from hiar.jobs.results import DatasetResult, write_result
 from hiar.platform.progress import report
 from hiar.platform.ray_cluster import init_ray
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         print(f"error: shards {missing} are missing after the run", file=sys.stderr)
         return 1
     manifest = {
-        "kind": args.kind, "identity": identity, "config_hash": cfg.config_hash(), "teacher": teacher,
+        "kind": args.kind, "identity": identity, "config_hash": cfg.config_hash(), "teacher": portable_path(teacher),
         "teacher_checksum": teacher_checksum, "schema_version": SCHEMA_VERSION, "count": count,
         "num_shards": plan.num_shards, "shard_size": cfg.data.shard_size,
         "settings": generation_settings(cfg, args.kind, prompts), "prompts": prompts.manifest(), "created_at": now(),

@@ -199,7 +199,10 @@ def train_loop_per_worker(c: dict) -> None:
         card = {"preset": cfg.preset, "seed": cfg.seed, "steps": step_of(), "stage": stage,
                 "rollout": d.rollout, "source_run": c["run_id"], "identity": c["identity"], "samples": final,
                 "losses": losses_of(metrics),  # the driver's TrainResult reads them here
-                "teacher": c["teacher"], "real_score": c.get("real_score") or c["teacher"], "init": c.get("init", "")}
+                # as identities write them: a job runs from Ray's copy of the checkout, so the shipped teacher's
+                # resolved path is a session directory that is gone once the cluster stops
+                "teacher": portable_path(c["teacher"]),
+                "real_score": portable_path(c.get("real_score") or c["teacher"]), "init": c.get("init", "")}
         # the text encoder and codec are the teacher's: referenced by hash, stored once under the run directory;
         # the bundle is logged as a model once, when it is registered (hiar/jobs/promote.py register)
         out = save_bundle(c["output"], final_model, text, codec, card, cfg, title=f"HiAR student ({stage})",

@@ -108,6 +108,7 @@ def test_two_workers_end_to_end_logs_checkpoints_and_resumes_as_a_skip(ray_head,
     distilled = load_bundle(students[0])
     assert distilled.card["steps"] == 4 and distilled.card["stage"] == "distill"
     assert distilled.card["rollout"] == "hierarchical"  # the configured rollout, recorded by the workers
+    assert distilled.card["teacher"] == distilled.card["real_score"] == str(root / "teacher")
     assert distilled.config.distill.num_workers == 2
 
     client = _client(root)
