@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hiar.identity import identity
-from hiar.io.storage import resolve_path
+from hiar.io.storage import portable_path, resolve_path
 from hiar.pipeline.outcome import InputError, StageFailed
 from hiar.platform.tracking import tracking_uri
 
@@ -63,7 +63,10 @@ class PipelinePlans:
         """After the teacher stage: every later job gets this teacher and data.storage (by default
         ``<run_dir>/data/<both dataset identities>``, content-addressed, so a config change writes new datasets next
         to the old ones instead of clashing with them)."""
-        self.derived["teacher.path"] = self.teacher
+        # as identities write it: the shipped teacher relative to the package (every job resolves it beside its own
+        # hiar), so records name hiar/assets/tiny-teacher, not the Ray session's copy of the checkout that the
+        # pipeline runs from under `ray job submit`
+        self.derived["teacher.path"] = portable_path(self.teacher)
         if not self.storage:
             self.storage = str(self.run_dir / "data" / self.data_manifest_hash())
         self.derived["data.storage"] = self.storage

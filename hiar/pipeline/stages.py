@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from hiar.io.storage import portable_path
 from hiar.jobs.results import (DatasetResult, EvaluationResult, PromoteResult, RegisterResult, TeacherResult,
                                TrainResult, write_result)
 from hiar.pipeline.console import StageConsole
@@ -93,7 +94,7 @@ def teacher(t: StageTools, o: Outcome) -> None:
         o.status, cc = "skipped", (_card(plans.teacher).get("oracle") or {}).get("caption_consistency")
     o.metrics = {"caption_consistency": cc} if cc is not None else {}
     o.key = Path(plans.teacher).name + (f" caption_consistency={cc:.3f}" if cc is not None else "")
-    o.detail["teacher"] = plans.teacher
+    o.detail["teacher"] = portable_path(plans.teacher)
 
 
 # ---------------------------------------------------------------------------------------------------- data
