@@ -210,9 +210,16 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return attend_runs(q, k, v, attention_runs(mask))
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: AttentionRuns | None) -> torch.Tensor:
+    """The attention-weighted values ``[B, L, heads * d]`` of ``q``/``k``/``v`` ``[B, heads, L, d]`` (``runs``
+    None: every query sees every key)."""
+    out = F.scaled_dot_product_attention(q, k, v) if runs is None else attend_runs(q, k, v, runs)
+    return out.transpose(1, 2).flatten(2).type_as(q)
+
+
 def batched_attention(calls: list) -> list[torch.Tensor]:
-    """``[attend_runs(q, k, v, runs) for q, k, v, runs in calls]`` (runs None: full attention), each as ``[B, L,
-    heads * d]``, with the calls that share their runs and shapes stacked on the batch axis and done together.
+    """``[attention(q, k, v, runs) for q, k, v, runs in calls]``, with the calls that share their runs and shapes
+    stacked on the batch axis and done together.
 
     Why: a packed call (``PackedSelfAttentionPlan``) holds one segment per denoising step and stream, and in a
     stream's steady state every segment attends in the same pattern (its own cache window, then its own blocks);
@@ -226,8 +233,7 @@ def batched_attention(calls: list) -> list[torch.Tensor]:
     for (runs, *_), members in groups.items():
         q, k, v = (torch.cat([calls[i][j] for i in members]) if len(members) > 1 else calls[members[0]][j]
                    for j in range(3))
-        mixed = F.scaled_dot_product_attention(q, k, v) if runs is None else attend_runs(q, k, v, runs)
-        mixed = mixed.transpose(1, 2).flatten(2).type_as(q)
+        mixed = attention(q, k, v, runs)
         for i, part in zip(members, mixed.split([calls[i][0].shape[0] for i in members])):
             out[i] = part
     return out
@@ -256,24 +262,25 @@ class Attention(nn.Module):
         return self.project_out(self.mix(q, k, v, runs))
 
     def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: AttentionRuns | None) -> torch.Tensor:
-        """The attention-weighted values ``[B, L, dim]``, before the output projection (``runs`` None: every query
-        sees every key)."""
-        out = F.scaled_dot_product_attention(q, k, v) if runs is None else attend_runs(q, k, v, runs)
-        return out.transpose(1, 2).flatten(2).type_as(q)
+        """The attention-weighted values ``[B, L, dim]``, before the output projection."""
+        return attention(q, k, v, runs)
 
     def project_out(self, mixed: torch.Tensor) -> torch.Tensor:
         return self.to_out[1](self.to_out[0](mixed))
 
 
-def grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """``[B, L, dim] -> [B, groups, L / groups, dim]``: tokens by frame, so a per-frame modulation ``[B, groups, 1,
-    dim]`` broadcasts over a frame's tokens instead of being copied to every token (the same products, a sixth of
-    the memory traffic of a per-token ``[B, L, 6, dim]`` modulation)."""
-    return x.unflatten(1, (groups, -1))
+def modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * (1 + scale) + shift`` for tokens ``x`` ``[B, L, dim]`` and one modulation per group of tokens
+    ``[B, G, 1, dim]`` (G = frames with per-frame timesteps, else 1): the tokens are viewed by group, so the
+    modulation broadcasts over a frame's tokens instead of being copied to every token (the same products, a sixth
+    of the memory traffic of a per-token ``[B, L, 6, dim]`` modulation)."""
+    return (x.unflatten(1, (scale.shape[1], -1)) * (1 + scale) + shift).flatten(1, 2)
 
 
-def ungrouped(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(1, 2)
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``x + y * gate`` with ``gate`` one per group of tokens, as in :func:`modulate`."""
+    groups = gate.shape[1]
+    return (x.unflatten(1, (groups, -1)) + y.unflatten(1, (groups, -1)) * gate).flatten(1, 2)
 
 
 class TransformerBlock(nn.Module):
@@ -299,23 +306,22 @@ class TransformerBlock(nn.Module):
         # mod: [B, G, 6, dim], one modulation per group of tokens: G = F with per-frame timesteps, else 1
         shift, scale, gate, c_shift, c_scale, c_gate = (
             (self.scale_shift_table.unsqueeze(0) + mod.float()).unsqueeze(3).unbind(2)
-        )  # each [B, G, 1, dim], broadcast over a group's tokens by ``grouped``
-        groups = mod.shape[1]
+        )  # each [B, G, 1, dim], broadcast over a group's tokens by ``modulate`` and ``gated_residual``
 
-        h = ungrouped(grouped(self.norm1(x.float()), groups) * (1 + scale) + shift).type_as(x)
+        h = modulate(self.norm1(x.float()), scale, shift).type_as(x)
         a = self.attn1
         q = apply_rope(a.split(a.norm_q(a.to_q(h))), *rope)
         k = apply_rope(a.split(a.norm_k(a.to_k(h))), *rope)
         v = a.split(a.to_v(h))
         attended = self_attention.attend(layer, a, q, k, v)
-        x = ungrouped(grouped(x.float(), groups) + grouped(attended, groups) * gate).type_as(x)
+        x = gated_residual(x.float(), attended, gate).type_as(x)
 
         h = self.norm2(x.float()).type_as(x)
         a2 = self.attn2
         x = x + self_attention.cross_attend(layer, a2, a2.split(a2.norm_q(a2.to_q(h))), context)
 
-        h = ungrouped(grouped(self.norm3(x.float()), groups) * (1 + c_scale) + c_shift).type_as(x)
-        return ungrouped(grouped(x.float(), groups) + grouped(self.ffn(h).float(), groups) * c_gate).type_as(x)
+        h = modulate(self.norm3(x.float()), c_scale, c_shift).type_as(x)
+        return gated_residual(x.float(), self.ffn(h).float(), c_gate).type_as(x)
 
 
 class SelfAttentionPlan:
@@ -679,7 +685,7 @@ class CausalWanTransformer3DModel(ModelMixin, ConfigMixin):
                 x = block(x, context, mod, rope, plan, i)
 
         shift, scale = (self.scale_shift_table.unsqueeze(0) + temb.unsqueeze(2)).unsqueeze(3).unbind(2)
-        x = ungrouped(grouped(self.norm_out(x.float()), groups) * (1 + scale) + shift).type_as(x)
+        x = modulate(self.norm_out(x.float()), scale, shift).type_as(x)
         x = self.proj_out(x)
         x = x.reshape(b, pf, pph, ppw, pt, ph, pw, -1).permute(0, 7, 1, 4, 2, 5, 3, 6)
         out = x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
