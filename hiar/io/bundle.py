@@ -50,7 +50,7 @@ from hiar.core.model import CausalWanTransformer3DModel
 from hiar.identity import identity
 from hiar.io.checksums import LOCATIONS
 from hiar.io.codec import CODEC_FILE, load_codec
-from hiar.io.storage import cache_root, local_dir, tree_sha256
+from hiar.io.storage import cache_root, local_dir, locatable_path, portable_path, resolve_path, tree_sha256
 from hiar.io.text import TextEncoder
 
 CARD_FILE = "card.json"
@@ -103,7 +103,7 @@ class ModelDir:
         where, parts, sha = self.components[name]
         sha = sha or component_sha256(where, parts)
         remote = "://" in self.source and where == self.root  # another node fetches it from the source
-        return {"sha256": sha, "parts": list(parts)}, [self.source.rstrip("/") if remote else str(where.resolve())]
+        return {"sha256": sha, "parts": list(parts)}, [self.source.rstrip("/") if remote else locatable_path(where)]
 
 
 @dataclass
@@ -238,7 +238,7 @@ def resolve_component(name: str, ref: dict, locations: list[str], what: str = "b
             tried.append(f"{where} (fetched by the registry)")
             continue
         try:
-            path = local_dir(where, f"{name} component")
+            path = local_dir(resolve_path(where), f"{name} component")
         except (FileNotFoundError, OSError) as err:
             tried.append(f"{where} ({err})")
             continue
@@ -273,6 +273,16 @@ def store_component(store: Path, name: str, ref: dict, src: Path) -> str:
     return str(dst.resolve())
 
 
+def _portable_name_or_path(config_json: Path) -> None:
+    """diffusers records where the weights were loaded from (``_name_or_path``); written as identities write paths
+    (``portable_path``), so a student initialised from the shipped teacher inside a Ray job does not name Ray's
+    session copy of the checkout."""
+    cfg = json.loads(config_json.read_text())
+    if cfg.get("_name_or_path") and "://" not in cfg["_name_or_path"]:
+        cfg["_name_or_path"] = portable_path(cfg["_name_or_path"])
+        config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
 def link_or_copy(src, dst) -> None:
     """A hard link where the filesystem allows (no bytes copied), else a copy."""
     try:
@@ -292,6 +302,7 @@ def save_bundle(directory: str | Path, transformer, text: TextEncoder, codec, ca
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     transformer.save_pretrained(out / "transformer")
+    _portable_name_or_path(out / "transformer" / "config.json")
     if shared is None:
         text.save_pretrained(out)
         codec.save_pretrained(out / "codec")

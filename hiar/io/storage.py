@@ -79,6 +79,19 @@ def portable_path(path: str) -> str:
         return os.path.normpath(resolved)
 
 
+def locatable_path(path: str | Path) -> str:
+    """``path`` as a location another process may open later: a file of the installed ``hiar`` package (a shipped
+    asset such as ``hiar/assets/tiny-teacher``) relative to ``PACKAGE_PARENT``, which :func:`resolve_path` maps to
+    wherever the package is installed then; anything else absolute. A ``ray job submit`` job imports the package
+    from Ray's per-session copy of the checkout, which is gone once the cluster stops, so an absolute path to a
+    shipped asset written there would name nothing a day later."""
+    resolved = Path(os.path.normpath(resolve_path(os.fspath(path))))
+    try:
+        return (Path("hiar") / resolved.relative_to(PACKAGE_PARENT / "hiar")).as_posix()
+    except ValueError:
+        return str(resolved)
+
+
 def s3_filesystem() -> pafs.S3FileSystem:
     """An S3 filesystem from the environment; the endpoint override is what makes a local S3 server work."""
     kwargs = {}

@@ -145,6 +145,25 @@ def test_an_empty_s3_prefix_is_named(s3_server, monkeypatch):
     assert uri in str(err.value) and "teacher.path" in str(err.value)
 
 
+def test_a_student_of_the_shipped_teacher_names_it_by_the_package_not_by_where_it_was_imported(tmp_path, monkeypatch):
+    """Under ``ray job submit`` the package is imported from Ray's session copy of the checkout, gone once the cluster
+    stops: the bundle's locations and the transformer's ``_name_or_path`` must name the teacher by the package."""
+    from hiar.io.bundle import load_bundle, load_text, load_transformer, open_model_dir, save_bundle
+    from hiar.io.storage import PACKAGE_PARENT
+
+    teacher = open_model_dir(PACKAGE_PARENT / "hiar" / "assets" / "tiny-teacher")
+    bundle = load_bundle(teacher)
+    student = save_bundle(tmp_path / "student", load_transformer(teacher), load_text(teacher), bundle.codec,
+                          {"seed": 0}, shared=teacher)
+    locations = json.loads((student / "locations.json").read_text())
+    assert locations == {"text": ["hiar/assets/tiny-teacher"], "codec": ["hiar/assets/tiny-teacher"]}
+    name = json.loads((student / "transformer" / "config.json").read_text())["_name_or_path"]
+    assert name.startswith("hiar/assets/tiny-teacher"), name
+    monkeypatch.chdir(tmp_path)  # another working directory: the location still resolves beside the package
+    loaded = load_bundle(student)
+    assert loaded.model_dir.component_dir("text") == (PACKAGE_PARENT / "hiar" / "assets" / "tiny-teacher")
+
+
 def test_a_bundle_whose_referenced_component_is_gone_or_altered(wan_ckpt, tmp_path):
     from hiar.io.bundle import open_model_dir
 

@@ -4,7 +4,7 @@ key added with a neutral default renames nothing (the README names stored studen
 import os
 
 from hiar.config import load_config
-from hiar.io.storage import PACKAGE_PARENT, portable_path
+from hiar.io.storage import PACKAGE_PARENT, locatable_path, portable_path, resolve_path
 from hiar.jobs.pretrain_teacher import training_identity
 from hiar.jobs.train import stage_identity
 
@@ -19,6 +19,15 @@ def test_portable_path_names_a_checkout_path_the_same_given_relative_or_absolute
     outside = tmp_path / "teacher"
     assert portable_path(str(outside)) == str(outside)  # outside the checkout: absolute, as resolved
     assert portable_path("s3://bucket/wan/") == "s3://bucket/wan/" and portable_path("") == ""
+
+
+def test_locatable_path_names_a_shipped_asset_by_the_package_and_anything_else_absolutely(tmp_path, monkeypatch):
+    assert locatable_path(PACKAGE_PARENT / SHIPPED) == SHIPPED == locatable_path(SHIPPED)
+    monkeypatch.chdir(tmp_path)  # a later process elsewhere: resolve_path finds the asset beside the package
+    assert resolve_path(locatable_path(PACKAGE_PARENT / SHIPPED)) == str(PACKAGE_PARENT / SHIPPED)
+    in_checkout = PACKAGE_PARENT / "runs" / "x" / "components" / "text-0"  # not the package's: a Ray job's cwd differs
+    assert locatable_path(in_checkout) == str(in_checkout)
+    assert locatable_path(tmp_path / "teacher") == str(tmp_path / "teacher")
 
 
 def test_a_stage_identity_does_not_depend_on_how_the_teacher_path_is_written():
