@@ -76,12 +76,12 @@ def run_ray_train(preset: str, overrides: list[str], workers: int, steps: int, w
     work = Path(work_dir).resolve()
     sets = [a for o in overrides for a in ("--set", o)]
     teacher = resolve_path(load_config(preset, overrides).teacher.path)
-    data = ["--preset", preset, "--set", f"data.storage={work / 'data'}", *sets]
+    data = ["--preset", preset, "--set", f"data.storage={work / 'data'}", "--set", "data.num_trajectories=16", *sets]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true"}
     # the dataset once (a rerun finds its shards committed); each benchmark run trains in a run dir of its own, or
     # the job would find the stage done and skip it
     subprocess.run([sys.executable, "-m", "hiar.jobs.generate", *data, "--set", f"run_dir={work / 'runs-data'}",
-                    "--kind", "trajectories", "--count", "16"], env=env, check=True, capture_output=True)
+                    "--kind", "trajectories"], env=env, check=True, capture_output=True)
     run_dir = work / f"runs-{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "hiar.jobs.train", *data, "--set", f"run_dir={run_dir}",

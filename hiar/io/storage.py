@@ -210,6 +210,19 @@ def committed_shards(uri: str) -> set[int]:
     return found
 
 
+def complete_shards(uri: str, plan: ShardPlan) -> set[int]:
+    """The shards of ``plan`` that ``uri`` holds whole: committed, with at least the plan's samples in them (from
+    each file's Parquet footer). A dataset grows by sample index, so a last shard committed for a smaller count
+    holds fewer samples than a larger count's plan puts there: it is not whole for that plan, and is made again."""
+    fs, path = resolve_uri(uri)
+    whole = set()
+    for shard in committed_shards(uri) & set(range(plan.num_shards)):
+        with fs.open_input_file(f"{path}/{shard_name(shard)}") as f:
+            if pq.read_metadata(f).num_rows >= len(plan.samples(shard)):
+                whole.add(shard)
+    return whole
+
+
 def rows_to_table(rows: list[dict], tensor_column: str, dtype: str) -> pa.Table:
     """Scalars as plain columns; the tensor column as a fixed-shape tensor column of ``dtype``."""
     np_dtype = _DTYPES[dtype][0]
@@ -283,10 +296,12 @@ def table_rows(table: pa.Table) -> Iterator[dict]:
         yield {k: v[i] for k, v in cols.items()}
 
 
-def shard_paths(uri: str) -> tuple[pafs.FileSystem, list[str]]:
-    """Filesystem and committed shard paths, for ``ray.data.read_parquet(paths, filesystem=fs)``."""
+def shard_paths(uri: str, plan: ShardPlan | None = None) -> tuple[pafs.FileSystem, list[str]]:
+    """Filesystem and committed shard paths (``plan``'s shards only, when given), for
+    ``ray.data.read_parquet(paths, filesystem=fs)``."""
     fs, path = resolve_uri(uri)
-    return fs, [f"{path}/{shard_name(s)}" for s in sorted(committed_shards(uri))]
+    shards = sorted(committed_shards(uri) if plan is None else range(plan.num_shards))
+    return fs, [f"{path}/{shard_name(s)}" for s in shards]
 
 
 def sample_seed(global_seed: int, kind: str, index: int) -> int:

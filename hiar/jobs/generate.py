@@ -78,13 +78,12 @@ def main(argv=None) -> int:
     cfg = config_from_args(args, parser)
 
     from hiar.io.checksums import checksum_dir
-    from hiar.io.storage import (ShardPlan, check_writable, committed_shards, dataset_identity, load_manifest, now,
+    from hiar.io.storage import (ShardPlan, check_writable, complete_shards, dataset_identity, load_manifest, now,
                                  write_manifest, SCHEMA_VERSION)
-    from hiar.methods.datagen import generation_settings, shard_items
+    from hiar.methods.datagen import generation_settings, kind_count, shard_items
     from hiar.io.prompts import prompt_set
 
-    count = args.count if args.count is not None else (
-        cfg.data.num_ode_pairs if args.kind == "ode_pairs" else cfg.data.num_trajectories)
+    count = args.count if args.count is not None else kind_count(cfg, args.kind)
     try:
         plan = ShardPlan(count, cfg.data.shard_size)
     except ValueError as err:
@@ -111,11 +110,10 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    done = committed_shards(output)
+    done = complete_shards(output, plan)  # a shard committed for a smaller count may be short: made again
     pending = [s for s in range(plan.num_shards) if s not in done]
     print(f"[generate] {args.kind}: {count} samples in {plan.num_shards} shards of {cfg.data.shard_size} -> {output}; "
-          f"{len(done & set(range(plan.num_shards)))} already committed, {len(pending)} to compute with {actors} actor(s)",
-          flush=True)
+          f"{len(done)} already committed, {len(pending)} to compute with {actors} actor(s)", flush=True)
     t0 = time.monotonic()
     results = {"shard": [], "rows": [], "bytes": [], "seconds": []}
     task = f"generate {args.kind}"
@@ -144,15 +142,17 @@ def main(argv=None) -> int:
             report(task, committed_before + sum(results["rows"]), count, "samples")
     seconds = time.monotonic() - t0
 
-    committed = committed_shards(output)
+    committed = complete_shards(output, plan)
     missing = [s for s in range(plan.num_shards) if s not in committed]
     if missing:
         print(f"error: shards {missing} are missing after the run", file=sys.stderr)
         return 1
+    # what the dataset holds: samples are made by index, so one made for a larger count keeps its later shards
+    held = ShardPlan(max(count, int(existing.get("count", 0)) if existing else 0), cfg.data.shard_size)
     manifest = {
         "kind": args.kind, "identity": identity, "config_hash": cfg.config_hash(), "teacher": portable_path(teacher),
-        "teacher_checksum": teacher_checksum, "schema_version": SCHEMA_VERSION, "count": count,
-        "num_shards": plan.num_shards, "shard_size": cfg.data.shard_size,
+        "teacher_checksum": teacher_checksum, "schema_version": SCHEMA_VERSION, "count": held.count,
+        "num_shards": held.num_shards, "shard_size": cfg.data.shard_size,
         "settings": generation_settings(cfg, args.kind, prompts), "prompts": prompts.manifest(), "created_at": now(),
     }
     write_manifest(output, manifest)

@@ -35,6 +35,13 @@ def kind_steps(cfg: HiarConfig, kind: str) -> int:
     return cfg.teacher.num_steps if kind == "ode_pairs" else cfg.data.trajectory_steps
 
 
+def kind_count(cfg: HiarConfig, kind: str) -> int:
+    """How many samples of ``kind`` the config makes and trains on (the first that many sample indices)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    return cfg.data.num_ode_pairs if kind == "ode_pairs" else cfg.data.num_trajectories
+
+
 def generation_settings(cfg: HiarConfig, kind: str, prompts=None) -> dict:
     """Everything that determines the samples (content-addresses the dataset together with the teacher).
     ``prompts``: the config's ``hiar.io.prompts.PromptSet`` (loaded from the config when not given)."""

@@ -99,16 +99,19 @@ def teacher(t: StageTools, o: Outcome) -> None:
 
 # ---------------------------------------------------------------------------------------------------- data
 def dataset(t: StageTools, o: Outcome, kind: str) -> None:
-    """Skipped when the manifest has this config's dataset identity and every shard is committed."""
-    from hiar.io.storage import committed_shards, load_manifest
+    """Skipped when the manifest has this config's dataset identity and the samples the config asks for are
+    committed (whole shards: the dataset may hold more, made for a larger count)."""
+    from hiar.io.storage import ShardPlan, complete_shards, load_manifest
+    from hiar.methods.datagen import kind_count
 
     uri, identity = t.plans.dataset_uri(kind), t.plans.dataset_identity(kind)
     manifest = load_manifest(uri)
+    wanted = ShardPlan(kind_count(t.plans.cfg, kind), t.plans.cfg.data.shard_size)
     done = (manifest is not None and manifest.get("identity") == identity
-            and len(committed_shards(uri)) >= int(manifest.get("num_shards", 1 << 30)))
+            and len(complete_shards(uri, wanted)) == wanted.num_shards)
     rate = None
     if done:
-        o.status, count = "skipped", manifest.get("count", 0)
+        o.status, count = "skipped", wanted.count
     else:
         # generate starts its MLflow run without an experiment id: name it, or the run lands in "Default"
         result = run_for_result(t, kind, "generate", [*t.plans.set_args(), "--kind", kind], DatasetResult,

@@ -9,12 +9,15 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from hiar.io.storage import resolve_path
+from hiar.io.storage import ShardPlan, resolve_path
 
 
-def check_dataset(cfg, kind: str, uri: str) -> dict:
-    """The dataset's manifest, after checking it exists and its tensors fit the model (before any compute)."""
-    from hiar.io.storage import committed_shards, load_manifest
+def check_dataset(cfg, kind: str, uri: str) -> tuple[dict, ShardPlan]:
+    """The dataset's manifest and the plan of the samples a stage trains on (the first ``data.num_ode_pairs`` or
+    ``data.num_trajectories``), after checking the dataset exists, holds those samples whole and its tensors fit
+    the model (before any compute)."""
+    from hiar.io.storage import committed_shards, complete_shards, load_manifest
+    from hiar.methods.datagen import kind_count
 
     manifest = load_manifest(uri)
     if manifest is None or not committed_shards(uri):
@@ -30,7 +33,14 @@ def check_dataset(cfg, kind: str, uri: str) -> dict:
     if len(manifest["settings"].get("student_sigmas", [])) != n_sigmas:
         raise ValueError(f"{kind} at {uri!r} was made for {len(manifest['settings']['student_sigmas'])} schedule "
                          f"points, the config has {n_sigmas}")
-    return manifest
+    plan = ShardPlan(kind_count(cfg, kind), int(manifest["settings"]["shard_size"]))
+    missing = sorted(set(range(plan.num_shards)) - complete_shards(uri, plan))
+    if missing:
+        key = "data.num_ode_pairs" if kind == "ode_pairs" else "data.num_trajectories"
+        raise ValueError(f"{kind} at {uri!r} holds {manifest.get('count')} samples, but {key} = {plan.count} needs "
+                         f"shards 0-{plan.num_shards - 1} whole and {missing[:8]} are not: make them with "
+                         f"`python -m hiar.jobs.generate --kind {kind}` and this config (the pipeline's {kind} stage)")
+    return manifest, plan
 
 
 def check_models(cfg, teacher: str):

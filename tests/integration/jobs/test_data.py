@@ -196,3 +196,40 @@ def test_s3_bad_bucket_and_unreachable_endpoint(s3_server, random_teacher, capsy
             "HIAR_S3_REQUEST_TIMEOUT": "2", "AWS_EC2_METADATA_DISABLED": "true"}
     proc = generate_here(capsys, common + ["--output", "s3://hiar-data/x"], env=dead)
     assert proc.returncode != 0 and ("cannot reach" in proc.stderr or "cannot write" in proc.stderr)
+
+
+def test_a_dataset_grows_by_index_and_a_stage_reads_the_count_its_config_asks_for(ray_head, random_teacher,
+                                                                                    tmp_path, capsys):
+    """A run dir shared by budgets (benchmarks/ablations.py): 4 samples, then 6 (the short last shard is made again,
+    the whole one kept), then 4 again (nothing to do; the dataset still holds 6). A training stage checks that the
+    samples its config asks for are there before any compute, and reads exactly those."""
+    from hiar.io.storage import ShardPlan
+    from hiar.jobs.train import training_dataset
+    from hiar.platform.train_inputs import check_dataset
+
+    out = tmp_path / "grow"
+    env = {"RAY_ADDRESS": ray_head.address}
+
+    def generate(count: int):
+        proc = generate_here(capsys, ["--kind", "ode_pairs", "--count", str(count), "--output", str(out),
+                                      "--teacher", str(random_teacher), "--actors", "1"], env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc
+
+    generate(4)  # shards of 3: [0, 1, 2] and [3]
+    whole = (out / "shard-00000.parquet").stat().st_mtime_ns
+    wants_six = load_config("tiny", FAST + ["data.num_ode_pairs=6"])
+    with pytest.raises(ValueError, match=r"holds 4 samples, but data.num_ode_pairs = 6 needs shards 0-1 whole"):
+        check_dataset(wants_six, "ode_pairs", str(out))
+    assert "1 already committed, 1 to compute" in generate(6).stdout
+    assert (out / "shard-00000.parquet").stat().st_mtime_ns == whole
+    assert sorted(r["sample_id"] for r in read_rows(str(out))) == list(range(6))
+    assert "2 already committed, 0 to compute" in generate(4).stdout
+    assert load_manifest(str(out))["count"] == 6  # what it holds, not what the last run asked for
+
+    manifest, samples = check_dataset(load_config("tiny", FAST + ["data.num_ode_pairs=4"]), "ode_pairs", str(out))
+    assert samples == ShardPlan(4, 3) and manifest["count"] == 6
+    first_four = sorted(r["prompt"] for r in read_rows(str(out)) if r["sample_id"] < 4)
+    read = training_dataset(str(out), samples, "latents").take_all()
+    assert sorted(r["prompt"] for r in read) == first_four and set(read[0]) == {"prompt", "latents"}
+    assert training_dataset(str(out), check_dataset(wants_six, "ode_pairs", str(out))[1], "latents").count() == 6

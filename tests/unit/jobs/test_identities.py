@@ -153,3 +153,16 @@ def test_an_evaluations_generation_hash_is_the_configs_identity_view():
     # what the evaluation does not generate with (the distillation's run settings, its recipe) is not hashed
     recipe = load_config("tiny", ["distill.critic_ratio=5", "distill.num_workers=1"])
     assert EvalPlan(**{**plan.__dict__, "gen_config": recipe.to_dict()}).generation_hash() == plan.generation_hash()
+
+
+def test_how_many_samples_a_stage_trains_on_names_it():
+    """A dataset's identity names how its samples are made, not how many it holds (it grows by index), so the count
+    a stage reads enters the stage's identity; at the tiny preset's counts it is left out (the pins above)."""
+    base = load_config("tiny")
+    ode, distill = (stage_identity(base, s, INPUTS) for s in ("ode_init", "distill"))
+    fewer_pairs = load_config("tiny", ["data.num_ode_pairs=192"])
+    assert stage_identity(fewer_pairs, "ode_init", INPUTS) != ode
+    assert stage_identity(fewer_pairs, "distill", INPUTS) == distill  # it reads the pairs through its init
+    fewer_trajectories = load_config("tiny", ["data.num_trajectories=32"])
+    assert stage_identity(fewer_trajectories, "distill", INPUTS) != distill
+    assert stage_identity(fewer_trajectories, "ode_init", INPUTS) == ode

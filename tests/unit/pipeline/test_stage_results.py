@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from hiar.config import load_config
 from hiar.jobs.results import DatasetResult, EvaluationResult, TrainResult, to_dict, write_result
 from hiar.pipeline.console import StageConsole
 from hiar.pipeline.outcome import Outcome, StageFailed, read_record, read_stage_result
@@ -42,7 +43,8 @@ class FakeJobs(JobSupervisor):
 
 def tools(tmp_path: Path, jobs: FakeJobs, identity="abc") -> StageTools:
     plans = SimpleNamespace(
-        run_dir=tmp_path, set_args=lambda: ["--preset", "tiny"], dataset_identity=lambda kind: identity,
+        run_dir=tmp_path, cfg=load_config("tiny"), set_args=lambda: ["--preset", "tiny"],
+        dataset_identity=lambda kind: identity,
         dataset_uri=lambda kind: str(tmp_path / "data" / kind),
         result_path=lambda name: tmp_path / "results" / f"{name}.json")
     runs = SimpleNamespace(linked=[], parent_run_id="parent")
