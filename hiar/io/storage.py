@@ -296,12 +296,10 @@ def table_rows(table: pa.Table) -> Iterator[dict]:
         yield {k: v[i] for k, v in cols.items()}
 
 
-def shard_paths(uri: str, plan: ShardPlan | None = None) -> tuple[pafs.FileSystem, list[str]]:
-    """Filesystem and committed shard paths (``plan``'s shards only, when given), for
-    ``ray.data.read_parquet(paths, filesystem=fs)``."""
+def shard_paths(uri: str, plan: ShardPlan) -> tuple[pafs.FileSystem, list[str]]:
+    """Filesystem and the paths of ``plan``'s shards, for ``ray.data.read_parquet(paths, filesystem=fs)``."""
     fs, path = resolve_uri(uri)
-    shards = sorted(committed_shards(uri) if plan is None else range(plan.num_shards))
-    return fs, [f"{path}/{shard_name(s)}" for s in shards]
+    return fs, [f"{path}/{shard_name(s)}" for s in range(plan.num_shards)]
 
 
 def sample_seed(global_seed: int, kind: str, index: int) -> int:

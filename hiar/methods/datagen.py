@@ -35,11 +35,16 @@ def kind_steps(cfg: HiarConfig, kind: str) -> int:
     return cfg.teacher.num_steps if kind == "ode_pairs" else cfg.data.trajectory_steps
 
 
+#: the ``data`` key that holds each kind's sample count
+COUNT_KEYS = {"ode_pairs": "num_ode_pairs", "trajectories": "num_trajectories"}
+
+
 def kind_count(cfg: HiarConfig, kind: str) -> int:
-    """How many samples of ``kind`` the config makes and trains on (the first that many sample indices)."""
+    """How many samples of ``kind`` the config makes and trains on (the first that many sample indices):
+    ``data.<COUNT_KEYS[kind]>``."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
-    return cfg.data.num_ode_pairs if kind == "ode_pairs" else cfg.data.num_trajectories
+    return getattr(cfg.data, COUNT_KEYS[kind])
 
 
 def generation_settings(cfg: HiarConfig, kind: str, prompts=None) -> dict:

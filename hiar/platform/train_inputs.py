@@ -17,7 +17,7 @@ def check_dataset(cfg, kind: str, uri: str) -> tuple[dict, ShardPlan]:
     ``data.num_trajectories``), after checking the dataset exists, holds those samples whole and its tensors fit
     the model (before any compute)."""
     from hiar.io.storage import committed_shards, complete_shards, load_manifest
-    from hiar.methods.datagen import kind_count
+    from hiar.methods.datagen import COUNT_KEYS, kind_count
 
     manifest = load_manifest(uri)
     if manifest is None or not committed_shards(uri):
@@ -36,10 +36,10 @@ def check_dataset(cfg, kind: str, uri: str) -> tuple[dict, ShardPlan]:
     plan = ShardPlan(kind_count(cfg, kind), int(manifest["settings"]["shard_size"]))
     missing = sorted(set(range(plan.num_shards)) - complete_shards(uri, plan))
     if missing:
-        key = "data.num_ode_pairs" if kind == "ode_pairs" else "data.num_trajectories"
-        raise ValueError(f"{kind} at {uri!r} holds {manifest.get('count')} samples, but {key} = {plan.count} needs "
-                         f"shards 0-{plan.num_shards - 1} whole and {missing[:8]} are not: make them with "
-                         f"`python -m hiar.jobs.generate --kind {kind}` and this config (the pipeline's {kind} stage)")
+        raise ValueError(f"{kind} at {uri!r} holds {manifest.get('count')} samples, but data.{COUNT_KEYS[kind]} = "
+                         f"{plan.count} needs shards 0-{plan.num_shards - 1} whole and {missing[:8]} are not: make "
+                         f"them with `python -m hiar.jobs.generate --kind {kind}` and this config (the pipeline's "
+                         f"{kind} stage)")
     return manifest, plan
 
 
