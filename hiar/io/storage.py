@@ -214,13 +214,19 @@ def complete_shards(uri: str, plan: ShardPlan) -> set[int]:
     """The shards of ``plan`` that ``uri`` holds whole: committed, with at least the plan's samples in them (from
     each file's Parquet footer). A dataset grows by sample index, so a last shard committed for a smaller count
     holds fewer samples than a larger count's plan puts there: it is not whole for that plan, and is made again."""
+    from concurrent.futures import ThreadPoolExecutor
+
     fs, path = resolve_uri(uri)
-    whole = set()
-    for shard in committed_shards(uri) & set(range(plan.num_shards)):
+
+    def is_whole(shard: int) -> bool:
         with fs.open_input_file(f"{path}/{shard_name(shard)}") as f:
-            if pq.read_metadata(f).num_rows >= len(plan.samples(shard)):
-                whole.add(shard)
-    return whole
+            return pq.read_metadata(f).num_rows >= len(plan.samples(shard))
+
+    # Concurrent, because each footer is two requests on S3: 250 shards (Wan's 16k pairs) took 2.4 s one after
+    # another against moto on 127.0.0.1, and a remote endpoint's latency multiplies that.
+    shards = sorted(committed_shards(uri) & set(range(plan.num_shards)))
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(shards)))) as pool:
+        return {shard for shard, whole in zip(shards, pool.map(is_whole, shards)) if whole}
 
 
 def rows_to_table(rows: list[dict], tensor_column: str, dtype: str) -> pa.Table:

@@ -37,7 +37,7 @@ class DatasetResult:
     kind: str  # "ode_pairs" | "trajectories"
     uri: str
     identity: str  # the dataset identity in its manifest
-    count: int  # samples
+    count: int  # the samples asked for, every one committed (a dataset grows by index: its manifest may count more)
     shards_written: int  # by this run (0 when every shard was already committed)
     samples_per_s: float | None  # generation rate of this run, None when nothing was generated
     run_id: str | None
