@@ -97,8 +97,11 @@ def test_identity_view_leaves_out_keys_added_later_at_their_neutral_value():
     base = load_config("tiny")
     view = base.identity_view("distill", "pretrain")
     # added after identities were published, at the value that keeps the old behaviour: not hashed
-    for key in ("score_shift", "rollout_frames", "score_windows", "ema_start_step", "real_guidance_scale"):
+    for key in ("rollout_frames", "score_windows", "ema_start_step", "real_guidance_scale"):
         assert key not in view["distill"], key
+    # tiny sets score_shift (5, the shift its DMD noise levels had before its schedule's went to 1): hashed; unset, not
+    assert view["distill"]["score_shift"] == 5.0
+    assert "score_shift" not in load_config("tiny", ["distill.score_shift=null"]).identity_view("distill")["distill"]
     assert "late_start_share" not in view["pretrain"] and "critic_ratio" in view["distill"]
     changed = load_config("tiny", ["distill.score_windows=all", "distill.rollout_frames=24",
                                    "distill.ema_start_step=200"]).identity_view("distill")["distill"]

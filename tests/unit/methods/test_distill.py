@@ -178,10 +178,11 @@ def test_score_sigmas_are_uniform_times_through_the_score_shift(score_shift):
     """DMD / critic noise levels: t ~ U[min_t, max_t], then sigma = s t / (1 + (s - 1) t) with s = distill.score_shift
     (schedule.shift when unset). Checked against that formula written out here, and against the distribution: the
     sigmas' empirical CDF at the shifted quartiles of t is the quartile."""
-    overrides = ["distill.min_t=0.1", "distill.max_t=0.9"]
-    if score_shift is not None:
-        overrides.append(f"distill.score_shift={score_shift}")
+    # the tiny preset sets score_shift (5); null follows the schedule's shift, here 2 (the preset's 1 is the identity)
+    overrides = ["distill.min_t=0.1", "distill.max_t=0.9", "schedule.shift=2",
+                 f"distill.score_shift={'null' if score_shift is None else score_shift}"]
     cfg = load_config("tiny", overrides)
+    assert cfg.distill.score_shift == score_shift
     s = cfg.schedule.shift if score_shift is None else score_shift
     t = 0.1 + 0.8 * torch.rand(4096, generator=torch.Generator().manual_seed(5))
     sigma = score_sigmas(4096, cfg, torch.Generator().manual_seed(5))
