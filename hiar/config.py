@@ -194,6 +194,10 @@ class DistillConfig:
     ode_steps: int = 3000
     lr_ode: float = 2e-6
     ode_batch_size: int = 64
+    # per worker per forward in ODE init; None = micro_batch_size. A stage of its own: an ODE-init sample is one
+    # forward and backward of one model, a distillation sample a rollout of the generator and passes of three, so
+    # the two run fastest at different micro batches (tiny: 4 and 2)
+    ode_micro_batch_size: int | None = added_later(None)
     # Ray Train
     num_workers: int = run_setting(1)
     use_gpu: bool = run_setting(False)
@@ -223,6 +227,15 @@ class DistillConfig:
     max_failures: int = run_setting(3)
     sample_every: int = run_setting(50)  # generator steps between sample MP4s in MLflow (0 = only at the end)
     sample_prompts: int = run_setting(2)
+
+    def micro_batch(self, stage: str) -> int:
+        """Samples per worker per forward in ``stage`` ("ode_init" or "distill")."""
+        if stage == "ode_init" and self.ode_micro_batch_size is not None:
+            return self.ode_micro_batch_size
+        return self.micro_batch_size
+
+    def global_batch(self, stage: str) -> int:
+        return self.ode_batch_size if stage == "ode_init" else self.batch_size
 
 
 @dataclass
@@ -491,6 +504,10 @@ def validate(cfg: HiarConfig) -> None:
         raise ValueError(f"distill.ema_decay must be in [0, 1), got {cfg.distill.ema_decay!r}")
     if cfg.distill.ema_start_step < 0:
         raise ValueError(f"distill.ema_start_step must be >= 0, got {cfg.distill.ema_start_step}")
+    for key in ("batch_size", "micro_batch_size", "ode_batch_size", "ode_micro_batch_size"):
+        value = getattr(cfg.distill, key)
+        if value is not None and value < 1:  # that each batch divides over the workers: hiar.jobs.train.plan_stage
+            raise ValueError(f"distill.{key} must be >= 1, got {value}")
     if not 0 <= cfg.distill.fkl_steps <= cfg.schedule.num_steps:
         raise ValueError(f"distill.fkl_steps must be in [0, {cfg.schedule.num_steps}], got {cfg.distill.fkl_steps}")
     cfg.schedule.sigmas()  # raises on a malformed schedule

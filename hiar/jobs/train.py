@@ -129,7 +129,7 @@ def train_loop_per_worker(c: dict) -> None:
     if stage == "ode_init":
         # the causal student starts from the teacher's weights (same architecture, block-causal attention)
         trainer = ODEInit(cfg, teacher, text, rank, world_size)
-        total, micro = d.ode_steps, d.micro_batch_size
+        total, micro = d.ode_steps, d.micro_batch("ode_init")
     else:
         generator = load_bundle(c["init"], device=str(device)).transformer
         real_score = None
@@ -140,7 +140,7 @@ def train_loop_per_worker(c: dict) -> None:
                   f"({sum(p.numel() for p in real_score.parameters()) / 1e6:.2f}M parameters, "
                   f"{dtypes['transformer']}); critic initialised from {c['teacher']}", flush=True)
         trainer = Distiller(cfg, generator, teacher, text, rank=rank, world_size=world_size, real_score=real_score)
-        total, micro = d.steps, d.micro_batch_size
+        total, micro = d.steps, d.micro_batch("distill")
     step_of = (lambda: trainer.step) if stage == "ode_init" else (lambda: trainer.generator_steps)
     # the model that is sampled and saved (the student; the EMA generator for distillation) as one plain module:
     # with distill.sharding=fsdp gathering it is a collective (every rank calls, rank 0 gets it, others None)
@@ -234,9 +234,11 @@ def stage_identity(cfg, stage: str, inputs: dict) -> str:
     dd["teacher"].update(path=portable_path(dd["teacher"]["path"]),
                          real_score_path=portable_path(dd["teacher"]["real_score_path"]))
     distill = dd["distill"]  # without its run settings (workers, checkpoints, sampling: hiar.config.run_setting)
+    # the ODE init's micro batch under its old name, whichever key set it (a distillation has it in inputs["init"])
+    distill.pop("ode_micro_batch_size", None)
     if stage == "ode_init":
-        distill = {k: distill[k] for k in ("ode_steps", "lr_ode", "ode_batch_size", "micro_batch_size", "betas",
-                                           "grad_clip")}
+        distill = {**{k: distill[k] for k in ("ode_steps", "lr_ode", "ode_batch_size", "betas", "grad_clip")},
+                   "micro_batch_size": cfg.distill.micro_batch("ode_init")}
     count = kind_count(cfg, DATASET_OF[stage])  # the first that many samples of its dataset (run_stage reads them)
     if count != SAMPLES_LEFT_OUT[DATASET_OF[stage]]:
         inputs = {**inputs, "samples": count}
@@ -248,6 +250,12 @@ def plan_stage(cfg, stage: str, storage: str, teacher: str, init: str | None, ou
     """Inputs checked, identity and output directory of a stage (no compute): errors come before training."""
     from hiar.io.bundle import check_model_config, open_model_dir
 
+    d = cfg.distill
+    if d.global_batch(stage) % (d.micro_batch(stage) * d.num_workers):  # a worker would find it after start-up
+        batch = "ode_batch_size" if stage == "ode_init" else "batch_size"
+        micro = "ode_micro_batch_size" if stage == "ode_init" and d.ode_micro_batch_size else "micro_batch_size"
+        raise ValueError(f"distill.{batch} ({d.global_batch(stage)}) must be a multiple of distill.{micro} x "
+                         f"distill.num_workers ({d.micro_batch(stage)} x {d.num_workers}) for {stage}")
     kind = DATASET_OF[stage]
     uri = f"{storage.rstrip('/')}/{kind}"
     manifest, samples = check_dataset(cfg, kind, uri)

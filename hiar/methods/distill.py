@@ -163,7 +163,7 @@ class ODEInit:
                                      weight_decay=0.0)
         self.sigmas = cfg.schedule.sigmas()
         self.step = 0
-        self.accum = accumulation_steps(d.ode_batch_size, d.micro_batch_size, world_size)
+        self.accum = accumulation_steps(d.ode_batch_size, d.micro_batch("ode_init"), world_size)
 
     def train_step(self, micro_batches) -> dict:
         """One optimiser step over ``accum`` micro-batches of (prompts, latents ``[b, S + 1, C, F, H, W]``)."""
@@ -247,7 +247,7 @@ class Distiller:
         self.opt_c = torch.optim.AdamW(self.critic.parameters(), lr=d.lr_critic, betas=betas, weight_decay=0.0)
         self.sigmas = cfg.schedule.sigmas()
         self.iteration = 0  # critic updates; the generator updates every critic_ratio-th
-        self.accum = accumulation_steps(d.batch_size, d.micro_batch_size, world_size)
+        self.accum = accumulation_steps(d.batch_size, d.micro_batch("distill"), world_size)
         self.null = text.null_embedding(1).to(self.device)
 
     @property

@@ -83,7 +83,7 @@ def autocast(cfg: HiarConfig, device: torch.device):
 
 def accumulation_steps(total_batch: int, micro_batch: int, world_size: int) -> int:
     per_step = micro_batch * world_size
-    if total_batch % per_step:
-        raise ValueError(f"distill.batch_size ({total_batch}) must be a multiple of micro_batch_size x workers "
+    if total_batch % per_step:  # hiar.config.validate says it first, by name, for a config's own worker count
+        raise ValueError(f"batch size {total_batch} must be a multiple of the micro batch x workers "
                          f"({micro_batch} x {world_size} = {per_step})")
     return total_batch // per_step

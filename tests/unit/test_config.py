@@ -52,6 +52,8 @@ def test_overrides_are_typed_and_change_the_hash():
         ("pretrain.late_start_share=0.5", "needs pretrain.late_start_frames, a multiple of world.frames_per_latent"),
         ("distill.ema_decay=1.0", r"distill.ema_decay must be in \[0, 1\)"),
         ("distill.ema_start_step=-1", "distill.ema_start_step must be >= 0"),
+        ("distill.ode_micro_batch_size=0", "distill.ode_micro_batch_size must be >= 1"),
+        ("distill.micro_batch_size=-2", "distill.micro_batch_size must be >= 1"),
     ],
 )
 def test_bad_values_are_rejected_with_the_valid_choices(override, message):

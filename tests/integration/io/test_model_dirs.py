@@ -339,7 +339,8 @@ def test_students_reference_the_teachers_parts_stored_once_per_hash(wan_ckpt, tm
 
 # ---------------------------------------------------------------------------------------------- 7. real score
 #: the tiny preset at its smallest (one block pair of 2x2-token frames, one layer): a Distiller step takes seconds
-TINY = ["distill.batch_size=2", "distill.micro_batch_size=2", "distill.ode_batch_size=2", "distill.fkl_weight=0",
+TINY = ["distill.batch_size=2", "distill.micro_batch_size=2", "distill.ode_micro_batch_size=null",
+        "distill.ode_batch_size=2", "distill.fkl_weight=0",
         "video.train_latent_frames=6", "video.latent_height=8", "video.latent_width=8", "model.num_layers=1",
         "model.ffn_dim=64", "model.num_attention_heads=2", "model.attention_head_dim=16"]
 

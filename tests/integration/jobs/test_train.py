@@ -21,8 +21,8 @@ from tests.services import job_here, random_bundle, set_args
 ROOT = Path(__file__).resolve().parents[3]
 DATA_FAST = ["teacher.num_steps=4", "data.trajectory_steps=5", "data.shard_size=2", "data.batch_size=2",
              "data.threads_per_actor=1", "data.num_ode_pairs=4", "data.num_trajectories=4"]
-TRAIN_FAST = ["distill.num_workers=2", "distill.micro_batch_size=1", "distill.batch_size=2",
-              "distill.ode_batch_size=2", "distill.ode_steps=4", "distill.steps=4", "distill.critic_ratio=2",
+TRAIN_FAST = ["distill.num_workers=2", "distill.micro_batch_size=1", "distill.ode_micro_batch_size=null",
+              "distill.batch_size=2", "distill.ode_batch_size=2", "distill.ode_steps=4", "distill.steps=4", "distill.critic_ratio=2",
               "distill.checkpoint_every=2", "distill.sample_every=2", "distill.sample_prompts=1",
               "distill.lr_ode=1.0e-4", "distill.lr_generator=1.0e-5", "distill.lr_critic=1.0e-5"]
 

@@ -15,7 +15,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[3]
 TOY = ["data.num_ode_pairs=4", "data.num_trajectories=4", "teacher.num_steps=4", "data.trajectory_steps=5",
        "data.shard_size=2", "data.batch_size=2", "data.actors=1",
-       "distill.num_workers=1", "distill.micro_batch_size=1", "distill.batch_size=2", "distill.ode_batch_size=2",
+       "distill.num_workers=1", "distill.micro_batch_size=1", "distill.ode_micro_batch_size=null",
+       "distill.batch_size=2", "distill.ode_batch_size=2",
        "distill.ode_steps=2", "distill.steps=2", "distill.critic_ratio=2", "distill.checkpoint_every=2",
        "distill.sample_every=0", "eval.num_prompts=2", "eval.seeds=[0]", "eval.actors=1", "eval.sample_videos=0",
        "eval.batch_size=2"]

@@ -28,7 +28,8 @@ STAGES = ["teacher", "ode_pairs", "trajectories", "ode_init", "distill", "evalua
 # Small budgets: every stage does real work on the real services, in minutes on 2 shared cores.
 SMALL = ["data.num_ode_pairs=4", "data.num_trajectories=4", "teacher.num_steps=4", "data.trajectory_steps=5",
          "data.shard_size=2", "data.batch_size=2", "data.actors=1",
-         "distill.num_workers=1", "distill.micro_batch_size=1", "distill.batch_size=2", "distill.ode_batch_size=2",
+         "distill.num_workers=1", "distill.micro_batch_size=1", "distill.ode_micro_batch_size=null",
+         "distill.batch_size=2", "distill.ode_batch_size=2",
          "distill.ode_steps=4", "distill.steps=4", "distill.critic_ratio=2", "distill.checkpoint_every=2",
          "distill.sample_every=0", "distill.sample_prompts=1",
          "eval.num_prompts=1", "eval.seeds=[0]", "eval.actors=1", "eval.sample_videos=1", "eval.batch_size=1"]

@@ -53,6 +53,38 @@ def test_what_trains_the_weights_changes_the_identity_and_logging_does_not():
     assert stage_identity(base, "distill", {**INPUTS, "init": "j" * 16}) != ident
 
 
+def test_the_ode_inits_micro_batch_names_it_whichever_key_sets_it():
+    """``distill.ode_micro_batch_size`` (tiny: 4, with the distillation at 2) or, unset, ``micro_batch_size``: an ODE
+    init trained at micro 4 has one name either way, and a distillation's name does not hash it (the ODE init's
+    identity, an input, does), so every student named before the key existed keeps its name."""
+    base = load_config("tiny")
+    assert (base.distill.micro_batch("ode_init"), base.distill.micro_batch("distill")) == (4, 2)
+    ode, distill = stage_identity(base, "ode_init", INPUTS), stage_identity(base, "distill", INPUTS)
+    unset = load_config("tiny", ["distill.ode_micro_batch_size=null", "distill.micro_batch_size=4"])
+    assert stage_identity(unset, "ode_init", INPUTS) == ode
+    assert stage_identity(load_config("tiny", ["distill.ode_micro_batch_size=2"]), "ode_init", INPUTS) != ode
+    assert stage_identity(load_config("tiny", ["distill.ode_micro_batch_size=2"]), "distill", INPUTS) == distill
+    assert stage_identity(load_config("tiny", ["distill.micro_batch_size=1"]), "distill", INPUTS) != distill
+    assert stage_identity(load_config("tiny", ["distill.micro_batch_size=1"]), "ode_init", INPUTS) == ode
+
+
+def test_a_batch_that_does_not_divide_over_the_workers_is_refused_before_any_data_is_read(tmp_path):
+    import pytest
+
+    from hiar.jobs.train import plan_stage
+
+    missing = str(tmp_path / "no-data-here")  # the batch is checked first: no dataset, teacher or init is opened
+    cases = [("distill", ["distill.batch_size=6"], r"distill.batch_size \(6\) must be a multiple of "
+                                                    r"distill.micro_batch_size x distill.num_workers \(2 x 2\)"),
+             ("ode_init", ["distill.ode_batch_size=4"], r"distill.ode_batch_size \(4\) must be a multiple of "
+                                                         r"distill.ode_micro_batch_size x distill.num_workers \(4 x 2\)"),
+             ("ode_init", ["distill.ode_micro_batch_size=null", "distill.micro_batch_size=3"],
+              r"multiple of distill.micro_batch_size x distill.num_workers \(3 x 2\) for ode_init")]
+    for stage, sets, message in cases:
+        with pytest.raises(ValueError, match=message):
+            plan_stage(load_config("tiny", sets), stage, missing, teacher=missing, init=None)
+
+
 def test_no_run_setting_enters_a_stage_identity():
     """Every ``hiar.config.run_setting`` of the distill section (workers, devices, checkpoints, sampling, storage),
     changed on its own, names the same ODE init and student; the distill section's other keys stay hashed."""
@@ -95,8 +127,14 @@ def test_the_tiny_presets_identities_stay_put():
     cfg = load_config("tiny", ["seed=0"])
     # ba0cfc9dcf299aca / 08dd46a531df9619 until the preset's schedule.shift went from 5 to 1 (with distill.score_shift
     # held at 5): a renaming on purpose, the README's students of that preset say which shift they were trained with
-    assert stage_identity(cfg, "ode_init", INPUTS) == "09eb7410903b2432"
-    assert stage_identity(cfg, "distill", INPUTS) == "2af6cd210090da99"
+    # 3c2381781130f1de / a5547f38998ca007 since the ODE pairs take 24 teacher steps and the distillation a batch of 4
+    # (micro 2; the ODE init keeps micro 4): a renaming on purpose. The recipe before keeps its names:
+    assert stage_identity(cfg, "ode_init", INPUTS) == "3c2381781130f1de"
+    assert stage_identity(cfg, "distill", INPUTS) == "a5547f38998ca007"
+    before = load_config("tiny", ["seed=0", "teacher.num_steps=48", "distill.batch_size=8",
+                                  "distill.micro_batch_size=4"])
+    assert stage_identity(before, "ode_init", INPUTS) == "09eb7410903b2432"
+    assert stage_identity(before, "distill", INPUTS) == "2af6cd210090da99"
     # 95ba9c2be82ac2e1 until checkpoint_every and threads_per_worker became run settings (no stored student names it)
     assert training_identity(cfg) == "1a7d4f034e8b06ec"
 

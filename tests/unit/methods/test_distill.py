@@ -160,7 +160,7 @@ def test_ema_follows_the_generator_until_ema_start_step_then_averages(setup, sta
 def test_ode_init_step_reduces_loss_on_a_fixed_batch(setup):
     cfg, model, text = setup
     cfg2 = load_config("tiny", ["distill.ode_batch_size=2", "distill.micro_batch_size=2", "distill.lr_ode=1e-3",
-                                "video.train_latent_frames=6"])
+                                "distill.ode_micro_batch_size=null", "video.train_latent_frames=6"])
     o = ODEInit(cfg2, copy.deepcopy(model), text)
     latents = torch.randn(2, 5, C, 6, 16, 16, generator=torch.Generator().manual_seed(2)) * 0.5
     losses = [o.train_step([(train_prompts()[:2], latents)])["ode_loss"] for _ in range(30)]
@@ -169,7 +169,7 @@ def test_ode_init_step_reduces_loss_on_a_fixed_batch(setup):
 
 def test_accumulation_must_divide_the_batch():
     assert accumulation_steps(8, 2, 2) == 2
-    with pytest.raises(ValueError, match="multiple of micro_batch_size"):
+    with pytest.raises(ValueError, match="multiple of the micro batch x workers"):
         accumulation_steps(8, 3, 2)
 
 

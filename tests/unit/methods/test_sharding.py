@@ -28,7 +28,8 @@ import torch
 
 from hiar.core.rollout import ROLLOUT_MODES
 
-TINY = ["distill.batch_size=2", "distill.ode_batch_size=2", "distill.micro_batch_size=1", "distill.critic_ratio=2",
+TINY = ["distill.batch_size=2", "distill.ode_batch_size=2", "distill.micro_batch_size=1",
+        "distill.ode_micro_batch_size=null", "distill.critic_ratio=2",
         "video.train_latent_frames=6", "video.latent_height=8", "video.latent_width=8", "model.num_layers=2",
         "model.ffn_dim=64", "model.num_attention_heads=2", "model.attention_head_dim=16"]
 GENERATOR_STEPS = 3
