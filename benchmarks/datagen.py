@@ -4,7 +4,7 @@ Parquet bytes per sample against the raw fp16 tensor bytes.
     python benchmarks/datagen.py [--count 24] [--teacher hiar/assets/tiny-teacher]
 
 Each configuration runs the real job (hiar/jobs/generate.py) on an in-process local Ray cluster into a fresh
-directory. Sampling uses the preset's teacher settings (48 steps, CFG) unless --steps is given.
+directory. Sampling uses the preset's teacher settings (teacher.num_steps, CFG) unless --steps is given.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Tiny teacher throughput: samples/s at 48 Euler steps with CFG, and training steps/s, in one run.
+"""Tiny teacher throughput: samples/s at --steps Euler steps with CFG, and training steps/s, in one run.
 
-    python benchmarks/teacher.py [--teacher hiar/assets/tiny-teacher] [--batch 8] [--train-steps 10]
+    python benchmarks/teacher.py [--teacher hiar/assets/tiny-teacher] [--batch 8] [--train-steps 10] [--steps 48]
 
 Uses the shipped teacher when present (a random one otherwise: the speed is the same). Run on an otherwise idle
 machine; the numbers are per process with all cores' threads.
@@ -28,8 +28,10 @@ def main() -> None:
     parser.add_argument("--teacher", default=str(Path(__file__).resolve().parents[1] / "hiar" / "assets" / "tiny-teacher"))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--train-steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=48,
+                        help="Euler steps per clip (the preset's ODE pairs take teacher.num_steps, 24)")
     args = parser.parse_args()
-    cfg = load_config("tiny")
+    cfg = load_config("tiny", [f"teacher.num_steps={args.steps}"])
     world, text, codec = build_world_components(cfg)
     if Path(args.teacher).exists():
         model, text, codec, _ = load_teacher(args.teacher)
@@ -54,7 +56,7 @@ def main() -> None:
     train_s = time.perf_counter() - t0
     print(f"threads={torch.get_num_threads()} teacher={args.teacher if Path(args.teacher).exists() else 'random'}")
     print(f"{'what':<44}{'value':>12}")
-    print(f"{'sampling: clips/s (48 steps, CFG, 12 frames)':<44}{args.batch / sample_s:>12.3f}")
+    print(f"{f'sampling: clips/s ({args.steps} steps, CFG, 12 frames)':<44}{args.batch / sample_s:>12.3f}")
     print(f"{'sampling: s per clip':<44}{sample_s / args.batch:>12.3f}")
     print(f"{'training: steps/s (batch ' + str(cfg.pretrain.batch_size) + ')':<44}{args.train_steps / train_s:>12.3f}")
     print(f"{'training: clips/s':<44}{args.train_steps * cfg.pretrain.batch_size / train_s:>12.2f}")

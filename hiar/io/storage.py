@@ -210,10 +210,11 @@ def committed_shards(uri: str) -> set[int]:
     return found
 
 
-def complete_shards(uri: str, plan: ShardPlan) -> set[int]:
+def complete_shards(uri: str, plan: ShardPlan, committed: set[int] | None = None) -> set[int]:
     """The shards of ``plan`` that ``uri`` holds whole: committed, with at least the plan's samples in them (from
     each file's Parquet footer). A dataset grows by sample index, so a last shard committed for a smaller count
-    holds fewer samples than a larger count's plan puts there: it is not whole for that plan, and is made again."""
+    holds fewer samples than a larger count's plan puts there: it is not whole for that plan, and is made again.
+    ``committed``: ``committed_shards(uri)`` when the caller has just listed them (one listing, not two)."""
     from concurrent.futures import ThreadPoolExecutor
 
     fs, path = resolve_uri(uri)
@@ -224,7 +225,8 @@ def complete_shards(uri: str, plan: ShardPlan) -> set[int]:
 
     # Concurrent, because each footer is two requests on S3: 250 shards (Wan's 16k pairs) took 2.4 s one after
     # another against moto on 127.0.0.1, and a remote endpoint's latency multiplies that.
-    shards = sorted(committed_shards(uri) & set(range(plan.num_shards)))
+    committed = committed_shards(uri) if committed is None else committed
+    shards = sorted(committed & set(range(plan.num_shards)))
     with ThreadPoolExecutor(max_workers=min(16, max(1, len(shards)))) as pool:
         return {shard for shard, whole in zip(shards, pool.map(is_whole, shards)) if whole}
 

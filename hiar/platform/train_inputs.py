@@ -20,7 +20,8 @@ def check_dataset(cfg, kind: str, uri: str) -> tuple[dict, ShardPlan]:
     from hiar.methods.datagen import COUNT_KEYS, kind_count
 
     manifest = load_manifest(uri)
-    if manifest is None or not committed_shards(uri):
+    committed = committed_shards(uri)
+    if manifest is None or not committed:
         raise ValueError(f"no {kind} dataset at {uri!r} (no manifest.json / shards); create it with "
                          f"`python -m hiar.jobs.generate --kind {kind}` or set data.storage")
     v = cfg.video
@@ -34,7 +35,7 @@ def check_dataset(cfg, kind: str, uri: str) -> tuple[dict, ShardPlan]:
         raise ValueError(f"{kind} at {uri!r} was made for {len(manifest['settings']['student_sigmas'])} schedule "
                          f"points, the config has {n_sigmas}")
     plan = ShardPlan(kind_count(cfg, kind), int(manifest["settings"]["shard_size"]))
-    missing = sorted(set(range(plan.num_shards)) - complete_shards(uri, plan))
+    missing = sorted(set(range(plan.num_shards)) - complete_shards(uri, plan, committed))
     if missing:
         raise ValueError(f"{kind} at {uri!r} holds {manifest.get('count')} samples, but data.{COUNT_KEYS[kind]} = "
                          f"{plan.count} needs shards 0-{plan.num_shards - 1} whole and {missing[:8]} are not: make "
