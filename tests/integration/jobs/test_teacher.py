@@ -240,11 +240,14 @@ def test_pretrain_job_on_the_local_ray_cluster_checkpoints_and_saves(ray_head, t
 
 @pytest.fixture(scope="module")
 def shipped_scores():
-    """The shipped teacher's oracle scores on its card's evaluation prompts (48 CFG steps on 16 prompts: computed
-    once for the tests that read them)."""
+    """The shipped teacher's oracle scores on its card's evaluation prompts, sampled as its card says they were (48
+    CFG steps on 16 prompts, whatever the preset's teacher.num_steps for ODE pairs: computed once for the tests that
+    read them)."""
     assert SHIPPED.is_dir(), f"the tiny preset's default teacher is missing at {SHIPPED}"
-    cfg = load_config("tiny")
     transformer, text, codec, card = load_teacher(SHIPPED)
+    sampler = card["sampler"]
+    cfg = load_config("tiny", [f"teacher.num_steps={sampler['num_steps']}", f"teacher.shift={sampler['shift']}",
+                               f"teacher.guidance_scale={sampler['guidance_scale']}"])
     scores, frames, prompts = evaluate_teacher(transformer, text, codec, cfg, card["sampler"]["eval_prompts"])
     assert prompts == eval_prompts(card["sampler"]["eval_prompts"])
     return scores, card
