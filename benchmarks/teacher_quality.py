@@ -5,7 +5,8 @@
     python benchmarks/teacher_quality.py --set teacher.num_steps=24          # the sampler's settings are config
 
 Each teacher samples the same prompts with the same noise (``hiar.methods.pretrain.sample_eval_clips``: 48 Euler
-steps, shift 8, CFG 2 from the tiny preset's ``teacher.*``, which ``--set`` changes; one seed per prompt); every
+steps (what the teachers' cards were scored with; the preset's ODE pairs take 24), shift 8, CFG 2 from the tiny
+preset's ``teacher.*``, which ``--set`` changes; one seed per prompt); every
 clip is scored by the tiny world's oracle. Printed per teacher: caption consistency, motion accuracy, mean motion (px/frame) and the share of
 clips that stand still (``oracle/static``), as mean ± SE over the clips. This is how the teacher of a world with
 ``world.static_share`` (README "Quality on the tiny preset") was checked to have learned the static mode.
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        cfg = load_config("tiny", args.overrides)
+        cfg = load_config("tiny", ["teacher.num_steps=48", *args.overrides])
     except ValueError as err:
         parser.error(str(err))
     k = cfg.world.frames_per_latent
