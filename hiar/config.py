@@ -271,6 +271,9 @@ class PretrainConfig:
     checkpoint_every: int = run_setting(100)
     eval_every_minutes: float = run_setting(5.0)
     eval_prompts: int = run_setting(16)
+    # Euler steps of the job's held-out evaluations (the card's sampler). Its own key: teacher.num_steps is the ODE
+    # pairs' sampler, which the tiny preset cut to 24, and a teacher's card is compared at 48 (its recorded score)
+    eval_num_steps: int = run_setting(48)
     num_workers: int = 1  # batch_size is per worker: the workers change the global batch, hence the weights
     threads_per_worker: int = run_setting(0)  # 0 = cores / workers
     # start from another teacher instead of random weights: a teacher bundle directory, or a trainer state file
@@ -471,6 +474,8 @@ def validate(cfg: HiarConfig) -> None:
     if cfg.data.heldout_prompts < 1:
         raise ValueError(f"data.heldout_prompts must be >= 1, got {cfg.data.heldout_prompts}")
     p = cfg.pretrain
+    if p.eval_num_steps < 1:
+        raise ValueError(f"pretrain.eval_num_steps must be >= 1 (Euler steps), got {p.eval_num_steps}")
     if not 0.0 <= p.late_start_share <= 1.0:
         raise ValueError(f"pretrain.late_start_share must be in [0, 1], got {p.late_start_share!r}")
     if p.late_start_share > 0:

@@ -129,7 +129,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "train_minutes": round(trainer.elapsed / 60.0, 2), "params": count_params(trainer.raw),
             "config": cfg.to_dict(), "oracle": {k: v for k, v in final.items() if k not in ("minutes", "step")},
             "curve": meta["curve"], "mlflow_run_id": meta["run_id"],
-            "sampler": {"num_steps": cfg.teacher.num_steps, "shift": cfg.teacher.shift,
+            "sampler": {"num_steps": cfg.pretrain.eval_num_steps, "shift": cfg.teacher.shift,
                         "guidance_scale": cfg.teacher.guidance_scale, "eval_prompts": cfg.pretrain.eval_prompts},
         }
         out = trainer.save_teacher(loop_config["output"], card)

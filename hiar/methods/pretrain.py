@@ -27,6 +27,7 @@ from hiar.config import HiarConfig
 from hiar.methods.losses import flow_matching_loss, sample_training_sigmas
 from hiar.core.model import CausalWanTransformer3DModel
 from hiar.core.rollout import initial_noise
+from hiar.core.schedule import teacher_sigmas
 from hiar.seeding import seeded_generator
 from hiar.core.teacher import sample_teacher
 from hiar.io.text import TextEncoder
@@ -185,7 +186,8 @@ class TeacherPretraining:
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
     def evaluate(self, num_prompts: int | None = None, split: str = "heldout") -> tuple[dict, np.ndarray, list[str]]:
-        return evaluate_teacher(self.ema, self.text, self.codec, self.cfg, num_prompts, split)
+        return evaluate_teacher(self.ema, self.text, self.codec, self.cfg, num_prompts, split,
+                                self.cfg.pretrain.eval_num_steps)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -240,12 +242,12 @@ def eval_prompts(num: int, split: str = "heldout") -> list[str]:
 
 @torch.no_grad()
 def sample_eval_clips(transformer, text: TextEncoder, codec, cfg: HiarConfig, num_prompts: int | None = None,
-                      split: str = "heldout") -> tuple[np.ndarray, list[str]]:
+                      split: str = "heldout", num_steps: int | None = None) -> tuple[np.ndarray, list[str]]:
     """The teacher's clips ``[N, T, H, W, 3]`` (bidirectional, Euler, CFG) for fixed prompts and seeds, and those
-    prompts."""
+    prompts. ``num_steps`` Euler steps (default ``teacher.num_steps``) at ``teacher.shift`` and its CFG scale."""
     prompts = eval_prompts(num_prompts or cfg.pretrain.eval_prompts, split)
     t = cfg.teacher
-    sigmas = t.sigmas()
+    sigmas = teacher_sigmas(num_steps or t.num_steps, t.shift)
     v = cfg.video
     seeds = list(range(len(prompts)))
     noise = initial_noise(seeds, v.train_latent_frames // cfg.rollout.frames_per_block,
@@ -258,9 +260,9 @@ def sample_eval_clips(transformer, text: TextEncoder, codec, cfg: HiarConfig, nu
 
 
 def evaluate_teacher(transformer, text: TextEncoder, codec, cfg: HiarConfig, num_prompts: int | None = None,
-                     split: str = "heldout") -> tuple[dict, np.ndarray, list[str]]:
+                     split: str = "heldout", num_steps: int | None = None) -> tuple[dict, np.ndarray, list[str]]:
     """:func:`sample_eval_clips`, scored with the oracle: ``(mean scores, frames, prompts)``."""
-    frames, prompts = sample_eval_clips(transformer, text, codec, cfg, num_prompts, split)
+    frames, prompts = sample_eval_clips(transformer, text, codec, cfg, num_prompts, split, num_steps)
     return oracle.score_batch(zip(frames, prompts)), frames, prompts
 
 

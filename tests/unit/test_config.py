@@ -47,6 +47,7 @@ def test_overrides_are_typed_and_change_the_hash():
         ("serve.batch_wait_ms=.nan", "serve.batch_wait_ms"),
         ("world.static_share=1.0", r"world.static_share must be in \[0, 1\)"),
         ("world.static_share=.nan", "world.static_share"),
+        ("pretrain.eval_num_steps=0", "pretrain.eval_num_steps must be >= 1"),
         ("pretrain.late_start_share=1.5", r"pretrain.late_start_share must be in \[0, 1\]"),
         ("pretrain.late_start_share=.nan", "pretrain.late_start_share"),
         ("pretrain.late_start_share=0.5", "needs pretrain.late_start_frames, a multiple of world.frames_per_latent"),

@@ -215,8 +215,8 @@ def test_pretrain_job_on_the_local_ray_cluster_checkpoints_and_saves(ray_head, t
     out = tmp_path / "teacher"
     args = ["--preset", "tiny", "--output", str(out), "--set", f"run_dir={tmp_path / 'run'}",
             "--set", f"pretrain.init_from={SHIPPED}", "--set", "pretrain.batch_size=2",
-            "--set", "pretrain.checkpoint_every=2", "--set", "pretrain.eval_prompts=2", "--set", "teacher.num_steps=3",
-            "--set", "pretrain.threads_per_worker=1"]
+            "--set", "pretrain.checkpoint_every=2", "--set", "pretrain.eval_prompts=2",
+            "--set", "pretrain.eval_num_steps=3", "--set", "pretrain.threads_per_worker=1"]
     env = {"RAY_ADDRESS": ray_head.address}
     proc = job_here(main, [*args, "--set", "pretrain.max_steps=4"], capsys, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -224,6 +224,8 @@ def test_pretrain_job_on_the_local_ray_cluster_checkpoints_and_saves(ray_head, t
     assert (proc.stdout + proc.stderr).count(f"initialised from {SHIPPED}") == 1
     transformer, text, codec, card = load_teacher(out)
     assert card["steps"] == 4 and "caption_consistency" in card["oracle"] and card["mlflow_run_id"]
+    # evaluated with its own sampler key, not the ODE pairs' teacher.num_steps (24 in the preset)
+    assert card["sampler"]["num_steps"] == 3 and card["config"]["teacher"]["num_steps"] == 24
     assert (transformer.config.in_channels, codec.history_frames) == (6, 1)
     assert card["config"]["pretrain"]["init_from"] == str(SHIPPED)
     assert (out / "MODEL_CARD.md").exists()
