@@ -11,7 +11,11 @@ Rows, for each number of concurrent streams C (``--streams``), all in one run on
   forward (``hiar.core.batching.batched_forward``), the streams in lock step;
 * Serve per_step, unbatched (``serve.max_batch=1``) -- the real app over real HTTP, one deployment per step;
 * Serve per_step, batched (``serve.max_batch=--max-batch``);
-* Serve diagonal, batched -- one deployment running each stream's anti-diagonal as one forward, batched.
+* Serve diagonal, batched -- one deployment running each stream's anti-diagonal as one forward, batched;
+* diagonal, 1 process, batched -- the same forwards with no Serve at all: every stream's anti-diagonal in one
+  forward (``hiar.core.diagonal.advance_diagonals``), then decode and encode, in this process with one replica's
+  threads: the diagonal deployment's work without Serve's hops, HTTP or batching waits (its decode is in line
+  here, where the deployment overlaps it on another thread).
 
 Every side does the same work per block: denoise, decode, encode a self-contained MP4 chunk. Printed per row:
 aggregate frames/s (C x frames / wall time until the last stream's last chunk), time to first chunk p50 / p95
@@ -44,9 +48,10 @@ from hiar.config import load_config  # noqa: E402
 
 PROMPTS = ["a blue circle moves down quickly over a black background",
            "a red square moves left slowly over a gray background"]
+IN_PROCESS = ("bf_seq", "bf_batch", "diag_proc")
 MODES = {"bf_seq": "block-first, 1 process, sequential", "bf_batch": "block-first, 1 process, batched",
          "step": "Serve per_step, unbatched", "step_b": "Serve per_step, batched",
-         "diag_b": "Serve diagonal, batched"}
+         "diag_b": "Serve diagonal, batched", "diag_proc": "diagonal, 1 process, batched"}
 
 
 def free_port() -> int:
@@ -109,10 +114,40 @@ def block_first_streams(bundle, seeds: list[int], num_blocks: int, batched: bool
                 yield i, n, x
 
 
-def run_block_first(bundle, seeds: list[int], num_blocks: int, batched: bool) -> dict:
+@torch.no_grad()
+def diagonal_streams(bundle, seeds: list[int], num_blocks: int):
+    """HiAR's order for ``len(seeds)`` streams in lock step, each anti-diagonal of every stream in ONE forward
+    (what the diagonal deployment's batcher does when every stream makes each batch), with the deployment's
+    options (no trailing context writes). Yields (stream, block, latents) as each block's MP4 chunk is ready."""
+    from hiar.core.diagonal import DiagonalRollout, advance_diagonals
+    from hiar.core.generation import block_shape, student_velocity
+    from hiar.core.rollout import initial_block_noise
+    from hiar.io.video import encode_mp4, to_uint8
+
+    cfg = bundle.config
+    r, sigmas, shape = cfg.rollout, cfg.schedule.sigmas(), block_shape(cfg)
+    rollouts = []
+    for i, seed in enumerate(seeds):
+        embeds = bundle.text.encode([PROMPTS[i % 2]])
+        negative = bundle.text.null_embedding(1) if r.guidance_scale != 1.0 else None
+        rollouts.append(DiagonalRollout(student_velocity(bundle.transformer, embeds, cfg, negative), sigmas, [seed],
+                                        step_rule=r.step_rule, context_noise=r.context_noise, trailing_writes=False))
+    emitted = [0] * len(seeds)
+    for d in range(num_blocks + cfg.schedule.num_steps - 1):
+        entering = [initial_block_noise([seed], d, shape) if d < num_blocks else None for seed in seeds]
+        for i, x in enumerate(advance_diagonals(list(zip(rollouts, entering)))):
+            if x is not None:
+                encode_mp4(to_uint8(bundle.codec.decode(x).clamp(0, 1)[0].numpy()), cfg.video.fps)
+                yield i, emitted[i], x
+                emitted[i] += 1
+
+
+def run_in_process(bundle, seeds: list[int], num_blocks: int, mode: str) -> dict:
+    streams = (diagonal_streams(bundle, seeds, num_blocks) if mode == "diag_proc"
+               else block_first_streams(bundle, seeds, num_blocks, mode == "bf_batch"))
     t0 = time.perf_counter()
     first: dict[int, float] = {}
-    for i, _, _ in block_first_streams(bundle, seeds, num_blocks, batched):
+    for i, _, _ in streams:
         first.setdefault(i, time.perf_counter() - t0)
     return {"elapsed": time.perf_counter() - t0, "ttfc": [first[i] for i in range(len(seeds))], "chunks": []}
 
@@ -209,13 +244,17 @@ def main() -> None:
     ref = generate_latents(bundle.transformer, bundle.text, bundle.config, [PROMPTS[0]], [0], 2, "block_first")
     got = torch.cat([x for _, _, x in block_first_streams(bundle, [0], 2, batched=False)], dim=2)
     assert torch.allclose(ref, got, atol=1e-5), "the benchmark's block-first loop differs from block_first_rollout"
+    if "diag_proc" in args.modes:  # and its diagonal loop is HiAR's rollout
+        ref = generate_latents(bundle.transformer, bundle.text, bundle.config, [PROMPTS[0]], [0], 3, "hierarchical")
+        got = torch.cat([x for _, _, x in diagonal_streams(bundle, [0], 3)], dim=2)
+        assert torch.allclose(ref, got, atol=1e-4), "the benchmark's diagonal loop differs from hierarchical_rollout"
 
     results: dict[str, dict[int, list[dict]]] = {m: {c: [] for c in C} for m in args.modes}
-    for mode in [m for m in args.modes if m.startswith("bf")]:
-        run_block_first(bundle, [0, 1], 2, mode == "bf_batch")  # warm-up
+    for mode in [m for m in args.modes if m in IN_PROCESS]:
+        run_in_process(bundle, [0, 1], 2, mode)  # warm-up
         for r in range(args.repeats):
             for c in C:
-                results[mode][c].append(run_block_first(bundle, [100 * r + i for i in range(c)], N, mode == "bf_batch"))
+                results[mode][c].append(run_in_process(bundle, [100 * r + i for i in range(c)], N, mode))
 
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
              **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": os.cpu_count()}))
