@@ -4,14 +4,16 @@ one harness behind both this command and the slow test ``tests/integration/servi
 
     RAY_AUTH_MODE=disabled python benchmarks/serve_load.py --streams 8 --blocks 64 --read-delay 2.0
 
-Deploys the real app (one stage per denoising step; a random tiny student unless --model) on an in-process Ray
+Deploys the real app (the tiny preset's topology, diagonal, unless --set serve.topology=per_step; a random tiny
+student unless --model) on an in-process Ray
 cluster. Round 1 (warm-up): S streams of N blocks read at full speed. Round 2: S streams of N blocks whose clients
 read one chunk record and sleep --read-delay seconds before reading the next (2 s: half the pace 8 streams get on
 2 cores); while they are open it sends one stream more, which must get 429 with Retry-After at once. Every stream
 asks for ``return_latents`` (the largest records: each block's float32 latents besides its MP4).
 
 Every --interval seconds it samples the resident memory (RSS, now: /proc/<pid>/statm) of every process of the
-app, found by its Ray process title: the step stages, the decoder, the ingress, its back-pressure actor and the
+app, found by its Ray process title: the step stages and the decoder (or the Diagonal replica), the ingress, its
+back-pressure actor and the
 Serve HTTP proxy. (Not through the replicas' ``stats``: a replica running ``max_ongoing_requests`` streams
 answers no other call until one of them ends.) Printed per process: RSS at start (deployed, idle), round 1's
 peak, after round 1 (idle), "first" (every round-2 stream has read its first --first-blocks chunks: each
@@ -20,7 +22,8 @@ stream's KV caches hold their whole attention window), round 2's peak from then 
     growth = round 2 peak - "first", against
         a replica or FlowControl:  streams x (max_buffered_blocks + 1) x max(block payload, chunk record)
         the HTTP proxy:            streams x blocks x chunk record
-        each plus --allowance-mb (the live working set of the streams' calls, allocator and Ray buffers: measured)
+        each plus --allowance-mb (the live working set of the streams' calls, allocator and Ray buffers: measured;
+        S times that for a Diagonal replica, whose forwards pack all S steps of its streams)
     r2 - r1 = round 2 peak - round 1 peak: what a second round of as many streams needed beyond the first,
         i.e. what a leak would add per round (bounded memory: about 0, within the allocator's noise)
 
@@ -103,6 +106,15 @@ def app_processes(app: str, cluster_root: int) -> dict[str, int]:
             found.setdefault(name.split(b".")[0].decode(), []).append(int(entry))
     return {name if i == 0 else f"{name}#{i + 1}": pid
             for name, pids in found.items() for i, pid in enumerate(sorted(pids))}
+
+
+def app_deployments(app: str) -> list[str]:
+    """The deployments of Serve app ``app`` that hold streams: all but the Ingress (``Step1``..``StepS`` and
+    ``Decoder`` in per_step, ``Diagonal`` in diagonal: ``/v1/limits``'s ``stages`` name timing stages, and the
+    diagonal's ``Decoder`` stage is a thread of its replica, not a deployment)."""
+    from ray import serve
+
+    return sorted(d for d in serve.status().applications[app].deployments if d != "Ingress")
 
 
 class Sampler:
@@ -276,12 +288,17 @@ class LoadResult:
 
 
 def bounds_mb(result: LoadResult, *, streams: int, blocks: int, window: int, block_bytes: int,
-              allowance_mb: float) -> dict[str, float]:
-    """The growth each process may show from "first" to its peak (module docstring)."""
+              allowance_mb: float, num_steps: int = 1) -> dict[str, float]:
+    """The growth each process may show from "first" to its peak (module docstring). A Diagonal replica packs all
+    ``num_steps`` steps of its streams into each forward, so the working set of its forwards, and its allowance,
+    is ``num_steps`` times a step stage's (measured at 8 streams: 26.7 MiB from "first" to the peak, the peak a
+    full batch's forward; it was back at "first" + 4.4 MiB once the streams ended)."""
     item = max(block_bytes, result.record_bytes)
-    stage = streams * (window + 1) * item / 2**20 + allowance_mb
+    held = streams * (window + 1) * item / 2**20
     proxy = streams * blocks * result.record_bytes / 2**20 + allowance_mb
-    return {n: proxy if n.startswith("ProxyActor") else stage for n in result.marks["first"]}
+    return {n: proxy if n.startswith("ProxyActor")
+            else held + allowance_mb * (num_steps if n.startswith("Diagonal") else 1)
+            for n in result.marks["first"]}
 
 
 def run_load(url: str, sampler: Sampler, *, streams: int, blocks: int, delay: float, first_blocks: int = 4,
@@ -426,17 +443,20 @@ def main() -> None:
     started = time.time()
     serve.run(build_app({"overrides": overrides, "model_uri": model}), name="hiar-load", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    stages = requests.get(f"{url}/v1/limits", timeout=60).json()["stages"]
-    print(f"deployed in {time.time() - started:.0f} s on {os.cpu_count()} cores: {' -> '.join(stages)}", flush=True)
+    limits = requests.get(f"{url}/v1/limits", timeout=60).json()
+    deployments = app_deployments("hiar-load")
+    print(f"deployed in {time.time() - started:.0f} s on {os.cpu_count()} cores: topology {limits['topology']}, "
+          f"max_batch {limits['max_batch']}, stages {' -> '.join(limits['stages'])}, deployments Ingress + "
+          f"{', '.join(deployments)}", flush=True)
     from hiar.platform.registry import resolve_bundle
 
     block_bytes = block_payload_bytes(resolve_bundle(model))
-    sampler = Sampler("hiar-load", url, stages, os.getpid(), args.interval)
+    sampler = Sampler("hiar-load", url, deployments, os.getpid(), args.interval)
     result = run_load(url, sampler, streams=args.streams, blocks=args.blocks, delay=args.read_delay,
                       first_blocks=args.first_blocks, latents=not args.no_latents)
     window = cfg.serve.max_buffered_blocks
     bounds = bounds_mb(result, streams=args.streams, blocks=args.blocks, window=window, block_bytes=block_bytes,
-                       allowance_mb=args.allowance_mb)
+                       allowance_mb=args.allowance_mb, num_steps=limits["num_steps"])
     print(report(result, bounds, streams=args.streams, blocks=args.blocks, delay=args.read_delay, window=window,
                  block_bytes=block_bytes))
     after = SlowStream(url, {"prompt": PROMPTS[1], "num_blocks": 3, "seed": 7}, 0.0)

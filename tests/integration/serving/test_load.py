@@ -1,20 +1,24 @@
 """Load (issue 23): 8 streams x 64 blocks read by slow clients keep every process of the Serve app within a stated
 memory bound, a ninth stream gets 429 at once, and afterwards the service serves a valid request.
 
-A real local Ray cluster, real Serve and real HTTP: the per-step app on a random tiny bundle with the default
+A real local Ray cluster, real Serve and real HTTP: the app in each topology (``diagonal``, the tiny preset's, and
+``per_step``, the cluster's), each in turn, on a random tiny bundle with the default
 limits (``serve.max_concurrent_streams: 8``, ``serve.max_blocks: 64``, ``serve.max_buffered_blocks: 2``). The
 harness (slow clients, RSS sampling from /proc, the bound) is ``benchmarks/serve_load.py``, which prints the same
 table. Round 1: 8 streams x 64 blocks read at full speed (warm-up). Round 2: 8 streams x 64 blocks whose clients
 read a chunk record, then sleep 2 s (half the pace the pipeline keeps on 2 cores), and the ninth stream. Every
 stream asks for ``return_latents``: 28.6 kB chunk records instead of 4 kB, so that per-chunk leaks weigh more.
 
-The bounds, per process (step stages, decoder, ingress, its FlowControl actor, the Serve HTTP proxy):
+The bounds, per process (step stages and decoder, or the Diagonal replica; ingress, its FlowControl actor, the
+Serve HTTP proxy):
 
 * growth = round 2's peak RSS - its RSS once every stream has read 4 chunks (each stream's KV caches then hold
   their attention window: 5 blocks x 4 layers x K, V x CFG 2 = 0.94 MiB per stream and step stage, no more
   after that) <= 8 streams x (max_buffered_blocks + 1) x 28.6 kB in flight (0.65 MiB), plus ALLOWANCE_MB; for
   the proxy 8 x 64 records (14 MiB: what a slow client has not read may wait there, Serve passes no
   back-pressure from the HTTP client to the ingress; measured, most of it waits in the kernel's socket buffers);
+  a Diagonal replica packs the S = 4 steps of its streams into each forward, so its allowance is 4 x
+  ALLOWANCE_MB (measured once at 8 streams: 26.7 MiB, a full batch's forward, benchmarks/serve_load.py);
 * r2 - r1 = round 2's peak - round 1's peak <= RETAIN_MB (RETAIN_STAGE_MB for a step stage): a second round of
   as many streams needs no more.
 
@@ -44,8 +48,8 @@ RETAIN_STAGE_MB, RETAIN_MB = 32.0, 12.0
 OVERRIDES = [f"serve.max_concurrent_streams={STREAMS}", f"serve.max_blocks={BLOCKS}", "serve.health_check_period_s=1"]
 
 
-@pytest.fixture(scope="module")
-def service(ray_head, tmp_path_factory):
+@pytest.fixture(scope="module", params=["diagonal", "per_step"])
+def service(request, ray_head, tmp_path_factory):
     import ray
     from ray import serve
 
@@ -56,34 +60,38 @@ def service(ray_head, tmp_path_factory):
     ray.init(address=ray_head.address, ignore_reinit_error=True)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model_uri": str(bundle_dir), "overrides": OVERRIDES}), name=APP, route_prefix="/")
-    yield f"http://127.0.0.1:{port}", bundle_dir
+    overrides = [*OVERRIDES, f"serve.topology={request.param}"]
+    serve.run(build_app({"model_uri": str(bundle_dir), "overrides": overrides}), name=APP, route_prefix="/")
+    yield f"http://127.0.0.1:{port}", bundle_dir, overrides
     serve.shutdown()
     ray.shutdown()
 
 
 def retain_bound(process: str) -> float:
-    return RETAIN_STAGE_MB if process.startswith("Step") else RETAIN_MB
+    return RETAIN_STAGE_MB if process.startswith(("Step", "Diagonal")) else RETAIN_MB
 
 
 @pytest.mark.slow
 def test_slow_clients_keep_memory_bounded_and_a_ninth_stream_gets_429(service, ray_head):
     import requests
 
-    from benchmarks.serve_load import Sampler, block_payload_bytes, bounds_mb, report, run_load
+    from benchmarks.serve_load import Sampler, app_deployments, block_payload_bytes, bounds_mb, report, run_load
     from hiar.config import load_config
     from hiar.io.video import decode_mp4
     from hiar.serving.client import join_segments, stream_video
 
-    url, bundle_dir = service
-    window = load_config("tiny", OVERRIDES).serve.max_buffered_blocks
-    stages = requests.get(f"{url}/v1/limits", timeout=60).json()["stages"]
-    sampler = Sampler(APP, url, stages, ray_head.proc.pid)
-    assert set(sampler.pids) >= {*stages, "Ingress", "ProxyActor"}, f"processes found in /proc: {sampler.pids}"
+    url, bundle_dir, overrides = service
+    cfg = load_config("tiny", overrides)
+    window = cfg.serve.max_buffered_blocks
+    limits = requests.get(f"{url}/v1/limits", timeout=60).json()
+    assert limits["topology"] == cfg.serve.topology, limits
+    deployments = app_deployments(APP)
+    sampler = Sampler(APP, url, deployments, ray_head.proc.pid)
+    assert set(sampler.pids) >= {*deployments, "Ingress", "ProxyActor"}, f"processes found in /proc: {sampler.pids}"
     result = run_load(url, sampler, streams=STREAMS, blocks=BLOCKS, delay=READ_DELAY_S)
     block_bytes = block_payload_bytes(bundle_dir)
     bounds = bounds_mb(result, streams=STREAMS, blocks=BLOCKS, window=window, block_bytes=block_bytes,
-                       allowance_mb=ALLOWANCE_MB)
+                       allowance_mb=ALLOWANCE_MB, num_steps=limits["num_steps"])
     print(report(result, bounds, streams=STREAMS, blocks=BLOCKS, delay=READ_DELAY_S, window=window,
                  block_bytes=block_bytes))
 
@@ -106,7 +114,7 @@ def test_slow_clients_keep_memory_bounded_and_a_ninth_stream_gets_429(service, r
     assert not more, f"round 2 needed more than round 1's peak plus the bound (MiB, bound MiB): {more}"
     # no replica still holds a finished stream's per-step state (its KV caches): checked directly, since the
     # step stages' resident memory cannot tell that leak (8 x 0.94 MiB per round) from the allocator's steps
-    assert set(result.live_stages) >= set(stages) and not any(result.live_stages.values()), result.live_stages
+    assert set(result.live_stages) >= set(deployments) and not any(result.live_stages.values()), result.live_stages
 
     # and afterwards the service serves a valid request: a whole, decodable video
     after = stream_video(url, {"prompt": "a red square moves left slowly over a gray background", "num_blocks": 3},

@@ -27,6 +27,15 @@ PROMPT = "a blue circle moves down quickly over a black background"
 
 
 # ---------------------------------------------------------------------- processes
+def preset_replicas() -> int:
+    """Replica processes of the tiny preset's app: Ingress and Diagonal under ``serve.topology: diagonal`` (the
+    preset's), Ingress, Decoder and one per step under ``per_step``."""
+    from hiar.config import load_config
+
+    cfg = load_config("tiny")
+    return 2 if cfg.serve.topology == "diagonal" else cfg.schedule.num_steps + 2
+
+
 def _parents() -> dict[int, int]:
     """pid -> parent pid of every process now (from /proc)."""
     out = {}
@@ -142,7 +151,7 @@ def child_env(**extra) -> dict:
 @pytest.mark.slow
 def test_sigterm_to_serving_app_on_the_shared_cluster_removes_its_serve_and_exits_0(ray_head, tmp_path):
     """``python -m hiar.serving.app --address <the test cluster>``: Serve was not running there, so the process owns it
-    and takes all of it down on SIGTERM: its app, its six replica processes, the controller and the proxy."""
+    and takes all of it down on SIGTERM: its app, its replica processes, the controller and the proxy."""
     import ray
     from ray import serve
 
@@ -156,9 +165,9 @@ def test_sigterm_to_serving_app_on_the_shared_cluster_removes_its_serve_and_exit
     try:
         deploy.wait_until_serving(f"http://127.0.0.1:{port}")
         replicas = replica_processes(APP)
-        assert len(replicas) == 6, replicas  # Ingress, Decoder, Step1..Step4
+        assert len(replicas) == preset_replicas(), replicas
         actors = serve_actors()
-        assert len([a for a in actors if a.startswith(f"SERVE_REPLICA::{APP}#")]) == 6, actors
+        assert len([a for a in actors if a.startswith(f"SERVE_REPLICA::{APP}#")]) == preset_replicas(), actors
         assert "SERVE_CONTROLLER_ACTOR" in actors
         deploy.seen |= replicas
 
@@ -203,7 +212,7 @@ def test_sigterm_to_full_deploy_on_its_own_cluster_stops_serve_and_the_cluster_a
         deploy.wait_until_serving(f"http://127.0.0.1:{port}")
         assert wait_for(lambda: "[full] serving at" in deploy.text(), 120), deploy.text()[-3000:]
         tree = process_tree(deploy.proc.pid)
-        assert len(replica_processes("hiar") & tree) == 6, deploy.text()[-3000:]
+        assert len(replica_processes("hiar") & tree) == preset_replicas(), deploy.text()[-3000:]
 
         returncode = deploy.terminate()
         assert returncode == 0, deploy.text()[-5000:]

@@ -31,8 +31,10 @@ PROMPTS = [
     "a red square moves left slowly over a gray background",
 ]
 MAX_BLOCKS = 256
-OVERRIDES = ["serve.stage_replicas=2", f"serve.max_blocks={MAX_BLOCKS}", "serve.health_check_period_s=1",
-             "serve.max_concurrent_streams=8"]
+# per_step unbatched, named: the tiny preset serves diagonal (test_batching.py), and this module checks the stage
+# pipeline's reference behaviour (bit-identical to the offline rollout, one replica per stage and stream)
+OVERRIDES = ["serve.topology=per_step", "serve.max_batch=1", "serve.stage_replicas=2", f"serve.max_blocks={MAX_BLOCKS}",
+             "serve.health_check_period_s=1", "serve.max_concurrent_streams=8"]
 
 
 # ---------------------------------------------------------------------- fixtures and helpers
@@ -627,13 +629,16 @@ def test_serve_config_files_are_valid_serve_configs_for_build_app(name, bundle_d
     assert set(app.args) <= set(DEFAULT_ARGS) and app.args["model_uri"] == "models:/hiar-student@champion"
     cfg = load_config(app.args["preset"], app.args["overrides"])
     names = {d.name for d in app.deployments}
-    assert names <= {"Ingress", "Decoder"} | {f"Step{j + 1}" for j in range(cfg.schedule.num_steps)}
+    assert names <= {"Ingress", "Decoder", "Diagonal"} | {f"Step{j + 1}" for j in range(cfg.schedule.num_steps)}
     if name == "serve_config.yaml":  # GPU stages, one per step
         assert cfg.serve.stage_num_gpus > 0 and raw["http_options"]["host"] == "0.0.0.0"
         assert next(d for d in app.deployments if d.name == "Ingress").num_replicas == 1
     else:
         assert cfg.serve.stage_num_gpus == 0 and cfg.serve.stage_num_cpus == 0
         assert raw["http_options"]["host"] == "127.0.0.1"
+        # the one-box file serves as the tiny preset does: the diagonal topology, streams batched
+        assert (cfg.serve.topology, cfg.serve.max_batch) == ("diagonal", 8) == (
+            load_config("tiny").serve.topology, load_config("tiny").serve.max_batch)
     built = build_app({**app.args, "model_uri": str(bundle_dir)})  # what `serve run` calls
     assert type(built).__name__ == "Application"
 
