@@ -81,7 +81,7 @@ def test_local_roundtrip_is_bit_identical_to_direct_sampling(ray_head, random_te
                                   str(random_teacher), "--actors", "1", "--output-json", str(result_json)],
                          env={"RAY_ADDRESS": ray_head.address})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "5 samples committed" in proc.stdout
+    assert "5 samples committed (5 generated now in 2 shards on 1 of 1 actor(s)," in proc.stdout
     check_roundtrip(str(out), random_teacher, "ode_pairs", 5, "latents")
     result = read_result(result_json, DatasetResult)
     assert (result.kind, result.uri, result.count, result.shards_written) == ("ode_pairs", str(out), 5, 2)
