@@ -287,6 +287,12 @@ class LoadResult:
         return {n: m["peak"][n] - m["peak1"][n] for n in m["first"]}
 
 
+def steps_run(process: str, num_steps: int) -> int:
+    """How many denoising steps' forwards a process of the app runs: all ``num_steps`` in a Diagonal replica
+    (each forward packs every step of its streams), else at most one. Its memory allowances scale with it."""
+    return num_steps if process.startswith("Diagonal") else 1
+
+
 def bounds_mb(result: LoadResult, *, streams: int, blocks: int, window: int, block_bytes: int,
               allowance_mb: float, num_steps: int = 1) -> dict[str, float]:
     """The growth each process may show from "first" to its peak (module docstring). A Diagonal replica packs all
@@ -297,7 +303,7 @@ def bounds_mb(result: LoadResult, *, streams: int, blocks: int, window: int, blo
     held = streams * (window + 1) * item / 2**20
     proxy = streams * blocks * result.record_bytes / 2**20 + allowance_mb
     return {n: proxy if n.startswith("ProxyActor")
-            else held + allowance_mb * (num_steps if n.startswith("Diagonal") else 1)
+            else held + allowance_mb * steps_run(n, num_steps)
             for n in result.marks["first"]}
 
 

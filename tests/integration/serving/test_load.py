@@ -70,9 +70,11 @@ def service(request, ray_head, tmp_path_factory):
 def retain_bound(process: str, num_steps: int) -> float:
     """A Diagonal replica runs all ``num_steps`` step stages' forwards (a CI run: r2 - r1 = 41.9 MiB against a
     step stage's 32); a KV cache that never slid its window would add about 4 x 94 MiB per round there."""
-    if process.startswith("Diagonal"):
-        return RETAIN_STAGE_MB * num_steps
-    return RETAIN_STAGE_MB if process.startswith("Step") else RETAIN_MB
+    from benchmarks.serve_load import steps_run
+
+    if process.startswith(("Step", "Diagonal")):
+        return RETAIN_STAGE_MB * steps_run(process, num_steps)
+    return RETAIN_MB
 
 
 @pytest.mark.slow
