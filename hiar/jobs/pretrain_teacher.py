@@ -38,6 +38,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from hiar.config import load_config
     from hiar.methods.pretrain import TeacherPretraining, build_world_components, count_params, time_budget_left
+    from hiar.methods.parallel import collective_device
 
     cfg = load_config(loop_config["preset"], loop_config["overrides"])
     session = WorkerSession(PROGRESS_TASK)
@@ -83,6 +84,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def keep_going(started: float) -> bool:
         flag = torch.tensor([1.0 if time_budget_left(trainer, started) else 0.0])
         if dist.is_available() and dist.is_initialized():
+            flag = flag.to(collective_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)  # every rank stops at the same step
         return bool(flag.item())
 

@@ -119,11 +119,12 @@ def ode_regression_loss(student, embeds: torch.Tensor, latents: torch.Tensor, si
     b, s_plus_1, _, f = latents.shape[:4]
     k = frames_per_block
     n_blocks = f // k
-    idx = torch.randint(0, s_plus_1 - 1, (b, n_blocks), generator=gen)  # never the clean point itself
+    # drawn on the CPU (``gen`` is a CPU generator: the same draws on any device), used where the latents are
+    idx = torch.randint(0, s_plus_1 - 1, (b, n_blocks), generator=gen).to(latents.device)  # never the clean point
     frame_idx = idx.repeat_interleave(k, dim=1)  # [B, F]
     gather = frame_idx.view(b, 1, 1, f, 1, 1).expand(b, 1, *latents.shape[2:])
     x_t = torch.gather(latents, 1, gather).squeeze(1)  # [B, C, F, H, W]
-    sigma = sigmas.to(latents.dtype)[frame_idx]  # [B, F]
+    sigma = sigmas.to(device=latents.device, dtype=latents.dtype)[frame_idx]  # [B, F]
     vel = GuidedVelocity(student, embeds, frames_per_block=k)
     v = vel(x_t, sigma, attention_mode="block_causal")
     x0 = x0_from_velocity(x_t, v, sigma.view(b, 1, f, 1, 1))
@@ -171,9 +172,11 @@ class ODEInit:
         total = 0.0
         for i, (prompts, latents) in enumerate(micro_batches):
             gen = seeded_generator(self.cfg.seed, 10, self.step, self.rank * self.accum + i)
-            embeds = self.text.encode(list(prompts))
-            loss = ode_regression_loss(self.student, embeds, latents, self.sigmas, self.cfg.rollout.frames_per_block,
-                                       gen)
+            # the dataset's micro-batches arrive on the CPU; the text encoder may live elsewhere (on the GPU)
+            embeds = self.text.encode(list(prompts)).to(self.device)
+            with autocast(self.cfg, self.device):
+                loss = ode_regression_loss(self.student, embeds, latents.to(self.device), self.sigmas,
+                                           self.cfg.rollout.frames_per_block, gen)
             (loss / self.accum).backward()
             total += loss.item() / self.accum
         if not self.fsdp:

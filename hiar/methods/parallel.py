@@ -8,7 +8,8 @@ import torch.distributed as dist
 
 from hiar.config import HiarConfig
 
-__all__ = ["average_gradients", "mean_over_workers", "clip_gradients", "autocast", "accumulation_steps"]
+__all__ = ["average_gradients", "collective_device", "mean_over_workers", "clip_gradients", "autocast",
+           "accumulation_steps"]
 
 #: the most gradient bytes one all_reduce carries (DDP's default bucket size)
 BUCKET_BYTES = 25 * 2**20
@@ -54,13 +55,22 @@ def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.
     return out
 
 
+def collective_device() -> torch.device:
+    """Where a tensor made for a collective must live: NCCL reduces only CUDA tensors (a CPU tensor raises "No
+    backend type associated with device type cpu"), gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def mean_over_workers(values: dict) -> dict:
-    """The mean of each float over the data-parallel workers (one all_reduce; identity on one process): the
-    losses logged are those of the whole global batch, whatever the worker count."""
-    if not values or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    """The mean of each float over the data-parallel workers (one all_reduce; identity without a process group):
+    the losses logged are those of the whole global batch, whatever the worker count. A group of one still
+    reduces (a few floats), so that a one-GPU run goes through the collective a multi-GPU run makes."""
+    if not values or not (dist.is_available() and dist.is_initialized()):
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 

@@ -1,6 +1,8 @@
 """Bucketed gradient averaging (hiar.methods.parallel.average_gradients) on two real gloo processes: every
 gradient ends as the mean of the two ranks' gradients, whatever the bucket boundaries, dtypes, layouts and unused
-parameters, checked against the mean computed here from the gradients each rank was given."""
+parameters, checked against the mean computed here from the gradients each rank was given; and the logged losses'
+mean over the ranks (mean_over_workers), reduced on the device the backend takes (collective_device: the CPU for
+gloo; tests/gpu runs it over NCCL)."""
 
 import os
 
@@ -43,13 +45,15 @@ def _worker(rank: int, port: int, bucket_bytes: int, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        from hiar.methods.parallel import average_gradients
+        from hiar.methods.parallel import average_gradients, collective_device, mean_over_workers
 
         model = Model(rank)
         if rank == 1:
             model.e.grad = torch.full((2, 2), 4.0)  # used on rank 1 only: the mean is half of it
         average_gradients(model, bucket_bytes=bucket_bytes)
         out[rank] = {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+        out[f"means{rank}"] = (mean_over_workers({"dmd_loss": 1.0 + rank, "critic_loss": 3.0 * rank}),
+                               collective_device())
     finally:
         dist.destroy_process_group()
 
@@ -73,3 +77,5 @@ def test_every_gradient_is_the_mean_over_ranks(bucket_bytes):
             tol = 1e-2 if got[name].dtype == torch.bfloat16 else 1e-6
             torch.testing.assert_close(got[name].float(), want, rtol=0, atol=tol, msg=f"{name} on rank {rank}")
     assert torch.equal(out[0]["a"], out[1]["a"]) and torch.equal(out[0]["c"], out[1]["c"])
+    for rank in (0, 1):
+        assert out[f"means{rank}"] == ({"dmd_loss": 1.5, "critic_loss": 1.5}, torch.device("cpu"))
