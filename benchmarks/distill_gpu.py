@@ -1,8 +1,8 @@
 """One distillation worker at a preset's real shapes on one GPU: peak memory and seconds per iteration.
 
-    python benchmarks/distill_gpu.py                                   # wan2.1-1.3b shapes, bf16 autocast, checkpointing
-    python benchmarks/distill_gpu.py --set distill.activation_checkpointing=false
-    python benchmarks/distill_gpu.py --device cpu --set model.num_layers=1 --set video.latent_height=8 ...  # a dry run
+    python -m benchmarks.distill_gpu                                   # wan2.1-1.3b shapes, bf16 autocast, checkpointing
+    python -m benchmarks.distill_gpu --set distill.activation_checkpointing=false
+    python -m benchmarks.distill_gpu --device cpu --set model.num_layers=1 --set video.latent_height=8 ...  # a dry run
 
 What the README's memory plan computes from parameter counts, measured: a ``Distiller`` (generator, EMA, critic,
 and a frozen real score in ``precision.transformer``) built at the preset's model and clip shapes with random
@@ -32,18 +32,16 @@ WAN_14B = {"num_layers": 40, "num_attention_heads": 40, "ffn_dim": 13824}
 
 
 def state_bytes(d) -> dict[str, float]:
-    """GB of each part's state on this worker."""
-    def size(tensors):
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None) / 1e9
+    """GB of each part's state on this worker (``train_memory.measure_state``'s bytes, grouped as the README's plan)."""
+    from benchmarks.train_memory import measure_state
 
-    adam = lambda opt: [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]  # noqa: E731
+    b = measure_state(d)
+    gb = lambda *parts: sum(b[p] for p in parts) / 1e9  # noqa: E731
     return {
-        "generator params + grads + AdamW": size(d.generator.parameters()) + size(p.grad for p in d.generator.parameters())
-        + size(adam(d.opt_g)),
-        "EMA": size(d.ema.parameters()),
-        "critic params + grads + AdamW": size(d.critic.parameters()) + size(p.grad for p in d.critic.parameters())
-        + size(adam(d.opt_c)),
-        "real score": size(d.real_score.parameters()),
+        "generator params + grads + AdamW": gb("generator params", "generator grads", "generator AdamW"),
+        "EMA": gb("EMA"),
+        "critic params + grads + AdamW": gb("critic params", "critic grads", "critic AdamW"),
+        "real score": gb("real score params"),
     }
 
 

@@ -33,7 +33,7 @@ def _bytes(tensors) -> int:
     return sum(local_tensor(t).numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _measure(d) -> dict:
+def measure_state(d) -> dict:
     opt_state = lambda opt: [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]  # noqa: E731
     return {
         "generator params": _bytes(d.generator.parameters()),
@@ -72,7 +72,7 @@ def _worker(rank: int, world: int, port: int, mode: str, overrides: list[str], o
         states = torch.randn(1, cfg.schedule.sigmas().numel(), v.latent_channels, v.train_latent_frames,
                              v.latent_height, v.latent_width, generator=torch.Generator().manual_seed(rank))
         d.iteration_step([([train_prompts()[rank]], states)])
-        torch.save(_measure(d), Path(out) / f"{mode}-{rank}.pt")
+        torch.save(measure_state(d), Path(out) / f"{mode}-{rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()

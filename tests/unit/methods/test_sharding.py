@@ -79,12 +79,13 @@ def _run(d, cfg, until: int) -> list[dict]:
     return logs
 
 
-def _ode_losses(cfg, rank: int, world: int) -> list[float]:
-    """Two ODE-init steps (the same code path, sharded when the config says so) on the same global batches."""
+def _ode_losses(cfg, rank: int, world: int, device: torch.device = torch.device("cpu")) -> list[float]:
+    """Two ODE-init steps (the same code path, sharded when the config says so) on the same global batches, held
+    on the CPU as the training job's dataset delivers them, with the model on ``device`` (tests/gpu: a GPU)."""
     from hiar.methods.distill import ODEInit
 
     teacher, _, _, text = _models(cfg)
-    ode = ODEInit(cfg, teacher, text, rank, world)
+    ode = ODEInit(cfg, teacher.to(device), text, rank, world)
     v = cfg.video
     out = []
     for step in range(2):
