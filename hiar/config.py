@@ -46,6 +46,15 @@ def run_setting(default):
     return field(default=default, metadata={"run_setting": True})
 
 
+def hashed_as(default, published):
+    """A field that does not determine what a stage trains yet entered identities before that was seen: identities
+    (:meth:`HiarConfig.identity_view`) hash ``published`` in its place, the value every stored identity was made
+    with, whatever it holds. So changing it retrains nothing (a stage planned again under another value finds its
+    output under the same name) and no stored student or teacher is renamed. Leaving it out instead would rename
+    every stage that hashes its section."""
+    return field(default=default, metadata={"hashed_as": published})
+
+
 @dataclass
 class ModelConfig:
     """Constructor arguments of the Wan DiT (the names of diffusers' ``WanTransformer3DModel``)."""
@@ -106,7 +115,9 @@ class VideoConfig:
     latent_height: int = 60
     latent_width: int = 104
     train_latent_frames: int = 21  # 5 s at 16 fps after the VAE's 4x temporal compression
-    eval_horizon_factor: int = 4  # evaluate at 4x the training horizon (paper: 20 s)
+    # evaluate at 4x the training horizon (paper: 20 s). Read by evaluations only (their identity has the horizon as
+    # latent frames): another factor evaluates the same students, it trains none again
+    eval_horizon_factor: int = hashed_as(4, published=4)
     fps: int = 16
 
 
@@ -397,7 +408,8 @@ class HiarConfig:
 
     def identity_view(self, *sections: str) -> dict:
         """The named sections (every one when none is named) as identities hash them: all fields but those declared
-        :func:`added_later` that still hold their neutral value and the :func:`run_setting` ones."""
+        :func:`added_later` that still hold their neutral value and the :func:`run_setting` ones, and the
+        :func:`hashed_as` ones at their published value."""
         out = {}
         for name in sections or [f.name for f in dataclasses.fields(self)]:
             value = getattr(self, name)
@@ -405,7 +417,7 @@ class HiarConfig:
                 out[name] = value
                 continue
             values = dataclasses.asdict(value)
-            out[name] = {f.name: values[f.name] for f in dataclasses.fields(value)
+            out[name] = {f.name: f.metadata.get("hashed_as", values[f.name]) for f in dataclasses.fields(value)
                          if not f.metadata.get("run_setting")
                          and not ("neutral" in f.metadata and values[f.name] == f.metadata["neutral"])}
         return out

@@ -53,6 +53,21 @@ def test_what_trains_the_weights_changes_the_identity_and_logging_does_not():
     assert stage_identity(base, "distill", {**INPUTS, "init": "j" * 16}) != ident
 
 
+def test_another_evaluation_horizon_trains_nothing_again():
+    """``video.eval_horizon_factor`` is read by evaluations only (whose identity has the horizon as latent frames): a
+    run that asks for another horizon finds its ODE init, student and teacher under the names they have, where it
+    used to train all of them again. The training clip, which shapes every rollout, still names them."""
+    base = load_config("tiny")
+    longer = load_config("tiny", ["video.eval_horizon_factor=8"])
+    assert longer.video.eval_horizon_factor == 8 and longer.identity_view("video")["video"]["eval_horizon_factor"] == 4
+    for stage in ("ode_init", "distill"):
+        assert stage_identity(longer, stage, INPUTS) == stage_identity(base, stage, INPUTS), stage
+        clip = load_config("tiny", ["video.train_latent_frames=24"])
+        assert stage_identity(clip, stage, INPUTS) != stage_identity(base, stage, INPUTS), stage
+    assert training_identity(longer) == training_identity(base)
+    assert training_identity(load_config("tiny", ["video.fps=16"])) != training_identity(base)  # kept in the bundle
+
+
 def test_the_ode_inits_micro_batch_names_it_whichever_key_sets_it():
     """``distill.ode_micro_batch_size`` (tiny: 4, with the distillation at 2) or, unset, ``micro_batch_size``: an ODE
     init trained at micro 4 has one name either way, and a distillation's name does not hash it (the ODE init's
