@@ -248,6 +248,17 @@ class DistillConfig:
     def global_batch(self, stage: str) -> int:
         return self.ode_batch_size if stage == "ode_init" else self.batch_size
 
+    def accumulation_steps(self, stage: str, world_size: int) -> int:
+        """Micro-batches per worker per optimiser step of ``stage`` over ``world_size`` workers; a batch they do not
+        divide is refused by the keys that set it (``hiar.jobs.train.plan_stage`` asks before any worker starts)."""
+        total, micro = self.global_batch(stage), self.micro_batch(stage)
+        if total % (micro * world_size):
+            batch = "ode_batch_size" if stage == "ode_init" else "batch_size"
+            micro_key = "ode_micro_batch_size" if stage == "ode_init" and self.ode_micro_batch_size else "micro_batch_size"
+            raise ValueError(f"distill.{batch} ({total}) must be a multiple of distill.{micro_key} x "
+                             f"distill.num_workers ({micro} x {world_size}) for {stage}")
+        return total // (micro * world_size)
+
 
 @dataclass
 class WorldConfig:

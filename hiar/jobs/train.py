@@ -250,12 +250,7 @@ def plan_stage(cfg, stage: str, storage: str, teacher: str, init: str | None, ou
     """Inputs checked, identity and output directory of a stage (no compute): errors come before training."""
     from hiar.io.bundle import check_model_config, open_model_dir
 
-    d = cfg.distill
-    if d.global_batch(stage) % (d.micro_batch(stage) * d.num_workers):  # a worker would find it after start-up
-        batch = "ode_batch_size" if stage == "ode_init" else "batch_size"
-        micro = "ode_micro_batch_size" if stage == "ode_init" and d.ode_micro_batch_size else "micro_batch_size"
-        raise ValueError(f"distill.{batch} ({d.global_batch(stage)}) must be a multiple of distill.{micro} x "
-                         f"distill.num_workers ({d.micro_batch(stage)} x {d.num_workers}) for {stage}")
+    cfg.distill.accumulation_steps(stage, cfg.distill.num_workers)  # a worker would find it after start-up
     kind = DATASET_OF[stage]
     uri = f"{storage.rstrip('/')}/{kind}"
     manifest, samples = check_dataset(cfg, kind, uri)

@@ -34,8 +34,7 @@ import torch
 from hiar.methods import sharding
 from hiar.config import HiarConfig
 from hiar.methods.losses import dmd_generator_loss, fkl_loss, flow_matching_loss
-from hiar.methods.parallel import (accumulation_steps, autocast, average_gradients, clip_gradients,
-                                   mean_over_workers)
+from hiar.methods.parallel import autocast, average_gradients, clip_gradients, mean_over_workers
 from hiar.core.rollout import ROLLOUT_MODES, StepStage, _split_blocks, advance, initial_noise
 from hiar.core.schedule import add_noise, shift_sigma, x0_from_velocity
 from hiar.seeding import derive_seed, seeded_generator
@@ -164,7 +163,7 @@ class ODEInit:
                                      weight_decay=0.0)
         self.sigmas = cfg.schedule.sigmas()
         self.step = 0
-        self.accum = accumulation_steps(d.ode_batch_size, d.micro_batch("ode_init"), world_size)
+        self.accum = d.accumulation_steps("ode_init", world_size)
 
     def train_step(self, micro_batches) -> dict:
         """One optimiser step over ``accum`` micro-batches of (prompts, latents ``[b, S + 1, C, F, H, W]``)."""
@@ -250,7 +249,7 @@ class Distiller:
         self.opt_c = torch.optim.AdamW(self.critic.parameters(), lr=d.lr_critic, betas=betas, weight_decay=0.0)
         self.sigmas = cfg.schedule.sigmas()
         self.iteration = 0  # critic updates; the generator updates every critic_ratio-th
-        self.accum = accumulation_steps(d.batch_size, d.micro_batch("distill"), world_size)
+        self.accum = d.accumulation_steps("distill", world_size)
         self.null = text.null_embedding(1).to(self.device)
 
     @property

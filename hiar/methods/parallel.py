@@ -1,5 +1,5 @@
 """Data-parallel helpers of the distillation workers: gradient averaging and clipping, the mean of logged values
-over workers, mixed-precision autocast, gradient-accumulation steps (no-ops on one process)."""
+over workers, mixed-precision autocast (no-ops on one process)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import torch.distributed as dist
 
 from hiar.config import HiarConfig
 
-__all__ = ["average_gradients", "collective_device", "mean_over_workers", "clip_gradients", "autocast",
-           "accumulation_steps"]
+__all__ = ["average_gradients", "collective_device", "mean_over_workers", "clip_gradients", "autocast"]
 
 #: the most gradient bytes one all_reduce carries (DDP's default bucket size)
 BUCKET_BYTES = 25 * 2**20
@@ -89,11 +88,3 @@ def autocast(cfg: HiarConfig, device: torch.device):
     mode = cfg.distill.mixed_precision
     use = device.type == "cuda" and mode in ("auto", "bf16") and torch.cuda.is_bf16_supported()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use)
-
-
-def accumulation_steps(total_batch: int, micro_batch: int, world_size: int) -> int:
-    per_step = micro_batch * world_size
-    if total_batch % per_step:  # hiar.config.validate says it first, by name, for a config's own worker count
-        raise ValueError(f"batch size {total_batch} must be a multiple of the micro batch x workers "
-                         f"({micro_batch} x {world_size} = {per_step})")
-    return total_batch // per_step

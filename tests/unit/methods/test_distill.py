@@ -9,7 +9,6 @@ import torch
 from hiar.config import load_config
 from hiar.methods.distill import (Distiller, ODEInit, fkl_regulariser, ode_regression_loss, score_sigmas,
                                    self_rollout)
-from hiar.methods.parallel import accumulation_steps
 from hiar.methods.losses import fkl_loss
 from hiar.core.model import CausalWanTransformer3DModel
 from hiar.core.rollout import ROLLOUT_MODES, block_first_rollout, hierarchical_rollout, initial_noise
@@ -168,9 +167,16 @@ def test_ode_init_step_reduces_loss_on_a_fixed_batch(setup):
 
 
 def test_accumulation_must_divide_the_batch():
-    assert accumulation_steps(8, 2, 2) == 2
-    with pytest.raises(ValueError, match="multiple of the micro batch x workers"):
-        accumulation_steps(8, 3, 2)
+    """Micro-batches per worker per step: the global batch over micro batch x workers, per stage's own keys."""
+    d = load_config("tiny", ["distill.batch_size=8", "distill.micro_batch_size=2", "distill.ode_batch_size=12",
+                             "distill.ode_micro_batch_size=3"]).distill
+    assert (d.accumulation_steps("distill", 2), d.accumulation_steps("ode_init", 2)) == (2, 2)
+    assert (d.accumulation_steps("distill", 1), d.accumulation_steps("ode_init", 4)) == (4, 1)
+    with pytest.raises(ValueError, match=r"distill.batch_size \(8\) must be a multiple of distill.micro_batch_size "
+                                         r"x distill.num_workers \(2 x 3\) for distill"):
+        d.accumulation_steps("distill", 3)
+    with pytest.raises(ValueError, match=r"distill.ode_micro_batch_size x distill.num_workers \(3 x 8\)"):
+        d.accumulation_steps("ode_init", 8)
 
 
 @pytest.mark.parametrize("score_shift", [None, 1.0, 3.0])
