@@ -55,6 +55,10 @@ def test_overrides_are_typed_and_change_the_hash():
         ("distill.ema_start_step=-1", "distill.ema_start_step must be >= 0"),
         ("distill.ode_micro_batch_size=0", "distill.ode_micro_batch_size must be >= 1"),
         ("distill.micro_batch_size=-2", "distill.micro_batch_size must be >= 1"),
+        ("schedule.shift=0", "schedule.shift must be > 0"),
+        ("teacher.shift=-2", "teacher.shift must be > 0"),
+        ("teacher.shift=.nan", "teacher.shift must be > 0"),
+        ("pretrain.sigma_shift=0", "pretrain.sigma_shift must be > 0"),
     ],
 )
 def test_bad_values_are_rejected_with_the_valid_choices(override, message):
