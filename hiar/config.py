@@ -254,7 +254,8 @@ class DistillConfig:
         total, micro = self.global_batch(stage), self.micro_batch(stage)
         if total % (micro * world_size):
             batch = "ode_batch_size" if stage == "ode_init" else "batch_size"
-            micro_key = "ode_micro_batch_size" if stage == "ode_init" and self.ode_micro_batch_size else "micro_batch_size"
+            own_micro = stage == "ode_init" and self.ode_micro_batch_size
+            micro_key = "ode_micro_batch_size" if own_micro else "micro_batch_size"
             raise ValueError(f"distill.{batch} ({total}) must be a multiple of distill.{micro_key} x "
                              f"distill.num_workers ({micro} x {world_size}) for {stage}")
         return total // (micro * world_size)
