@@ -460,12 +460,12 @@ def validate(cfg: HiarConfig) -> None:
             raise ValueError(f"distill.{key} must be >= 1 (steps between checkpoints), got {getattr(cfg.distill, key)}")
     if cfg.distill.dataset_cache_mb < 0:
         raise ValueError(f"distill.dataset_cache_mb must be >= 0 (0 = no cache), got {cfg.distill.dataset_cache_mb}")
-    for key, value in (("schedule.shift", cfg.schedule.shift), ("teacher.shift", cfg.teacher.shift),
-                       ("pretrain.sigma_shift", cfg.pretrain.sigma_shift)):
-        if not value > 0:  # eq. 1 warps sigmas monotonically only for s > 0; 0 sends every sigma to 0
-            raise ValueError(f"{key} must be > 0, got {value}")
-    if cfg.distill.score_shift is not None and not cfg.distill.score_shift > 0:
-        raise ValueError(f"distill.score_shift must be > 0 (or null: schedule.shift), got {cfg.distill.score_shift}")
+    # eq. 1 warps sigmas monotonically only for s > 0 (0 sends every sigma to 0); only score_shift may be null
+    for key, value, null in (("schedule.shift", cfg.schedule.shift, ""), ("teacher.shift", cfg.teacher.shift, ""),
+                             ("pretrain.sigma_shift", cfg.pretrain.sigma_shift, ""),
+                             ("distill.score_shift", cfg.distill.score_shift, " (or null: schedule.shift)")):
+        if not (value is None and null) and not value > 0:
+            raise ValueError(f"{key} must be > 0{null}, got {value}")
     if cfg.distill.real_guidance_scale is not None and not 0 < cfg.distill.real_guidance_scale <= 50:
         raise ValueError(f"distill.real_guidance_scale must be in (0, 50] (or null: teacher.guidance_scale), "
                          f"got {cfg.distill.real_guidance_scale}")
