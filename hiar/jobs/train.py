@@ -7,7 +7,8 @@
 The maths is ``hiar.methods.distill``; this file wires it into a ``TorchTrainer`` per stage:
 
 * data: the ``ode_pairs`` / ``trajectories`` Parquet datasets (local or ``s3://``, ``data.storage``) through
-  Ray Data, one shard of the dataset per worker (``ray.train.get_dataset_shard``);
+  Ray Data, a fixed part of the dataset per worker (``hiar.platform.training.dataset_parts``), so a rerun
+  repeats its weights;
 * ``ScalingConfig(num_workers, use_gpu)`` from ``distill.*``; gradients averaged over workers (gloo on CPU);
 * ``RunConfig(storage_path, name)``: the name is a hash of everything that determines the weights, so rerunning
   the same command (or ``full.py`` after a crash) resumes from the latest checkpoint, and ``FailureConfig``
@@ -38,7 +39,7 @@ from hiar.methods.datagen import kind_count
 from hiar.platform.ray_cluster import init_ray
 from hiar.platform.train_inputs import check_dataset, check_models, check_resume_checkpoint
 from hiar.platform.tracking import find_or_create_run, flatten, mlflow_experiment, tracking_uri
-from hiar.platform.training import WorkerSession, fit
+from hiar.platform.training import WorkerSession, dataset_parts, fit
 
 EXPERIMENT = "hiar-train"
 STAGES = ("ode_init", "distill")
@@ -275,27 +276,6 @@ def plan_stage(cfg, stage: str, storage: str, teacher: str, init: str | None, ou
             "done": done, "resume_from": resume_from}
 
 
-def training_dataset(uri: str, samples, column: str):
-    """The Ray dataset a stage trains on: ``prompt`` and ``column`` of the first ``samples.count`` samples of the
-    dataset at ``uri`` (``samples``: their ``ShardPlan``), whatever else it holds."""
-    import ray.data
-
-    from hiar.io.storage import shard_paths
-
-    fs, paths = shard_paths(uri, samples)
-    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["sample_id", "prompt", column])
-    if samples.count < samples.num_shards * samples.shard_size:  # its last shard may hold samples past the count
-        ds = ds.map_batches(_first_samples, fn_kwargs={"count": samples.count}, batch_format="pyarrow")
-    return ds.select_columns(["prompt", column])
-
-
-def _first_samples(batch, count: int):
-    """The rows of ``batch`` (a pyarrow table) whose sample index is below ``count``."""
-    import pyarrow.compute as pc
-
-    return batch.filter(pc.less(batch["sample_id"], count))
-
-
 def run_stage(cfg, args, stage: str, storage: str, teacher: str, init: str | None, experiment_id: str,
               parent_run_id: str | None) -> Path:
     from hiar.io.storage import TENSOR_COLUMN
@@ -316,8 +296,8 @@ def run_stage(cfg, args, stage: str, storage: str, teacher: str, init: str | Non
           f"MLflow run {run_id}{' (resumed)' if resumed else ''}, output {output}", flush=True)
 
     column = TENSOR_COLUMN[kind]
-    ds = training_dataset(uri, samples, column)
     d = cfg.distill
+    parts = dataset_parts(uri, samples, ["prompt", column], d.num_workers)
     storage_path = d.storage_path or str(run_dir / "train")
     if "://" not in storage_path:
         storage_path = str(Path(storage_path).resolve())
@@ -331,7 +311,7 @@ def run_stage(cfg, args, stage: str, storage: str, teacher: str, init: str | Non
                            "run_id": run_id, "identity": identity},
         name=name, storage_path=storage_path, num_workers=d.num_workers, use_gpu=d.use_gpu,
         cpus_per_worker=d.cpus_per_worker, keep_checkpoints=d.keep_checkpoints, max_failures=d.max_failures,
-        datasets={kind: ds},
+        datasets={kind: parts},
     )
     if result.error:
         raise RuntimeError(f"{stage} failed: {result.error}")

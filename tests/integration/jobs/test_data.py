@@ -204,7 +204,7 @@ def test_a_dataset_grows_by_index_and_a_stage_reads_the_count_its_config_asks_fo
     the whole one kept), then 4 again (nothing to do; the dataset still holds 6). A training stage checks that the
     samples its config asks for are there before any compute, and reads exactly those."""
     from hiar.io.storage import ShardPlan
-    from hiar.jobs.train import training_dataset
+    from hiar.platform.training import dataset_parts
     from hiar.platform.train_inputs import check_dataset
 
     out = tmp_path / "grow"
@@ -230,6 +230,12 @@ def test_a_dataset_grows_by_index_and_a_stage_reads_the_count_its_config_asks_fo
     manifest, samples = check_dataset(load_config("tiny", FAST + ["data.num_ode_pairs=4"]), "ode_pairs", str(out))
     assert samples == ShardPlan(4, 3) and manifest["count"] == 6
     first_four = sorted(r["prompt"] for r in read_rows(str(out)) if r["sample_id"] < 4)
-    read = training_dataset(str(out), samples, "latents").take_all()
+    [whole] = dataset_parts(str(out), samples, ["prompt", "latents"], 1)
+    read = whole.take_all()
     assert sorted(r["prompt"] for r in read) == first_four and set(read[0]) == {"prompt", "latents"}
-    assert training_dataset(str(out), check_dataset(wants_six, "ode_pairs", str(out))[1], "latents").count() == 6
+    # two workers: fewer than a full shard (3) each, so both read both files and take every other sample
+    halves = [part.take_all() for part in dataset_parts(str(out), samples, ["prompt", "latents"], 2)]
+    by_index = {r["sample_id"]: r["prompt"] for r in read_rows(str(out))}
+    assert [[r["prompt"] for r in half] for half in halves] == [[by_index[0], by_index[2]], [by_index[1], by_index[3]]]
+    six = check_dataset(wants_six, "ode_pairs", str(out))[1]
+    assert [part.count() for part in dataset_parts(str(out), six, ["prompt", "latents"], 2)] == [3, 3]  # a shard each

@@ -155,6 +155,22 @@ def test_two_workers_end_to_end_logs_checkpoints_and_resumes_as_a_skip(ray_head,
     assert time.monotonic() - t0 < 120
 
 
+def test_a_rerun_of_a_stage_on_two_workers_repeats_its_weights_bit_for_bit(ray_head, world_dir):
+    """The same stage identity trained again in another run directory (the same data, two workers) gives the same
+    bytes: each worker reads a fixed part of the dataset in file order (hiar.platform.training.dataset_parts), where
+    Ray Train's own split handed blocks to whichever worker asked first."""
+    root, base = world_dir
+    first = ode_init_student(ray_head, world_dir)
+    again = root / "runs-again"
+    r = run_train(ray_head, ["--stage", "ode_init", *set_args(DATA_FAST + base + TRAIN_FAST + [f"run_dir={again}"])])
+    assert r.returncode == 0, r.stderr[-3000:]
+    second = again / "students" / first.name  # the same identity
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    assert (second / weights).read_bytes() == (first / weights).read_bytes()
+    # and training moved them: the student starts from the teacher's weights
+    assert (second / weights).read_bytes() != (root / "teacher" / weights).read_bytes()
+
+
 @pytest.mark.slow  # one more Ray Train run (~80 s quiet); the default suite covers it: the end-to-end test above
 # (distill on Ray Train, overrides reaching the workers, the card's rollout) and Distiller.iteration_step with
 # distill.rollout=block_first in tests/unit/methods/test_sharding.py::test_activation_checkpointing_on_and_off_...
