@@ -38,6 +38,7 @@ def fit(train_loop, loop_config: dict, *, name: str, storage_path: str, num_work
         if len(parts) != num_workers:
             raise ValueError(f"dataset {dataset_name!r}: {len(parts)} parts for {num_workers} workers")
         per_rank.update({_part_name(dataset_name, rank): part for rank, part in enumerate(parts)})
+    # DataConfig replaces each dataset's own execution options with these: the parts' file order must survive it
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True
     trainer = TorchTrainer(
